@@ -29,7 +29,8 @@ class CountDownConfig:
     method:     "cats" (score |act(g)|), "m-countdown" (score |u|), "d-countdown" (score |act(g) * u|).
     sparsity:   target fraction of FFN neurons skipped per token, in [0, 1).
     regime:     "ideal" (oracle per-token top-k, measures quality) or "prac" (calibrated threshold / predictor).
-    apply_to:   "all" tokens, or "decode" (only steps with one token per sequence; prefill runs dense).
+    apply_to:   "decode" (default: only steps with one token per sequence are sparse; prefill runs dense,
+                as in the paper) or "all" tokens (prefill too; what quality evaluations of whole texts use).
     threshold_rule: how calibration turns scores into a per-site threshold ("mean-kth" as in the paper,
                 "quantile" as in CATS).
     predictor_rank: rank r of the D-CountDown predictor; None picks min(512, what keeps it <= 5% of the FFN).
@@ -41,7 +42,7 @@ class CountDownConfig:
     method: str = "m-countdown"
     sparsity: float = 0.7
     regime: str = "ideal"
-    apply_to: str = "all"
+    apply_to: str = "decode"
     threshold_rule: str = "mean-kth"
     predictor_rank: int | None = None
     predictor_steps: int = 200

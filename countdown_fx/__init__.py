@@ -1,0 +1,28 @@
+"""countdown-fx: CountDown contextual activation sparsity for gated FFNs, as a torch.compile backend."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backend import countdown_backend
+from .capture import find_sites
+from .config import CountDownConfig
+from .passes.match import Site, SiteTable
+
+__all__ = ["CountDownConfig", "Site", "SiteTable", "countdown_backend", "find_sites", "__version__"]
+
+
+def _register_backend_when_not_installed() -> None:
+    """An installed package registers `backend="countdown"` through its entry point; a source checkout on
+    sys.path has none, so register here (never both: Dynamo refuses a duplicate name)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if any(ep.name == "countdown" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    if "countdown" not in registry._COMPILER_FNS:
+        registry.register_backend(countdown_backend, name="countdown")
+
+
+_register_backend_when_not_installed()

@@ -1,0 +1,44 @@
+"""Capture what Dynamo sees of a model, so users and calibration look at the same graphs the backend gets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .passes.match import SiteTable, match_sites
+
+
+def capture_graphs(model: nn.Module, *args: Any, **kwargs: Any) -> list[tuple[fx.GraphModule, list]]:
+    """Run `model(*args, **kwargs)` once under Dynamo, returning every captured (graph, example_inputs)."""
+    graphs: list[tuple[fx.GraphModule, list]] = []
+
+    def record(gm: fx.GraphModule, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=record, dynamic=False)(*args, **kwargs)
+    return graphs
+
+
+def find_sites(model_or_graph: Any, *args: Any, **kwargs: Any) -> SiteTable:
+    """The gated FFN sites the backend would rewrite, as a table (key, d_model, d_inter, activation, layout).
+
+    Accepts an nn.Module plus example inputs (captured through Dynamo, as torch.compile would), an
+    fx.GraphModule (matched as it is), or a torch.export ExportedProgram.
+    """
+    if isinstance(model_or_graph, torch.export.ExportedProgram):
+        return match_sites(model_or_graph.module())
+    if isinstance(model_or_graph, fx.GraphModule) and not args and not kwargs:
+        return match_sites(model_or_graph)
+    if not isinstance(model_or_graph, nn.Module):
+        raise TypeError(
+            f"find_sites takes an nn.Module (with example inputs), an fx.GraphModule or an ExportedProgram; "
+            f"got {type(model_or_graph).__name__}"
+        )
+    sites = SiteTable()
+    for gm, example_inputs in capture_graphs(model_or_graph, *args, **kwargs):
+        sites.extend(match_sites(gm, example_inputs))
+    return sites

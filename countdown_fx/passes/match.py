@@ -1,0 +1,388 @@
+"""Find gated FFN sites in an FX graph by structure, never by module names.
+
+A site is   down( act(gate(x)) * up(x) )   where gate/up/down are linear projections (two separate
+linears or one fused linear split in halves), act is silu / gelu(tanh) / gelu / relu written as a
+function, a method, a module or a decomposition (x * sigmoid(x)), and the product may be written in
+either operand order. Works on Dynamo graphs (torch-level functions, weights as placeholders), on
+symbolic_trace graphs (call_module) and on torch.export graphs (aten ops, weights as get_attr).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+WeightRef = Any  # an fx.Node, or a str naming a parameter of the GraphModule (from a call_module linear)
+
+_LINEAR_FNS = {F.linear, torch._C._nn.linear, aten.linear.default}
+_MUL_FNS = {operator.mul, torch.mul, aten.mul.Tensor}
+_SIGMOID_FNS = {torch.sigmoid, F.sigmoid, aten.sigmoid.default}
+_SILU_FNS = {F.silu, aten.silu.default}
+_GELU_FNS = {F.gelu, torch._C._nn.gelu, aten.gelu.default}
+_RELU_FNS = {F.relu, torch.relu, aten.relu.default}
+_DROPOUT_FNS = {F.dropout, torch.dropout, aten.dropout.default}
+_CHUNK_FNS = {torch.chunk, aten.chunk.default}
+_SPLIT_FNS = {torch.split, aten.split.Tensor, aten.split_with_sizes.default}
+_SLICE_FNS = {aten.slice.Tensor}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One gated FFN found in a graph, with everything the rewrite needs."""
+
+    key: str  # module path, e.g. "model.layers.3.mlp"; keys calibration state
+    x: fx.Node  # the FFN input
+    gate_weight: WeightRef  # [d_inter, d_model]; the fused [2*d_inter, d_model] weight when fused
+    up_weight: WeightRef
+    down_weight: WeightRef  # [d_model, d_inter]
+    gate_bias: WeightRef | None
+    up_bias: WeightRef | None
+    down_bias: WeightRef | None
+    activation: str  # "silu" | "gelu_tanh" | "gelu" | "relu"
+    fused: str | None  # None (separate gate/up), "gate-up" (gate = first half) or "up-gate"
+    d_model: int
+    d_inter: int
+    dtype: torch.dtype
+    output: fx.Node  # the down projection's node; the rewrite replaces it
+
+    @property
+    def layout(self) -> str:
+        return f"fused {self.fused}" if self.fused else "separate"
+
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
+
+    def describe(self) -> dict:
+        """A plain-data summary (for tables, logs and calibration metadata)."""
+        return {"key": self.key, "d_model": self.d_model, "d_inter": self.d_inter, "activation": self.activation,
+                "layout": self.layout, "bias": self.has_bias, "dtype": str(self.dtype).replace("torch.", "")}
+
+
+class SiteTable(list):
+    """The sites of a model: a list of Site with a readable table as its repr."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "SiteTable(no gated FFN found)"
+        rows = [s.describe() for s in self]
+        cols = ["key", "d_model", "d_inter", "activation", "layout", "bias", "dtype"]
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        line = lambda r: "  ".join(str(r[c]).ljust(widths[c]) for c in cols)  # noqa: E731
+        header = line({c: c for c in cols})
+        return "\n".join([f"{len(self)} gated FFN site(s):", header, "-" * len(header), *map(line, rows)])
+
+    __str__ = __repr__
+
+
+# --------------------------------------------------------------------------------------------------------
+# Recognisers for single nodes. Each returns None when the node is not what it looks for.
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def _as_linear(gm, node):
+    """-> (input, weight, bias) for F.linear / aten.linear / a call to nn.Linear."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target in _LINEAR_FNS:
+        return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    mod = _module(gm, node)
+    if isinstance(mod, nn.Linear):
+        return node.args[0], f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
+    return None
+
+
+def _skip_identity(gm, node):
+    """Look through nodes that are the identity at inference (dropout in eval, a no-op clone)."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target in _DROPOUT_FNS:
+            training = _arg(node, 2, "training", _arg(node, 2, "train", True))
+            if training is not False and _arg(node, 1, "p", 0.5) != 0:
+                return node
+            node = node.args[0]
+        elif isinstance(_module(gm, node), (nn.Dropout, nn.Identity)) and not _module(gm, node).training:
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _is_mul(node) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in _MUL_FNS) or (node.op == "call_method" and node.target == "mul")
+    )
+
+
+def _is_sigmoid_of(node, x) -> bool:
+    if not isinstance(node, fx.Node) or node.args[:1] != (x,):
+        return False
+    return (node.op == "call_function" and node.target in _SIGMOID_FNS) or (
+        node.op == "call_method" and node.target == "sigmoid"
+    )
+
+
+def _as_activation(gm, node):
+    """-> (input, name) for a recognised activation applied to `input`."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        if node.target in _SILU_FNS:
+            return node.args[0], "silu"
+        if node.target in _RELU_FNS:
+            return node.args[0], "relu"
+        if node.target in _GELU_FNS:
+            approx = _arg(node, 1, "approximate", "none")
+            return node.args[0], ("gelu_tanh" if approx == "tanh" else "gelu")
+    if node.op == "call_method" and node.target in ("relu",):
+        return node.args[0], "relu"
+    if _is_mul(node) and len(node.args) == 2:  # x * sigmoid(x), either order
+        a, b = node.args
+        if _is_sigmoid_of(b, a):
+            return a, "silu"
+        if _is_sigmoid_of(a, b):
+            return b, "silu"
+    mod = _module(gm, node)
+    if isinstance(mod, nn.SiLU):
+        return node.args[0], "silu"
+    if isinstance(mod, nn.ReLU):
+        return node.args[0], "relu"
+    if isinstance(mod, nn.GELU):
+        return node.args[0], ("gelu_tanh" if mod.approximate == "tanh" else "gelu")
+    return None
+
+
+def _rank(node: fx.Node) -> int | None:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _is_last_dim(dim, node) -> bool:
+    rank = _rank(node)
+    return dim == -1 or (rank is not None and dim == rank - 1)
+
+
+def _as_half(gm, node):
+    """-> (fused_linear_node, half) where node is half 0 or 1 of a linear's output split on its last dim."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        src, index = node.args
+        # gu[..., :I] / gu[:, :, I:]
+        if isinstance(index, tuple) and isinstance(src, fx.Node) and _as_linear(gm, src) and isinstance(index[-1], slice):
+            if any(i not in (Ellipsis, slice(None)) for i in index[:-1]):
+                return None
+            if index[0] is not Ellipsis and _rank(src) not in (None, len(index)):
+                return None
+            return _half_from_slice(src, index[-1].start, index[-1].stop, index[-1].step)
+        # chunk(2, -1)[i] / split(I, -1)[i]
+        if isinstance(src, fx.Node) and isinstance(index, int) and index in (0, 1):
+            lin = _split_source(gm, src)
+            return (lin, index) if lin is not None else None
+    if node.target in _SLICE_FNS:  # aten.slice.Tensor(gu, dim, start, end)
+        src = node.args[0]
+        if _as_linear(gm, src) and _is_last_dim(_arg(node, 1, "dim", 0), src):
+            return _half_from_slice(src, _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
+    return None
+
+
+def _half_from_slice(src, start, stop, step):
+    width = _out_features(src)
+    if width is None or width % 2 or step not in (None, 1):
+        return None
+    half = width // 2
+    if start in (None, 0) and stop == half:
+        return src, 0
+    if start == half and (stop is None or (isinstance(stop, int) and stop >= width)):
+        return src, 1
+    return None
+
+
+def _out_features(node: fx.Node) -> int | None:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
+
+
+def _split_source(gm, node):
+    """The fused linear whose output `node` splits into two equal halves on the last dim, else None."""
+    if node.op == "call_function" and node.target in _CHUNK_FNS or node.op == "call_method" and node.target == "chunk":
+        src, chunks, dim = node.args[0], _arg(node, 1, "chunks"), _arg(node, 2, "dim", 0)
+        if chunks == 2 and _as_linear(gm, src) and _is_last_dim(dim, src):
+            return src
+    if node.op == "call_function" and node.target in _SPLIT_FNS or node.op == "call_method" and node.target == "split":
+        src = node.args[0]
+        size = _arg(node, 1, "split_size_or_sections", _arg(node, 1, "split_size", _arg(node, 1, "split_sizes")))
+        dim = _arg(node, 2, "dim", 0)
+        width = _out_features(src) if isinstance(src, fx.Node) else None
+        if width is None or not _as_linear(gm, src) or not _is_last_dim(dim, src):
+            return None
+        if size == width // 2 and width % 2 == 0 or (isinstance(size, (list, tuple)) and list(size) == [width // 2] * 2):
+            return src
+    return None
+
+
+def _projection(gm, node):
+    """-> (linear_node, half) where half is None for a plain linear, 0/1 for a half of a fused one."""
+    node = _skip_identity(gm, node)
+    if _as_linear(gm, node):
+        return node, None
+    return _as_half(gm, node)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weights, shapes and module paths.
+
+
+def weight_value(gm: fx.GraphModule, ref: WeightRef, example_inputs: Sequence | None = None):
+    """The tensor (real, or fake from node meta) behind a weight reference, or None."""
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return _get_attr(gm, ref)
+    if ref.op == "get_attr":
+        return _get_attr(gm, ref.target)
+    if ref.op == "placeholder" and example_inputs is not None:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        idx = placeholders.index(ref)
+        if idx < len(example_inputs) and isinstance(example_inputs[idx], torch.Tensor):
+            return example_inputs[idx]
+    return ref.meta.get("val", ref.meta.get("example_value"))
+
+
+def _get_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_DYNAMO_ROOT = re.compile(r"^L\[['\"]\w+['\"]\]\.?")
+
+
+def normalize_module_path(path: str) -> str:
+    """"L['self'].model.layers[0]._modules['mlp']" -> "model.layers.0.mlp"."""
+    path = _DYNAMO_ROOT.sub("", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    parts = [p for p in path.split(".") if p and p not in ("_modules",)]
+    return ".".join(parts)
+
+
+def _module_path(gm, node: fx.Node) -> list[str] | None:
+    if node.op == "call_module":
+        return str(node.target).split(".")
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _ = list(stack.values())[-1]
+    return [p for p in normalize_module_path(str(path)).split(".") if p]
+
+
+def _site_key(gm, nodes: list[fx.Node]) -> str | None:
+    paths = [_module_path(gm, n) for n in nodes]
+    if any(p is None for p in paths):
+        return None
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) or "<root>"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The matcher.
+
+
+def match_sites(gm: fx.GraphModule, example_inputs: Sequence | None = None) -> SiteTable:
+    """All gated FFN sites of `gm`, in graph order. Pure: `gm` is not modified."""
+    sites = SiteTable()
+    for node in gm.graph.nodes:
+        site = _match_at(gm, node, example_inputs, index=len(sites))
+        if site is not None:
+            sites.append(site)
+    _dedupe_keys(sites)
+    log.info("countdown: %d gated FFN site(s) found in a graph of %d nodes", len(sites), len(gm.graph.nodes))
+    return sites
+
+
+def _match_at(gm, down, example_inputs, index) -> Site | None:
+    lin = _as_linear(gm, down)
+    if lin is None:
+        return None
+    product, w_down, b_down = _skip_identity(gm, lin[0]), lin[1], lin[2]
+    if not _is_mul(product) or len(product.args) != 2:
+        return None
+    for act_side, up_side in (product.args, product.args[::-1]):
+        act = _as_activation(gm, act_side)
+        if act is None:
+            continue
+        gate, up = _projection(gm, act[0]), _projection(gm, up_side)
+        if gate is None or up is None:
+            continue
+        site = _build_site(gm, down, act[1], gate, up, w_down, b_down, example_inputs, index)
+        if site is not None:
+            return site
+    return None
+
+
+def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, index) -> Site | None:
+    (gate_lin, gate_half), (up_lin, up_half) = gate, up
+    gate_x, w_gate, b_gate = _as_linear(gm, gate_lin)
+    up_x, w_up, b_up = _as_linear(gm, up_lin)
+    if (gate_half is None) != (up_half is None):
+        return None
+    if gate_half is None:
+        fused = None
+        if gate_lin is up_lin or gate_x is not up_x:
+            return None
+    else:
+        if gate_lin is not up_lin or gate_half == up_half:
+            return None
+        fused = "gate-up" if gate_half == 0 else "up-gate"
+    wg, wu, wd = (weight_value(gm, w, example_inputs) for w in (w_gate, w_up, w_down))
+    if not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in (wg, wu, wd)):
+        log.info("countdown: skipping a gated FFN at %s: weight shapes unknown", down.name)
+        return None
+    d_inter = wg.shape[0] // 2 if fused else wg.shape[0]
+    d_model = wg.shape[1]
+    if tuple(wd.shape) != (d_model, d_inter) or tuple(wu.shape[1:]) != (d_model,):
+        log.info("countdown: skipping %s: gate %s / up %s / down %s do not chain", down.name,
+                 tuple(wg.shape), tuple(wu.shape), tuple(wd.shape))
+        return None
+    key = _site_key(gm, [gate_lin, up_lin, down]) or f"site{index}"
+    return Site(key=key, x=gate_x, gate_weight=w_gate, up_weight=w_up, down_weight=w_down, gate_bias=b_gate,
+                up_bias=b_up, down_bias=b_down, activation=act_name, fused=fused, d_model=int(d_model),
+                d_inter=int(d_inter), dtype=wg.dtype, output=down)
+
+
+def _dedupe_keys(sites: list[Site]) -> None:
+    """The same module called twice in one graph gives two sites; number the repeats."""
+    seen: dict[str, int] = {}
+    for i, site in enumerate(sites):
+        n = seen.get(site.key, 0)
+        seen[site.key] = n + 1
+        if n:
+            object.__setattr__(sites[i], "key", f"{site.key}#{n}")

@@ -1,0 +1,131 @@
+"""Replace each gated FFN site by one countdown::* op whose state lives in the graph.
+
+Per-site state (thresholds, predictor weights, and W_down^T when a CUDA kernel reads it) is registered
+as buffers on the GraphModule and read through get_attr nodes, so it is data the compiled code reads,
+not constants baked into it, and it travels with the graph into export.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+from typing import Sequence
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from ..config import CountDownConfig
+from ..kernels import ops
+from .match import Site, WeightRef, weight_value
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# What the passes did, for tests and reports: sites_rewritten, graphs_without_sites, ...
+counters: collections.Counter = collections.Counter()
+
+STATE_PREFIX = "countdown_"
+
+
+def state_attr(key: str, name: str) -> str:
+    """The GraphModule attribute holding state `name` of site `key`."""
+    return STATE_PREFIX + re.sub(r"\W", "_", key) + "__" + name
+
+
+def rewrite_sites(
+    gm: fx.GraphModule,
+    sites: Sequence[Site],
+    config: CountDownConfig,
+    calibration=None,
+    example_inputs: Sequence | None = None,
+) -> fx.GraphModule:
+    """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
+
+    regime "ideal" needs no state; regime "prac" takes each site's state from `calibration`
+    (an object with `check_sites(sites)` and `state_for(site) -> dict[str, Tensor]`).
+    """
+    if config.regime == "prac":
+        if calibration is None:
+            raise ValueError(
+                f"regime='prac' with method={config.method!r} needs calibration state (per-site thresholds"
+                + (" and predictors" if config.method == "d-countdown" else "")
+                + "). Run countdown_fx.calibrate(model, batches, config) once, save it, and pass "
+                "options={'calibration': <Calibration or path>}; or use regime='ideal' (oracle top-k)."
+            )
+        calibration.check_sites(sites)
+    op = ops.op_for(config.regime, config.method)
+    decode_only = config.apply_to == "decode"
+    graph = gm.graph
+    for site in sites:
+        with graph.inserting_before(site.output):
+            w_gate, w_up = _gate_up_weights(gm, site, site.gate_weight, site.up_weight, site.d_inter)
+            b_gate, b_up = _gate_up_weights(gm, site, site.gate_bias, site.up_bias, site.d_inter)
+            w_down_t = _down_transposed(gm, site, example_inputs)
+            b_down = _node(gm, site.down_bias)
+            ffn = (site.x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
+            if config.regime == "ideal":
+                args = (*ffn, config.score, config.sparsity, decode_only)
+            else:
+                device = _device(gm, site, example_inputs)
+                state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(site).items()}
+                if config.method == "d-countdown":
+                    args = (*ffn, state["pred_v"], state["pred_u"], state["tau"], decode_only)
+                else:
+                    args = (*ffn, config.score, state["threshold"], decode_only)
+            new = graph.call_function(op, args)
+        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "nn_module_stack",
+                                                                              "stack_trace", "tensor_meta")})
+        new.meta["countdown_site"] = site.key
+        site.output.replace_all_uses_with(new)
+        graph.erase_node(site.output)
+        counters["sites_rewritten"] += 1
+        log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
+                 site.d_model, site.d_inter, site.layout, op)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _node(gm: fx.GraphModule, ref: WeightRef | None):
+    """An fx.Node for a weight reference (a call_module's parameter becomes a get_attr)."""
+    if ref is None or isinstance(ref, fx.Node):
+        return ref
+    return gm.graph.get_attr(ref)
+
+
+def _gate_up_weights(gm, site: Site, gate_ref, up_ref, d_inter: int):
+    """(gate, up) tensors as nodes; a fused [2I, ...] weight or bias is sliced into row views (no copy)."""
+    if gate_ref is None and up_ref is None:
+        return None, None
+    if site.fused is None:
+        return _node(gm, gate_ref), _node(gm, up_ref)
+    fused = _node(gm, gate_ref)
+    first = gm.graph.call_function(aten.slice.Tensor, (fused, 0, 0, d_inter))
+    second = gm.graph.call_function(aten.slice.Tensor, (fused, 0, d_inter, 2 * d_inter))
+    return (first, second) if site.fused == "gate-up" else (second, first)
+
+
+def _down_transposed(gm, site: Site, example_inputs):
+    """W_down^T [d_inter, d_model]. On CUDA it is materialised once as a contiguous graph buffer (the
+    kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing."""
+    value = weight_value(gm, site.down_weight, example_inputs)
+    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
+        name = state_attr(site.key, "w_down_t")
+        gm.register_buffer(name, value.detach().t().contiguous(), persistent=True)
+        counters["w_down_t_bytes"] += value.numel() * value.element_size()
+        return gm.graph.get_attr(name)
+    return gm.graph.call_function(aten.t.default, (_node(gm, site.down_weight),))
+
+
+def _device(gm, site: Site, example_inputs) -> torch.device:
+    value = weight_value(gm, site.gate_weight, example_inputs)
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
+    attr = state_attr(site.key, name)
+    gm.register_buffer(attr, tensor.detach().to(device), persistent=True)
+    return gm.graph.get_attr(attr)
