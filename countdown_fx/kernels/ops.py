@@ -7,6 +7,12 @@
 Every op has a fake (meta) implementation, so Dynamo, AOTAutograd and torch.export trace it, and an
 autograd formula (the gradient of the reference with the mask held fixed), so a model whose parameters
 require grad still compiles. `decode_only=True` runs the dense FFN on prefill inputs (see `is_decode_step`).
+
+threshold_ffn and predictor_ffn are `torch.library.triton_op`s: on CUDA, a decode step of at most
+`triton_ffn.MAX_TOKENS` tokens runs the Triton kernels of `triton_ffn` (launched through `wrap_triton`, so
+Inductor sees them and they are captured by CUDA graphs); everything else (CPU, prefill, larger decode
+batches, mixed dtypes) runs the PyTorch reference, which is also the fake (meta) implementation.
+topk_ffn (SP-Ideal) is an accuracy oracle with no speed path: a plain custom op on the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +24,16 @@ from torch import Tensor
 
 from . import reference
 
+try:  # triton is an optional dependency: without it every device runs the reference
+    from . import triton_ffn
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton_ffn = None
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Decode steps with more tokens than this run the reference (dense compute times the mask). Measured
+# crossover: see benchmarks/speed/NOTES.md (the sparse kernels win up to 16 tokens at s >= 0.5).
+SPARSE_MAX_TOKENS = 16
+
 # The three ops share their leading tensor arguments: x, w_gate, w_up, w_down_t, b_gate, b_up, b_down.
 N_FFN_TENSORS = 7
 
@@ -26,6 +42,22 @@ def is_decode_step(x: Tensor) -> bool:
     """A decode step has one token per sequence: [batch, 1, d_model]. A 2-D input is taken as a batch of
     single tokens (one per sequence), as serving frameworks lay out decode batches."""
     return x.dim() <= 2 or x.shape[-2] == 1
+
+
+def _use_kernels(x: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Shape/device/dtype facts only (known while tracing), never tensor values: no host sync."""
+    if triton_ffn is None or not x.is_cuda or x.dtype not in KERNEL_DTYPES or x.shape[-1] == 0:
+        return False
+    tokens = x.numel() // x.shape[-1]
+    if not 1 <= tokens <= min(SPARSE_MAX_TOKENS, triton_ffn.MAX_TOKENS):
+        return False
+    return all(t is None or (t.is_cuda and t.dtype == x.dtype) for t in tensors)
+
+
+def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mode, thr, pred_v=None, pred_u=None):
+    y = triton_ffn.sparse_ffn(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down_t, b_gate, b_up, b_down,
+                              activation, mode, thr, pred_v, pred_u)
+    return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
 def _topk_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, sparsity, decode_only):
@@ -37,12 +69,19 @@ def _topk_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, scor
 def _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only):
     if decode_only and not is_decode_step(x):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
+    if _use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and threshold.device == x.device:
+        return _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation,
+                            triton_ffn.MODE_OF_SCORE[score], threshold)
     return reference.threshold_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold)
 
 
 def _predictor_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau, decode_only):
     if decode_only and not is_decode_step(x):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
+    if (_use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and tau.device == x.device
+            and pred_v.is_cuda and pred_u.is_cuda):
+        return _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation,
+                            triton_ffn.MODE_PRED, tau, pred_v, pred_u)
     return reference.predictor_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau)
 
 
@@ -55,7 +94,7 @@ def topk_ffn(
     return _topk_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, sparsity, decode_only)
 
 
-@torch.library.custom_op("countdown::threshold_ffn", mutates_args=())
+@torch.library.triton_op("countdown::threshold_ffn", mutates_args=())
 def threshold_ffn(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
@@ -64,7 +103,7 @@ def threshold_ffn(
     return _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only)
 
 
-@torch.library.custom_op("countdown::predictor_ffn", mutates_args=())
+@torch.library.triton_op("countdown::predictor_ffn", mutates_args=())
 def predictor_ffn(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
@@ -79,8 +118,9 @@ def _fake(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, *rest) -> T
 
 IMPLS = {topk_ffn: _topk_impl, threshold_ffn: _threshold_impl, predictor_ffn: _predictor_impl}
 
+topk_ffn.register_fake(_fake)  # triton_op registers its own function as the fake implementation
+
 for _op, _impl in IMPLS.items():
-    _op.register_fake(_fake)
 
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])

@@ -40,7 +40,9 @@ def _act(g, ACT: tl.constexpr):
         return g * tl.sigmoid(g)
     elif ACT == 1:
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))  # 1 + tanh(z), overflow-safe
+        e = tl.exp(-2.0 * tl.abs(z))  # tanh(|z|) = (1 - e) / (1 + e): no overflow for any z
+        t = (1.0 - e) / (1.0 + e)
+        return 0.5 * g * (1.0 + tl.where(z < 0, -t, t))
     elif ACT == 2:
         return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     else:
@@ -48,8 +50,18 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32-accumulated dot. UPCAST (CPU interpreter only): triton's interpreter computes 16-bit dots
+    wrongly (seen with triton 3.9), and 16-bit values are exact in fp32, so upcasting changes nothing."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_end,
-          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, :k_end] @ w[offs_n, :k_end]^T, reading only rows where `rows`."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_end, BLOCK_K):
@@ -59,13 +71,13 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :],
                      mask=rows[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.dot(xt, tl.trans(wt), input_precision=PREC)
+        acc += _dot(xt, tl.trans(wt), PREC, UPCAST)
     return acc
 
 
 @triton.jit
 def _gemv2(x_ptr, stride_xm, w1_ptr, stride_w1, w2_ptr, stride_w2, offs_b, b_mask, offs_n, rows, D, k_end,
-           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Two GEMVs sharing x and the row set in one loop (twice the loads in flight per iteration)."""
     acc1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -77,8 +89,8 @@ def _gemv2(x_ptr, stride_xm, w1_ptr, stride_w1, w2_ptr, stride_w2, offs_b, b_mas
         wmask = rows[:, None] & k_mask[None, :]
         w1 = tl.load(w1_ptr + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=wmask, other=0.0)
         w2 = tl.load(w2_ptr + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wmask, other=0.0)
-        acc1 += tl.dot(xt, tl.trans(w1), input_precision=PREC)
-        acc2 += tl.dot(xt, tl.trans(w2), input_precision=PREC)
+        acc1 += _dot(xt, tl.trans(w1), PREC, UPCAST)
+        acc2 += _dot(xt, tl.trans(w2), PREC, UPCAST)
     return acc1, acc2
 
 
@@ -87,7 +99,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                  M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,14 +131,14 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
         g, u = _gemv2(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union,
-                      D, k_end, BLOCK_B, BLOCK_N, BLOCK_K, PREC)
+                      D, k_end, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
         u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
         a = (_act(g, ACT).to(out_dtype).to(tl.float32) * u).to(out_dtype)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
         g, u = _gemv2(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask,
-                      D, D, BLOCK_B, BLOCK_N, BLOCK_K, PREC)
+                      D, D, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
         u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
         a = (_act(g, ACT).to(out_dtype).to(tl.float32) * u).to(out_dtype)
@@ -134,26 +146,26 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
     elif MODE == 1:
         # M-CountDown: dense up, keep |u| > t, gather the gate rows of the union.
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC)
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
         keep = (tl.abs(u) > thr) & valid
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC)
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
         a = (_act(g, ACT).to(out_dtype).to(tl.float32) * u).to(out_dtype)
     else:
         # CATS: dense gate, keep |act(g)| > t, gather the up rows of the union.
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC)
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
         ag = _act(g, ACT).to(out_dtype).to(tl.float32)
         keep = (tl.abs(ag) > thr) & valid
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC)
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
         a = (ag * u).to(out_dtype)
 
@@ -184,7 +196,7 @@ def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
 
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, part_ptr, M, N, D, rows_per_split, stride_am, stride_w,
-                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """part[split, :, cols] = a[:, rows of split] @ W_down^T[rows of split, cols], skipping all-zero rows."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -203,7 +215,7 @@ def _down_kernel(a_ptr, w_ptr, part_ptr, M, N, D, rows_per_split, stride_am, str
         active = tl.max((at != 0).to(tl.int32), axis=0) > 0  # != 0 keeps NaN rows, as the reference does
         wt = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_d[None, :],
                      mask=active[:, None] & d_mask[None, :], other=0.0)
-        acc += tl.dot(at, wt, input_precision=PREC)
+        acc += _dot(at, wt, PREC, UPCAST)
     tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
              mask=b_mask[:, None] & d_mask[None, :])
 
@@ -253,9 +265,10 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation: str,
-               mode: int, thr: torch.Tensor, pred_v=None, pred_u=None, config=None) -> torch.Tensor:
-    """The decode FFN for x2d [M <= 16, d_model]; returns [M, d_model] in x's dtype. `mode` is one of
-    MODE_GATE / MODE_UP / MODE_COEF (threshold on the score) or MODE_PRED (logit of the predictor > thr)."""
+               mode: int, thr: torch.Tensor, pred_v=None, pred_u=None, config=None, return_coef=False):
+    """The decode FFN for x2d [M <= 16, d_model]; returns y [M, d_model] in x's dtype (and the masked
+    coefficients a [M, d_inter] with return_coef, for tests). `mode` is MODE_GATE / MODE_UP / MODE_COEF
+    (score > thr) or MODE_PRED (predictor logit > thr). thr: a one-element tensor on x's device."""
     cfg = {k: dict(v) for k, v in CONFIG.items()}
     for k, v in (config or {}).items():
         cfg[k].update(v)
@@ -266,10 +279,10 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     w_gate, w_up, w_down_t = _rows(w_gate), _rows(w_up), _rows(w_down_t)
     dtype = x2d.dtype
     prec = _prec(dtype)
+    upcast = x2d.device.type == "cpu"  # only the interpreter runs these kernels on CPU tensors
     BLOCK_B = 16
     dummy = x2d  # stands for absent optional pointers (never read: HAS_* flags are off)
 
-    thr = thr.reshape(1).to(device=x2d.device, dtype=torch.float32)
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
     h = dummy
     R = 0
@@ -292,7 +305,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         h, pred_u if pred_u is not None else dummy, thr, a,
         M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu, a.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-        BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec,
+        BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]
@@ -303,7 +316,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
         a, w_down_t, part, M, N, D, rows_per_split, a.stride(0), w_down_t.stride(0),
-        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], PREC=prec,
+        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)
@@ -311,4 +324,4 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, BLOCK_DR))](
         part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
         HAS_BD=b_down is not None, BLOCK_D=BLOCK_DR, num_warps=4)
-    return y
+    return (y, a) if return_coef else y
