@@ -197,7 +197,7 @@ def _as_half(gm, node):
                 return None
             if index[0] is not Ellipsis and _rank(src) not in (None, len(index)):
                 return None
-            return _half_from_slice(src, index[-1].start, index[-1].stop, index[-1].step)
+            return _half_from_slice(gm, src, index[-1].start, index[-1].stop, index[-1].step)
         # chunk(2, -1)[i] / split(I, -1)[i]
         if isinstance(src, fx.Node) and isinstance(index, int) and index in (0, 1):
             lin = _split_source(gm, src)
@@ -205,12 +205,12 @@ def _as_half(gm, node):
     if node.target in _SLICE_FNS:  # aten.slice.Tensor(gu, dim, start, end)
         src = node.args[0]
         if _as_linear(gm, src) and _is_last_dim(_arg(node, 1, "dim", 0), src):
-            return _half_from_slice(src, _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
+            return _half_from_slice(gm, src, _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
     return None
 
 
-def _half_from_slice(src, start, stop, step):
-    width = _out_features(src)
+def _half_from_slice(gm, src, start, stop, step):
+    width = _out_features(gm, src)
     if width is None or width % 2 or step not in (None, 1):
         return None
     half = width // 2
@@ -221,9 +221,14 @@ def _half_from_slice(src, start, stop, step):
     return None
 
 
-def _out_features(node: fx.Node) -> int | None:
+def _out_features(gm, node: fx.Node) -> int | None:
+    """Width of a linear's output: from node meta, else from its weight (symbolic_trace has no meta)."""
     val = node.meta.get("val", node.meta.get("example_value"))
-    return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
+    if isinstance(val, torch.Tensor):
+        return int(val.shape[-1])
+    lin = _as_linear(gm, node)
+    weight = weight_value(gm, lin[1]) if lin else None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
 def _split_source(gm, node):
@@ -236,7 +241,7 @@ def _split_source(gm, node):
         src = node.args[0]
         size = _arg(node, 1, "split_size_or_sections", _arg(node, 1, "split_size", _arg(node, 1, "split_sizes")))
         dim = _arg(node, 2, "dim", 0)
-        width = _out_features(src) if isinstance(src, fx.Node) else None
+        width = _out_features(gm, src) if isinstance(src, fx.Node) else None
         if width is None or not _as_linear(gm, src) or not _is_last_dim(dim, src):
             return None
         if size == width // 2 and width % 2 == 0 or (isinstance(size, (list, tuple)) and list(size) == [width // 2] * 2):
