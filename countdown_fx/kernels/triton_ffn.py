@@ -60,6 +60,18 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even. UPCAST (CPU interpreter only): triton 3.9's interpreter
+    truncates fp32 -> bf16, so round the bits by hand first (the cast that follows is then exact)."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_end,
           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, :k_end] @ w[offs_n, :k_end]^T, reading only rows where `rows`."""
@@ -132,42 +144,42 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
         g, u = _gemv2(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union,
                       D, k_end, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
-        u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
-        a = (_act(g, ACT).to(out_dtype).to(tl.float32) * u).to(out_dtype)
+        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
+        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
+        a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
         g, u = _gemv2(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask,
                       D, D, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
-        u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
-        a = (_act(g, ACT).to(out_dtype).to(tl.float32) * u).to(out_dtype)
+        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
+        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
+        a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
         keep = (tl.abs(a.to(tl.float32)) > thr) & valid
     elif MODE == 1:
         # M-CountDown: dense up, keep |u| > t, gather the gate rows of the union.
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
+        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(u) > thr) & valid
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
-        a = (_act(g, ACT).to(out_dtype).to(tl.float32) * u).to(out_dtype)
+        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
+        a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     else:
         # CATS: dense gate, keep |act(g)| > t, gather the up rows of the union.
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = (g + bg[None, :]).to(out_dtype).to(tl.float32)
-        ag = _act(g, ACT).to(out_dtype).to(tl.float32)
+        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
+        ag = _cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(ag) > thr) & valid
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = (u + bu[None, :]).to(out_dtype).to(tl.float32)
-        a = (ag * u).to(out_dtype)
+        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
+        a = _cast(ag * u, out_dtype, UPCAST)
 
     a = tl.where(keep, a, 0.0).to(out_dtype)
     tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
@@ -222,7 +234,7 @@ def _down_kernel(a_ptr, w_ptr, part_ptr, M, N, D, rows_per_split, stride_am, str
 
 @triton.jit
 def _reduce_kernel(part_ptr, bd_ptr, y_ptr, M, D, n_split, stride_ym,
-                   HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr):
+                   HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """y[b] = sum over splits (fixed order) + b_down, cast to the output dtype."""
     pid_b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -232,7 +244,7 @@ def _reduce_kernel(part_ptr, bd_ptr, y_ptr, M, D, n_split, stride_ym,
         acc += tl.load(part_ptr + (s * M + pid_b) * D + offs_d, mask=d_mask, other=0.0)
     if HAS_BD:
         acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_b * stride_ym + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(y_ptr + pid_b * stride_ym + offs_d, _cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=d_mask)
 
 
 # ------------------------------------------------------------------------------------------------ launch
@@ -323,5 +335,5 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     BLOCK_DR = 256
     wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, BLOCK_DR))](
         part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
-        HAS_BD=b_down is not None, BLOCK_D=BLOCK_DR, num_warps=4)
+        HAS_BD=b_down is not None, BLOCK_D=BLOCK_DR, UPCAST=upcast, num_warps=4)
     return (y, a) if return_coef else y

@@ -1,0 +1,113 @@
+"""Shared by the interpreter (CPU) and GPU kernel tests: random FFN cases and the check against fp64.
+
+The check looks inside: `sparse_ffn(..., return_coef=True)` also returns the masked coefficients a, so
+the test sees the kernel's own keep mask (a != 0). It asserts that
+  1. the kernel keeps exactly the neurons the fp64 reference keeps, except where the fp64 score lies
+     within a few ulps of the threshold (both answers are right there: the kernel's score is rounded to
+     the input dtype like the reference's) or the coefficient is exactly zero (relu);
+  2. a matches the fp64 coefficients on that mask, and y matches the fp64 FFN on that mask,
+     within dtype tolerances (norm-wise relative error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from countdown_fx.kernels import reference, triton_ffn
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+MODES = {"gate": triton_ffn.MODE_GATE, "up": triton_ffn.MODE_UP, "coef": triton_ffn.MODE_COEF,
+         "pred": triton_ffn.MODE_PRED}
+
+
+def make_case(M, D, N, dtype, device, mode, act="silu", bias=False, sparsity=0.5, rank=16, seed=0,
+              fused=False):
+    """Random inputs, rounded to dtype; `sparsity` 0.0 keeps every neuron, 1.0 none, else a quantile of
+    the fp64 scores of these very tokens (realistic per-token variation)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    c = dict(M=M, D=D, N=N, dtype=dtype, mode=mode, act=act, x=rnd(M, D))
+    if fused:  # gate and up as row slices of one [2N, D] weight (Phi-3 style): views with contiguous rows
+        w = rnd(2 * N, D, scale=D ** -0.5)
+        c["w_gate"], c["w_up"] = w[:N], w[N:]
+    else:
+        c["w_gate"], c["w_up"] = rnd(N, D, scale=D ** -0.5), rnd(N, D, scale=D ** -0.5)
+    c["w_down_t"] = rnd(N, D, scale=N ** -0.5)
+    c["b_gate"] = rnd(N, scale=0.1) if bias else None
+    c["b_up"] = rnd(N, scale=0.1) if bias else None
+    c["b_down"] = rnd(D, scale=0.1) if bias else None
+    c["pred_v"] = c["pred_u"] = None
+    if mode == "pred":
+        c["pred_v"] = (torch.randn(D, rank, generator=g) * D ** -0.5).to(device)  # fp32 predictor
+        c["pred_u"] = (torch.randn(N, rank, generator=g)).to(device)
+    s = scores64(c)
+    if sparsity <= 0.0:
+        thr = -1e30
+    elif sparsity >= 1.0:
+        thr = 1e30
+    else:
+        thr = torch.quantile(s.flatten().cpu(), sparsity).item()
+    c["thr"] = torch.tensor(thr, dtype=torch.float32, device=device)
+    return c
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+def coefs64(c):
+    act_g, u = reference.gate_up(c["x"].double(), c["w_gate"].double(), c["w_up"].double(), _d(c["b_gate"]),
+                                 _d(c["b_up"]), c["act"])
+    return act_g, u
+
+
+def scores64(c):
+    if c["mode"] == "pred":
+        return reference.predictor_logits(c["x"].double(), c["pred_v"].double(), c["pred_u"].double())
+    act_g, u = coefs64(c)
+    return reference.score(c["mode"], act_g, u)
+
+
+def run_kernel(c, config=None):
+    mode = MODES[c["mode"]]
+    return triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"],
+                                 c["b_down"], c["act"], mode, c["thr"], c["pred_v"], c["pred_u"],
+                                 config=config, return_coef=True)
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    scale = want.norm()
+    if scale == 0:
+        return got.abs().max().item()
+    return ((got - want).norm() / scale).item()
+
+
+def check(c, y, a):
+    dtype = c["dtype"]
+    assert y.shape == (c["M"], c["D"]) and y.dtype == dtype
+    assert torch.isfinite(y).all() and torch.isfinite(a).all()
+    act_g, u = coefs64(c)
+    a64 = act_g * u
+    s64 = scores64(c)
+    thr = c["thr"].double()
+    keep_ref = s64 > thr
+    keep_k = a != 0
+    disagree = keep_k != keep_ref
+    width = 8 * ULP[dtype] if c["mode"] != "pred" else 1e-5
+    borderline = (s64 - thr).abs() <= width * thr.abs() + 1e-6
+    harmless = borderline | (a64 == 0)
+    assert not (disagree & ~harmless).any(), f"{int((disagree & ~harmless).sum())} neurons wrongly kept/dropped"
+    flips = (disagree & (a64 != 0)).sum().item()  # borderline flips: allowed, but must stay rare
+    assert flips <= max(2, 0.02 * disagree.numel()), f"{flips} borderline flips"
+    a_ref = a64 * keep_k
+    tol = TOL[dtype]
+    ea = rel_err(a, a_ref)
+    y_ref = reference.down(a_ref, c["w_down_t"].double(), _d(c["b_down"]))
+    ey = rel_err(y, y_ref)
+    assert ea <= tol and ey <= tol, f"coefficient error {ea:.2e}, output error {ey:.2e}, tolerance {tol:.0e}"
+    return keep_k.float().mean().item()

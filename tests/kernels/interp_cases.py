@@ -1,0 +1,76 @@
+"""Kernel-vs-reference cases run by triton's CPU interpreter.
+
+Not collected on its own (the name does not match test_*.py): test_triton_ffn.py runs this file in a
+subprocess with TRITON_INTERPRET=1, because the interpreter must be on before the kernels are decorated,
+whatever else the main test process imported first.
+"""
+
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ffn_cases import check, make_case, run_kernel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16)}
+
+
+@pytest.mark.parametrize("mode,M,dtype,sparsity", list(itertools.product(
+    ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0])))
+def test_modes(mode, M, dtype, sparsity):
+    """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M."""
+    c = make_case(M, 37, 97, dtype, "cpu", mode, bias=M == 3, sparsity=sparsity, seed=M)
+    y, a = run_kernel(c)
+    density = check(c, y, a)
+    if sparsity == 0.0:
+        assert density == 1.0
+    if sparsity == 1.0:
+        assert density == 0.0
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
+@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
+def test_activations(act, mode):
+    c = make_case(3, 41, 67, torch.float32, "cpu", mode, act=act, bias=True, sparsity=0.7, seed=7)
+    check(c, *run_kernel(c))
+
+
+@pytest.mark.parametrize("mode", ["up", "gate", "coef", "pred"])
+def test_many_blocks(mode):
+    """Small blocks: several K steps, several neuron blocks, column blocks and split-K partials to reduce."""
+    c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.8, seed=11)
+    check(c, *run_kernel(c, config=SMALL_BLOCKS))
+
+
+def test_long_rows_fp16_fused_views():
+    """d_model over one K block, fp16, gate/up as row slices of a fused weight."""
+    c = make_case(2, 263, 71, torch.float16, "cpu", "up", sparsity=0.6, seed=5, fused=True)
+    assert c["w_gate"].storage_offset() == 0 and c["w_up"].storage_offset() == 71 * 263
+    check(c, *run_kernel(c))
+
+
+def test_tokens_keep_their_own_masks():
+    """Batched: a row in the union is read for all tokens, but only tokens that keep it use it."""
+    c = make_case(3, 37, 97, torch.float32, "cpu", "up", sparsity=0.9, seed=3)
+    y, a = run_kernel(c)
+    check(c, y, a)
+    keep = a != 0
+    union = keep.any(0)
+    assert (keep != union).any(), "case should have tokens with different masks"
+    for m in range(3):  # each token alone gives the same row as in the batch
+        single = dict(c, M=1, x=c["x"][m:m + 1])
+        y1, a1 = run_kernel(single)
+        torch.testing.assert_close(a1[0], a[m], rtol=0, atol=0)
+        torch.testing.assert_close(y1[0], y[m], rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic():
+    c = make_case(3, 37, 97, torch.bfloat16, "cpu", "pred", sparsity=0.5, seed=9)
+    y1, _ = run_kernel(c, config=SMALL_BLOCKS)
+    y2, _ = run_kernel(c, config=SMALL_BLOCKS)
+    assert torch.equal(y1, y2)

@@ -1,0 +1,63 @@
+"""Triton decode kernels vs the fp64 reference.
+
+CPU CI: the cases of interp_cases.py run under triton's interpreter in a subprocess (TRITON_INTERPRET=1
+must be set before the kernels are decorated, which an in-process flag cannot guarantee).
+GPU (marked gpu): full model shapes, every dtype, 1..16 tokens, determinism.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+from ffn_cases import check, make_case, run_kernel  # noqa: E402
+
+pytest.importorskip("triton")
+
+
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.abspath(os.path.join(HERE, "..", "..")), os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.join(HERE, "interp_cases.py"), "-q", "-p", "no:cacheprovider",
+         "-x", "--no-header"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+SHAPES = {"llama8b": (4096, 14336), "qwen14b": (5120, 13824), "gemma9b": (3584, 14336)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
+def test_full_shape(mode, M, dtype):
+    D, N = SHAPES["llama8b"]
+    c = make_case(M, D, N, dtype, "cuda", mode, sparsity=0.7, rank=512, seed=M)
+    density = check(c, *run_kernel(c))
+    assert 0.2 < density < 0.4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,act,mode,bias", [("gemma9b", "gelu_tanh", "up", False),
+                                                 ("qwen14b", "silu", "coef", True),
+                                                 ("qwen14b", "silu", "pred", True)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+def test_other_shapes(shape, act, mode, bias, sparsity):
+    D, N = SHAPES[shape]
+    c = make_case(3, D, N, torch.bfloat16, "cuda", mode, act=act, bias=bias, sparsity=sparsity, rank=256)
+    check(c, *run_kernel(c))
+
+
+@pytest.mark.gpu
+def test_deterministic_gpu():
+    c = make_case(8, 4096, 14336, torch.bfloat16, "cuda", "pred", sparsity=0.5, rank=512)
+    y1, _ = run_kernel(c)
+    for _ in range(3):
+        assert torch.equal(run_kernel(c)[0], y1)
