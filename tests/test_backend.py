@@ -1,0 +1,144 @@
+"""The `countdown` backend end to end through Inductor (CPU), and its error paths."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import countdown_fx
+from countdown_fx.backend import inductor_patches
+from countdown_fx.config import CountDownConfig
+from countdown_fx.kernels import reference as R
+from tiny_models import N_LAYERS, GptFastFeedForward, Stack, hf_model
+
+
+def _reference_llama(model, method_score, sparsity):
+    """Patch every LlamaMLP to compute SP-Ideal with the reference directly (independent of the pass)."""
+    for layer in model.model.layers:
+        mlp = layer.mlp
+
+        def forward(x, mlp=mlp):
+            return R.topk_ffn(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.t(), None, None,
+                              None, "silu", method_score, sparsity)
+
+        mlp.forward = forward
+    return model
+
+
+def test_entry_point_resolves_in_a_fresh_interpreter_without_import():
+    code = (
+        "import torch, sys\n"
+        "from torch._dynamo.backends.registry import lookup_backend\n"
+        "fn = lookup_backend('countdown')\n"
+        "assert fn.__module__ == 'countdown_fx.backend', fn.__module__\n"
+        "import countdown_fx\n"  # importing afterwards must not re-register (duplicate name error)
+        "assert 'countdown' in torch._dynamo.list_backends()\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "torch.compile(m, backend='countdown', options={'sparsity': 0.0})(torch.randn(2, 4))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("method, score", [("cats", "gate"), ("m-countdown", "up"), ("d-countdown", "coef")])
+def test_inductor_ideal_matches_reference_model(method, score):
+    model = hf_model("llama")
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    options = {"method": method, "sparsity": 0.6, "regime": "ideal", "apply_to": "all"}
+    with torch.no_grad():
+        got = torch.compile(model, backend="countdown", options=options)(ids).logits
+        want = _reference_llama(hf_model("llama"), score, 0.6)(ids).logits
+        dense = hf_model("llama")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-2  # sparsity really changed the result
+
+
+def test_sparsity_zero_through_inductor_is_dense_fp32_and_bf16():
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    opts = {"sparsity": 0.0, "regime": "ideal", "apply_to": "all"}
+    model = hf_model("qwen2")
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="countdown", options=opts)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # bf16: no less accurate than PyTorch's own eager bf16, both measured against the same weights in fp32
+    torch._dynamo.reset()
+    model = hf_model("qwen2", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = model(ids).logits.float()
+        got = torch.compile(model, backend="countdown", options=opts)(ids).logits.float()
+        fp32 = model.float()(ids).logits
+    eager_err, our_err = (eager - fp32).abs().max().item(), (got - fp32).abs().max().item()
+    assert 0 < eager_err < 0.1 * fp32.abs().max().item()
+    assert our_err <= 1.5 * eager_err, (our_err, eager_err)
+
+
+def test_decode_only_is_dense_in_prefill_and_sparse_in_decode():
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    compiled = torch.compile(model, backend="countdown", options={"sparsity": 0.8, "apply_to": "decode"})
+    twin = Stack(GptFastFeedForward).eval()
+    twin.load_state_dict(model.state_dict())
+    sparse_all = torch.compile(twin, backend="countdown", options={"sparsity": 0.8, "apply_to": "all"})
+    prefill, step = torch.randn(2, 5, 32), torch.randn(2, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(prefill), model(prefill), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(step), sparse_all(step), rtol=1e-5, atol=1e-5)
+        assert (compiled(step) - model(step)).abs().max() > 1e-3
+
+
+def test_prac_without_calibration_is_a_clear_error_not_a_dense_run():
+    model = Stack(GptFastFeedForward).eval()
+    compiled = torch.compile(model, backend="countdown", options={"method": "cats", "regime": "prac"})
+    with pytest.raises(Exception, match=r"regime='prac'.*needs calibration state.*countdown_fx.calibrate"):
+        compiled(torch.randn(1, 1, 32))
+
+
+def test_bad_options_fail_naming_the_key():
+    compiled = torch.compile(Stack(GptFastFeedForward).eval(), backend="countdown", options={"sparsity": 1.5})
+    with pytest.raises(Exception, match=r"sparsity=1.5 is out of range"):
+        compiled(torch.randn(1, 1, 32))
+
+
+def test_varying_lengths_compile_no_more_graphs_than_plain_inductor_would():
+    from torch._dynamo.utils import counters
+
+    def graphs_for(backend, options):
+        torch._dynamo.reset()
+        counters.clear()
+        model = hf_model("llama")
+        compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
+        with torch.no_grad():
+            for length in (3, 5, 8, 11, 13):
+                compiled(torch.randint(0, 97, (1, length)))
+            for batch in (2, 3):
+                compiled(torch.randint(0, 97, (batch, 4)))
+        return counters["stats"]["unique_graphs"]
+
+    plain = graphs_for("eager", None)  # Dynamo's own (re)compilation behaviour, no backend work
+    ours = graphs_for("countdown", {"sparsity": 0.5, "apply_to": "all"})
+    assert ours == plain and ours <= 3  # one static graph, then one dynamic graph (plus a batch-dynamic one)
+
+
+def test_parameters_requiring_grad_still_compile_and_backprop():
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward)  # parameters require grad, no torch.no_grad()
+    x = torch.randn(2, 3, 32)
+    out = torch.compile(model, backend="countdown", options={"sparsity": 0.0, "apply_to": "all"})(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for got, want in zip(grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mode_maps_to_inductor_patches():
+    patches = inductor_patches(CountDownConfig(mode="reduce-overhead", inductor_options={"max_autotune": False}))
+    assert patches["triton.cudagraphs"] is True and patches["max_autotune"] is False
+    assert inductor_patches(CountDownConfig()) == {}
