@@ -34,6 +34,8 @@ class CountDownConfig:
     threshold_rule: how calibration turns scores into a per-site threshold ("mean-kth" as in the paper,
                 "quantile" as in CATS).
     predictor_rank: rank r of the D-CountDown predictor; None picks min(512, what keeps it <= 5% of the FFN).
+    predictor_steps / predictor_lr / predictor_batch_tokens: D-CountDown predictor training (AdamW steps,
+                peak learning rate, tokens per step).
     tau:        fixed predictor logit threshold; None lets calibration choose it per site to meet the sparsity.
     calibration: a Calibration or a path to a saved one; required by regime "prac".
     mode:       Inductor mode used after the rewrite (e.g. "reduce-overhead" for CUDA graphs).
@@ -47,6 +49,7 @@ class CountDownConfig:
     predictor_rank: int | None = None
     predictor_steps: int = 200
     predictor_lr: float = 1e-3
+    predictor_batch_tokens: int = 1024
     tau: float | None = None
     seed: int = 0
     calibration: Any = None
@@ -73,6 +76,12 @@ class CountDownConfig:
             )
         if not isinstance(self.predictor_steps, int) or self.predictor_steps < 1:
             raise ValueError(f"CountDownConfig.predictor_steps={self.predictor_steps!r} must be a positive int")
+        if isinstance(self.predictor_batch_tokens, bool) or not isinstance(self.predictor_batch_tokens, int) \
+                or self.predictor_batch_tokens < 1:
+            raise ValueError(
+                f"CountDownConfig.predictor_batch_tokens={self.predictor_batch_tokens!r} must be a positive int "
+                "(tokens per predictor training step)"
+            )
         if not (self.predictor_lr > 0):
             raise ValueError(f"CountDownConfig.predictor_lr={self.predictor_lr!r} must be > 0")
         if self.tau is not None and not math.isfinite(self.tau):

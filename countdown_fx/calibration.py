@@ -1,0 +1,457 @@
+"""Calibration: what SP-Prac needs per site (thresholds, or predictors and tau), how it is made and kept.
+
+    cal = calibrate(model, batches, CountDownConfig(method="m-countdown", sparsity=0.7, regime="prac"))
+    print(cal.report())
+    cal.save("m70.safetensors")
+    torch.compile(model, backend="countdown", options={"calibration": "m70.safetensors"})
+
+`calibrate` runs the model densely through the backend's graph path (passes.observe), so the state is
+keyed by the same site keys the rewrite looks up. Passes over the data, each streaming (nothing but
+reducers and predictor weights is kept between batches):
+
+  1. fit      CATS / M-CountDown: per-site threshold by the config's rule (passes.thresholds).
+  2. train    D-CountDown: predictors trained on (x, oracle mask) pairs, as many epochs as the steps need.
+  3. tau      D-CountDown: per-site tau = the s-quantile of the predictor's logits (unless config.tau).
+  4. measure  every method: realised sparsity and precision / recall against the |act(g) * u| oracle.
+
+`calibrate_sweep` does the same for several configs at once, sharing the forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import CountDownConfig
+from .kernels import reference
+from .passes.observe import ObserveSession, run_pass
+from .passes.predictor import PredictorTrainer, default_rank, oracle_mask, predictor_fraction
+from .passes.thresholds import MeanKth, SelectionCounts, StreamingQuantile, drop_count
+
+log = logging.getLogger(__name__)
+
+FORMAT = "countdown-fx/calibration"
+FORMAT_VERSION = 1
+METADATA_KEY = "countdown_fx"
+# Fewer tokens than this per site is refused: a threshold or tau from a handful of tokens is noise.
+MIN_CALIBRATION_TOKENS = 64
+# The config fields a calibration depends on (saved with it); the rest are deployment choices.
+SAVED_FIELDS = ("method", "sparsity", "apply_to", "threshold_rule", "predictor_rank", "predictor_steps",
+                "predictor_lr", "predictor_batch_tokens", "tau", "seed")
+
+
+class Calibration:
+    """Per-site SP-Prac state plus the config and statistics it came from.
+
+    config: the CountDownConfig it was made for (regime "prac").
+    sites:  key -> {"d_model", "d_inter", "dtype", "activation", "layout"} of every calibrated site.
+    state:  key -> {"threshold": 0-dim fp32} (CATS, M-CountDown) or
+            {"pred_v": [d_model, r], "pred_u": [d_inter, r], "tau": 0-dim fp32} (D-CountDown).
+    stats:  key -> measured numbers (tokens, realised_sparsity, precision, recall, threshold / rank, ...).
+    """
+
+    def __init__(self, config: CountDownConfig, sites: Mapping[str, dict], state: Mapping[str, Mapping[str, torch.Tensor]],
+                 stats: Mapping[str, dict] | None = None, meta: Mapping[str, Any] | None = None,
+                 source: str | None = None):
+        self.config = config.replace(regime="prac", calibration=None)
+        self.sites = {k: dict(v) for k, v in sites.items()}
+        self.state = {k: {n: t.detach().float().cpu() for n, t in v.items()} for k, v in state.items()}
+        self.stats = {k: dict(v) for k, v in (stats or {}).items()}
+        self.meta = dict(meta or {})
+        self.source = source
+        self._check_complete()
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def sparsity(self) -> float:
+        return self.config.sparsity
+
+    def _needed(self) -> tuple[str, ...]:
+        return ("pred_v", "pred_u", "tau") if self.method == "d-countdown" else ("threshold",)
+
+    def _check_complete(self) -> None:
+        for key, info in self.sites.items():
+            st = self.state.get(key, {})
+            missing = [n for n in self._needed() if n not in st]
+            if missing:
+                raise ValueError(f"calibration{self._from()} lacks {missing} for site {key!r} (method {self.method})")
+            for name in ("threshold", "tau"):
+                if name in st and (st[name].dim() != 0 or torch.isnan(st[name])):
+                    raise ValueError(f"calibration{self._from()}: {name} of site {key!r} must be a 0-dim number, "
+                                     f"got {st[name]!r}")
+            if "pred_v" in st:
+                r = st["pred_v"].shape[-1]
+                if tuple(st["pred_v"].shape) != (info["d_model"], r) or tuple(st["pred_u"].shape) != (info["d_inter"], r):
+                    raise ValueError(
+                        f"calibration{self._from()}: predictor of site {key!r} has V {tuple(st['pred_v'].shape)} and "
+                        f"U {tuple(st['pred_u'].shape)}, not [d_model={info['d_model']}, r] and [d_inter={info['d_inter']}, r]")
+
+    def _from(self) -> str:
+        return f" {self.source!r}" if self.source else ""
+
+    # -- what the rewrite asks ------------------------------------------------------------------------
+    def check_sites(self, sites: Sequence) -> None:
+        """Raise ValueError naming the first site of `sites` this calibration has no state for, or whose
+        shapes differ from the calibrated ones. Calibrated sites absent from `sites` are fine (a graph
+        break splits a model's sites over several graphs)."""
+        for site in sites:
+            info = self.sites.get(site.key)
+            if info is None:
+                raise ValueError(
+                    f"calibration{self._from()} has no state for site {site.key!r}; it was made for "
+                    f"{len(self.sites)} site(s): {_preview(list(self.sites))}. Calibrate this model "
+                    f"(countdown_fx.calibrate or `countdown-fx calibrate`) instead of reusing another model's file.")
+            if (info["d_model"], info["d_inter"]) != (site.d_model, site.d_inter):
+                raise ValueError(
+                    f"calibration{self._from()} does not fit site {site.key!r}: calibrated for d_model="
+                    f"{info['d_model']}, d_inter={info['d_inter']}, but the model has d_model={site.d_model}, "
+                    f"d_inter={site.d_inter}")
+            if info.get("dtype") and info["dtype"] != str(site.dtype).replace("torch.", ""):
+                log.info("countdown: site %s calibrated in %s, runs in %s", site.key, info["dtype"], site.dtype)
+
+    def state_for(self, site) -> dict[str, torch.Tensor]:
+        """The tensors the rewrite registers as buffers for `site` (fresh copies, fp32)."""
+        key = site if isinstance(site, str) else site.key
+        if key not in self.state:
+            raise ValueError(f"calibration{self._from()} has no state for site {key!r}")
+        return {name: self.state[key][name].clone() for name in self._needed()}
+
+    # -- files --------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file: tensors "<site key>::<name>", everything else as JSON metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{key}::{name}": t.contiguous() for key, st in self.state.items() for name, t in st.items()}
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **_versions(), **self.meta,
+                  "config": {f: getattr(self.config, f) for f in SAVED_FIELDS},
+                  "sites": self.sites, "stats": self.stats}
+        save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        """Read a file written by `save`; refuses files of another format or a newer format version."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"calibration file {path!r} does not exist")
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            if raw is None:
+                raise ValueError(f"{path!r} is a safetensors file but not a countdown-fx calibration (no "
+                                 f"{METADATA_KEY!r} metadata)")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        header = json.loads(raw)
+        if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path!r} has format {header.get('format')!r} version {header.get('format_version')!r}; "
+                             f"this countdown-fx reads {FORMAT!r} up to version {FORMAT_VERSION}")
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            key, _, field = name.rpartition("::")
+            state.setdefault(key, {})[field] = t
+        config = CountDownConfig(regime="prac", **header["config"])
+        meta = {k: v for k, v in header.items() if k not in ("config", "sites", "stats")}
+        return cls(config, header["sites"], state, header.get("stats"), meta, source=path)
+
+    # -- reading ------------------------------------------------------------------------------------
+    def overall_sparsity(self) -> float:
+        """Realised sparsity over all sites on the calibration data, weighted by tokens x d_inter."""
+        num = den = 0.0
+        for key, st in self.stats.items():
+            if "realised_sparsity" in st and not math.isnan(st["realised_sparsity"]):
+                w = st.get("tokens", 1) * self.sites[key]["d_inter"]
+                num += st["realised_sparsity"] * w
+                den += w
+        return num / den if den else float("nan")
+
+    def report(self) -> str:
+        """A readable per-site table: state, realised sparsity and precision / recall vs the oracle."""
+        cfg = self.config
+        d = cfg.method == "d-countdown"
+        head = [f"CountDown calibration: method={cfg.method} sparsity={cfg.sparsity:g} "
+                + (f"rank={cfg.predictor_rank or 'auto'} tau={'calibrated' if cfg.tau is None else cfg.tau}" if d
+                   else f"rule={cfg.threshold_rule}")
+                + f", {len(self.sites)} site(s)" + (f", file {self.source}" if self.source else "")]
+        cols = (["site", "d_model", "d_inter", "rank", "pred/FFN", "tau"] if d else
+                ["site", "d_model", "d_inter", "threshold"]) + ["tokens", "realised_s", "precision", "recall"]
+        rows = []
+        for key, info in self.sites.items():
+            st = self.stats.get(key, {})
+            row = [key, info["d_model"], info["d_inter"]]
+            if d:
+                r = self.state[key]["pred_v"].shape[-1]
+                row += [r, f"{predictor_fraction(r, info['d_model'], info['d_inter']):.1%}",
+                        f"{float(self.state[key]['tau']):.4g}"]
+            else:
+                row.append(f"{float(self.state[key]['threshold']):.4g}")
+            row += [st.get("tokens", "-"), _pct(st.get("realised_sparsity")), _pct(st.get("precision")),
+                    _pct(st.get("recall"))]
+            rows.append([str(c) for c in row])
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+        lines = head + [fmt(cols), "-" * len(fmt(cols))] + [fmt(r) for r in rows]
+        lines.append(f"overall realised sparsity {_pct(self.overall_sparsity())} (target {cfg.sparsity:.1%}); "
+                     "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on calibration data")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Calibration(method={self.method!r}, sparsity={self.sparsity}, sites={len(self.sites)}, "
+                f"realised={self.overall_sparsity():.3f})")
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1%}"
+
+
+def _preview(keys: list[str], n: int = 4) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    return {"library_version": __version__, "torch_version": torch.__version__}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Making one.
+
+
+def calibrate(model: nn.Module, batches, config: CountDownConfig, *, progress: bool = True) -> Calibration:
+    """Calibrate `model` for `config` (any method) on `batches`; see the module docstring for the passes.
+
+    batches: a LongTensor of input_ids [batch, seq], a dict of model kwargs, or an iterable of either
+    (an iterator is read once into a list, since calibration makes several passes). Padding marked 0 in
+    an `attention_mask` of the same [batch, seq] shape is left out of the statistics.
+    Raises ValueError on empty or too-short data (< MIN_CALIBRATION_TOKENS tokens per site) and on
+    non-finite activations, naming the site.
+    """
+    return calibrate_sweep(model, batches, [config], progress=progress)[0]
+
+
+def calibrate_sweep(model: nn.Module, batches, configs: Sequence[CountDownConfig], *,
+                    progress: bool = True) -> list[Calibration]:
+    """Calibrations for several configs (methods, sparsities) from shared forward passes, in order."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("calibrate_sweep needs at least one config")
+    batches = _batch_list(batches, _device_of(model))
+    was_training = model.training
+    model.eval()
+    try:
+        return _Sweep(model, batches, configs, progress).run()
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _batch_list(batches, device) -> list:
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    out = []
+    for b in batches:
+        if isinstance(b, torch.Tensor):
+            out.append((b.unsqueeze(0) if b.dim() == 1 else b).to(device))
+        elif isinstance(b, Mapping):
+            out.append({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
+        else:
+            raise TypeError(f"calibration batches must be LongTensors of input_ids or dicts of model kwargs, "
+                            f"got {type(b).__name__}")
+    if not out:
+        raise ValueError("calibration got no batches: pass at least one batch of input_ids "
+                         f"(>= {MIN_CALIBRATION_TOKENS} tokens; thousands are better)")
+    return out
+
+
+def _check_finite(key: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"non-finite values (NaN or inf) in {name} at site {key!r} during calibration; no threshold or "
+                "predictor is derived from them. Check the model's dtype (fp16 overflow?) and its inputs.")
+
+
+class _Sweep:
+    """The passes of calibrate_sweep; per-config, per-site reducers live in dicts keyed [config index][site]."""
+
+    def __init__(self, model, batches, configs, progress):
+        self.session = ObserveSession(model)
+        self.batches, self.configs, self.progress = batches, configs, progress
+        self.tokens: dict[str, int] = {}
+        self.thresholds = [dict() for _ in configs]
+        self.trainers = [dict() for _ in configs]
+        self.taus = [dict() for _ in configs]
+        self.counts = [dict() for _ in configs]
+        self.passes = 0
+
+    # one pass over the data; the first pass of any kind also counts tokens and checks them
+    def _pass(self, callback, desc: str) -> None:
+        first = self.passes == 0
+
+        def cb(key, x, act_g, u):
+            _check_finite(key, x=x, act_g=act_g, u=u)
+            if first:
+                self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
+            callback(key, x, act_g, u)
+
+        run_pass(self.session, self.batches, cb, desc, self.progress, total=len(self.batches))
+        self.passes += 1
+        if first:
+            self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        for key, n in self.tokens.items():
+            if n < MIN_CALIBRATION_TOKENS:
+                raise ValueError(
+                    f"calibration data too short: site {key!r} saw {n} token(s), fewer than the "
+                    f"{MIN_CALIBRATION_TOKENS} needed for a meaningful threshold; use thousands of tokens")
+
+    def _sites(self):
+        return self.session.sites
+
+    def run(self) -> list[Calibration]:
+        idx = list(range(len(self.configs)))
+        thr = [i for i in idx if self.configs[i].method != "d-countdown"]
+        pred = [i for i in idx if self.configs[i].method == "d-countdown"]
+        if thr:
+            self._fit(thr)
+        if pred:
+            self._train(pred)
+            if any(self.configs[i].tau is None for i in pred):
+                self._fit_tau([i for i in pred if self.configs[i].tau is None])
+        self._measure(idx)
+        return [self._result(i) for i in idx]
+
+    def _fit(self, which: list[int]) -> None:
+        reducers = {i: {} for i in which}
+
+        def cb(key, x, act_g, u):
+            d_inter = act_g.shape[-1]
+            for i in which:
+                cfg = self.configs[i]
+                r = reducers[i].get(key)
+                if r is None:
+                    r = reducers[i][key] = (MeanKth(d_inter, cfg.sparsity) if cfg.threshold_rule == "mean-kth"
+                                            else StreamingQuantile(x.device))
+                r.update(reference.score(cfg.score, act_g, u))
+
+        self._pass(cb, "calibrate: fit thresholds")
+        for i in which:
+            cfg = self.configs[i]
+            for key, r in reducers[i].items():
+                if isinstance(r, MeanKth):
+                    self.thresholds[i][key] = r.value()
+                elif drop_count(self._sites()[key]["d_inter"], cfg.sparsity) == 0:
+                    self.thresholds[i][key] = -math.inf
+                else:
+                    self.thresholds[i][key] = r.quantile(cfg.sparsity)
+
+    def _train(self, which: list[int]) -> None:
+        def cb(key, x, act_g, u):
+            masks = {}
+            for i in which:
+                cfg = self.configs[i]
+                t = self.trainers[i].get(key)
+                if t is None:
+                    d_model, d_inter = x.shape[-1], act_g.shape[-1]
+                    t = self.trainers[i][key] = PredictorTrainer(
+                        key, d_model, d_inter, cfg.predictor_rank or default_rank(d_model, d_inter),
+                        steps=cfg.predictor_steps, lr=cfg.predictor_lr, batch_tokens=cfg.predictor_batch_tokens,
+                        seed=cfg.seed, device=x.device)
+                if not t.done:
+                    if cfg.sparsity not in masks:
+                        masks[cfg.sparsity] = oracle_mask(act_g, u, cfg.sparsity)
+                    t.feed(x, masks[cfg.sparsity])
+
+        epoch = 0
+        limit = None
+        while True:
+            self._pass(cb, f"calibrate: train predictors (epoch {epoch + 1})")
+            epoch += 1
+            trainers = [t for i in which for t in self.trainers[i].values()]
+            if all(t.done for t in trainers):
+                break
+            if limit is None:  # after one epoch we know how many tokens an epoch gives
+                per_epoch = min(self.tokens.values())
+                need = max(self.configs[i].predictor_steps * self.configs[i].predictor_batch_tokens for i in which)
+                limit = math.ceil(need / per_epoch) + 1
+                if limit > 20:
+                    warnings.warn(
+                        f"countdown: predictor training needs {need} tokens per site but the calibration data has "
+                        f"{per_epoch}; it will take {limit - 1} epochs over the same tokens (risk of overfitting, "
+                        "and slow). Give more calibration data or fewer predictor_steps.", stacklevel=3)
+            if epoch >= limit:
+                raise RuntimeError(f"countdown: predictor training did not finish in {epoch} epochs (internal error)")
+
+    def _fit_tau(self, which: list[int]) -> None:
+        def cb(key, x, act_g, u):
+            for i in which:
+                t = self.trainers[i][key]
+                q = self.taus[i].get(key)
+                if q is None:
+                    q = self.taus[i][key] = StreamingQuantile(x.device)
+                with torch.no_grad():
+                    q.update(reference.predictor_logits(x, t.pred_v, t.pred_u))
+
+        self._pass(cb, "calibrate: choose tau")
+
+    def _tau(self, i: int, key: str) -> float:
+        cfg = self.configs[i]
+        if cfg.tau is not None:
+            return float(cfg.tau)
+        if drop_count(self._sites()[key]["d_inter"], cfg.sparsity) == 0:
+            return -math.inf
+        return self.taus[i][key].quantile(cfg.sparsity)
+
+    def _measure(self, which: list[int]) -> None:
+        taus = {(i, key): self._tau(i, key) for i in which if self.configs[i].method == "d-countdown"
+                for key in self.trainers[i]}
+
+        def cb(key, x, act_g, u):
+            oracles = {}
+            for i in which:
+                cfg = self.configs[i]
+                if cfg.method == "d-countdown":
+                    t = self.trainers[i][key]
+                    with torch.no_grad():
+                        kept = reference.predictor_logits(x, t.pred_v, t.pred_u) > taus[(i, key)]
+                else:
+                    kept = reference.score(cfg.score, act_g, u).float() > self.thresholds[i][key]
+                if cfg.sparsity not in oracles:
+                    oracles[cfg.sparsity] = oracle_mask(act_g, u, cfg.sparsity)
+                self.counts[i].setdefault(key, SelectionCounts()).update(kept, oracles[cfg.sparsity])
+
+        self._pass(cb, "calibrate: measure")
+        self._taus = taus
+
+    def _result(self, i: int) -> Calibration:
+        cfg = self.configs[i]
+        state, stats = {}, {}
+        for key, info in self._sites().items():
+            st = dict(self.counts[i][key].summary())
+            if cfg.method == "d-countdown":
+                t = self.trainers[i][key]
+                tau = self._taus[(i, key)]
+                state[key] = {**t.state(), "tau": torch.tensor(tau, dtype=torch.float32)}
+                st.update(rank=t.rank, predictor_fraction=predictor_fraction(t.rank, info["d_model"], info["d_inter"]),
+                          tau=tau, steps=t.step_count, final_loss=sum(t.losses[-10:]) / max(1, len(t.losses[-10:])))
+            else:
+                thr = self.thresholds[i][key]
+                state[key] = {"threshold": torch.tensor(thr, dtype=torch.float32)}
+                st["threshold"] = thr
+            stats[key] = st
+        return Calibration(cfg, self._sites(), state, stats)

@@ -1,0 +1,165 @@
+"""Calibration instrumentation: run a model densely through the backend's graph path, with an observer at
+every gated FFN site.
+
+Why a graph pass and not module hooks: calibration must see exactly the sites the backend will rewrite,
+keyed the same way (the matcher's module paths), on any model the matcher understands. So a Dynamo
+backend matches the sites of each captured graph and replaces each one by a `SiteObserver` submodule
+that computes the same dense FFN and hands (x, act(g), u) of the real tokens to a callback. Callbacks
+reduce what they need on the fly; nothing is stored between batches here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..kernels import reference
+from .match import Site, match_sites
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# callback(site_key, x [N, d_model], act_g [N, d_inter], u [N, d_inter]); N = the real tokens of the batch
+SiteCallback = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class SiteObserver(nn.Module):
+    """Computes one gated FFN densely (as the reference does) and reports its tokens to the session."""
+
+    def __init__(self, session: "ObserveSession", key: str, activation: str):
+        super().__init__()
+        self.session, self.key, self.activation = session, key, activation
+
+    def forward(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+        act_g, u = reference.gate_up(x, w_gate, w_up, b_gate, b_up, self.activation)
+        self.session.report(self.key, x, act_g, u)
+        return F.linear(act_g * u, w_down, b_down)
+
+
+class ObserveSession:
+    """One observed model: the Dynamo-compiled wrapper, the sites seen, and the current callback.
+
+    Set `callback` before each pass over the data; `run(batch)` calls the model on one batch (a tensor
+    of input_ids or a dict of keyword arguments) and returns the number of site calls observed, which
+    calibrate uses to detect a graph that silently fell back to eager (no observation at all).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sites: dict[str, dict] = {}
+        self.callback: SiteCallback | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.calls = 0
+        self.compiled = torch.compile(model, backend=self._backend)
+
+    # -- the backend --------------------------------------------------------------------------------
+    def _backend(self, gm: fx.GraphModule, example_inputs):
+        sites = match_sites(gm, example_inputs)
+        for i, site in enumerate(sites):
+            self._instrument(gm, site, i, example_inputs)
+        if sites:
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
+            gm.recompile()
+        log.info("countdown: observing %d site(s) in a captured graph", len(sites))
+        return gm.forward
+
+    def _instrument(self, gm: fx.GraphModule, site: Site, index: int, example_inputs) -> None:
+        info = site.describe()
+        known = self.sites.get(site.key)
+        if known is not None and (known["d_model"], known["d_inter"]) != (site.d_model, site.d_inter):
+            raise ValueError(f"site {site.key!r} appears in two graphs with different shapes: {known} vs {info}")
+        self.sites[site.key] = info
+        name = f"countdown_observer_{index}"
+        gm.add_submodule(name, SiteObserver(self, site.key, site.activation))
+        graph = gm.graph
+        with graph.inserting_before(site.output):
+            w_gate, w_up = _halves(gm, site, site.gate_weight, site.up_weight)
+            b_gate, b_up = _halves(gm, site, site.gate_bias, site.up_bias)
+            args = (site.x, w_gate, w_up, _node(gm, site.down_weight), b_gate, b_up, _node(gm, site.down_bias))
+            new = graph.call_module(name, args)
+        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        site.output.replace_all_uses_with(new)
+        graph.erase_node(site.output)
+
+    # -- running ------------------------------------------------------------------------------------
+    def report(self, key: str, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> None:
+        self.calls += 1
+        if self.callback is None:
+            return
+        x, act_g, u = (t.reshape(-1, t.shape[-1]) for t in (x, act_g, u))
+        mask = self.token_mask
+        if mask is not None and mask.numel() == x.shape[0]:
+            keep = mask.reshape(-1).to(x.device).bool()
+            x, act_g, u = x[keep], act_g[keep], u[keep]
+        self.callback(key, x, act_g, u)
+
+    @torch.no_grad()
+    def run(self, batch) -> int:
+        """Run one batch densely through the observed graphs; returns the number of site calls seen."""
+        self.calls = 0
+        args, kwargs = _call_args(batch)
+        self.token_mask = kwargs.get("attention_mask")
+        try:
+            self.compiled(*args, **kwargs)
+        finally:
+            self.token_mask = None
+        return self.calls
+
+
+def _call_args(batch) -> tuple[tuple, dict]:
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    raise TypeError(f"a calibration batch must be a LongTensor of input_ids or a dict of model kwargs, "
+                    f"got {type(batch).__name__}")
+
+
+def _node(gm: fx.GraphModule, ref):
+    if ref is None or isinstance(ref, fx.Node):
+        return ref
+    return gm.graph.get_attr(ref)
+
+
+def _halves(gm: fx.GraphModule, site: Site, gate_ref, up_ref):
+    """(gate, up) weight or bias nodes; a fused [2 * d_inter, ...] tensor is sliced in two row halves."""
+    if gate_ref is None and up_ref is None:
+        return None, None
+    if site.fused is None:
+        return _node(gm, gate_ref), _node(gm, up_ref)
+    fused, d = _node(gm, gate_ref), site.d_inter
+    first = gm.graph.call_function(aten.slice.Tensor, (fused, 0, 0, d))
+    second = gm.graph.call_function(aten.slice.Tensor, (fused, 0, d, 2 * d))
+    return (first, second) if site.fused == "gate-up" else (second, first)
+
+
+def run_pass(session: ObserveSession, batches: Iterable, callback: SiteCallback, desc: str,
+             progress: bool = True, total: int | None = None) -> int:
+    """One pass over `batches` with `callback` at every site; returns the number of batches run.
+
+    Raises RuntimeError when a batch reaches no site: Dynamo fell back to eager (e.g. its recompile limit
+    was hit) or the model has no gated FFN, and a calibration from such a pass would be silently empty.
+    """
+    from tqdm.auto import tqdm
+
+    session.callback = callback
+    n = 0
+    try:
+        for batch in tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch"):
+            if session.run(batch) == 0:
+                raise RuntimeError(
+                    "countdown: a calibration batch reached no gated FFN site. Either the model has none "
+                    "(countdown_fx.find_sites(model, inputs) lists them) or Dynamo ran it eagerly because its "
+                    "recompile limit was hit; call torch._dynamo.reset() or raise "
+                    "torch._dynamo.config.recompile_limit, and use batches of one shape"
+                )
+            n += 1
+    finally:
+        session.callback = None
+    return n
+
