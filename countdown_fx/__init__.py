@@ -8,8 +8,9 @@ from .backend import countdown_backend
 from .capture import find_sites
 from .config import CountDownConfig
 from .passes.match import Site, SiteTable
+from .sparsify import sparsify
 
-__all__ = ["CountDownConfig", "Site", "SiteTable", "countdown_backend", "find_sites", "__version__"]
+__all__ = ["CountDownConfig", "Site", "SiteTable", "countdown_backend", "find_sites", "sparsify", "__version__"]
 
 
 def _register_backend_when_not_installed() -> None:

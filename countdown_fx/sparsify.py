@@ -1,0 +1,103 @@
+"""`sparsify`: the CountDown rewrite as an explicit transformation, for export pipelines.
+
+    ep = torch.export.export(model, (ids,), dynamic_shapes=...)
+    ep = countdown_fx.sparsify(ep, calibration_or_config)      # same ops, state as program buffers
+    torch.export.save(ep, "model.pt2")                         # loads where countdown_fx is imported
+
+The same match + rewrite as the torch.compile backend; only the way in differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+from torch.export import Dim, ExportedProgram
+
+from .backend import NO_SITE_WARNING, resolve
+from .config import CountDownConfig
+from .passes.match import match_sites
+from .passes.rewrite import rewrite_sites
+
+log = logging.getLogger(__name__)
+
+
+def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
+    """(config, calibration) from a CountDownConfig, a Calibration, or a path to a saved calibration."""
+    if isinstance(calibration_or_config, CountDownConfig):
+        return resolve({"config": calibration_or_config})
+    return resolve({"calibration": calibration_or_config})
+
+
+def sparsify_graph_module(gm: fx.GraphModule, config: CountDownConfig, calibration=None,
+                          example_inputs: Sequence | None = None) -> fx.GraphModule:
+    """Rewrite the sites of `gm` in place (weights must be reachable: get_attr, call_module, or
+    placeholders with `example_inputs`). A graph without sites is returned unchanged, with a warning."""
+    sites = match_sites(gm, example_inputs)
+    if not sites:
+        warnings.warn(NO_SITE_WARNING, stacklevel=3)
+        return gm
+    return rewrite_sites(gm, sites, config, calibration, example_inputs)
+
+
+def _dynamic_shapes(ep: ExportedProgram):
+    """The dims that were dynamic at export, as Dim.DYNAMIC markers in the inputs' pytree structure."""
+    user_inputs = [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    flat = []
+    for name in user_inputs:
+        val = nodes[name].meta.get("val")
+        if isinstance(val, torch.Tensor):
+            flat.append({i: Dim.DYNAMIC for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt)} or None)
+        else:
+            flat.append(None)
+    args_spec = ep.call_spec.in_spec
+    args, kwargs = torch.utils._pytree.tree_unflatten(flat, args_spec)
+    return args, kwargs
+
+
+def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=None) -> ExportedProgram:
+    """Rewrite an ExportedProgram: unlift it to a GraphModule, rewrite, export again keeping the
+    dims that were dynamic dynamic. The new state becomes buffers of the program."""
+    if ep.example_inputs is None:
+        raise ValueError("this ExportedProgram carries no example inputs; export it with torch.export.export "
+                         "(which records them) before calling sparsify")
+    gm = ep.module()
+    sites = match_sites(gm)
+    if not sites:
+        warnings.warn(NO_SITE_WARNING, stacklevel=3)
+        return ep
+    rewrite_sites(gm, sites, config, calibration)
+    args, kwargs = ep.example_inputs
+    dyn_args, dyn_kwargs = _dynamic_shapes(ep)
+    dynamic = None
+    if any(d is not None for d in torch.utils._pytree.tree_leaves((dyn_args, dyn_kwargs), is_leaf=lambda x: x is None)):
+        dynamic = {**dict(zip(_arg_names(gm, len(args)), dyn_args)), **dyn_kwargs}
+    return torch.export.export(gm, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _arg_names(gm, n: int) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(gm.forward).parameters)[:n]
+
+
+def sparsify(obj: Any, calibration_or_config: Any, *, example_inputs: Sequence | None = None):
+    """Rewrite every gated FFN of an fx.GraphModule (in place) or a torch.export ExportedProgram (a new
+    program) into countdown ops; returns the same kind of object.
+
+    calibration_or_config: a CountDownConfig (regime "ideal", or "prac" with its calibration), a
+    Calibration, or a path to a saved calibration (regime "prac", method and sparsity from the file).
+    """
+    config, calibration = resolve_target(calibration_or_config)
+    if isinstance(obj, ExportedProgram):
+        return sparsify_exported(obj, config, calibration)
+    if isinstance(obj, fx.GraphModule):
+        return sparsify_graph_module(obj, config, calibration, example_inputs)
+    raise TypeError(
+        f"sparsify takes an fx.GraphModule or a torch.export.ExportedProgram, got {type(obj).__name__}; "
+        "for an nn.Module use torch.compile(model, backend='countdown', options=...) or export it first"
+    )

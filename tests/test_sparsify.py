@@ -1,0 +1,95 @@
+"""sparsify(): the rewrite for fx GraphModules and torch.export programs, and the export round trip."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import fx
+from torch.export import Dim
+
+import countdown_fx
+from countdown_fx import CountDownConfig, sparsify
+from countdown_fx.kernels.ops import COUNTDOWN_OPS
+from tiny_models import N_LAYERS, BiasGeluMLP, GptFastFeedForward, ReluSplitMLP, Stack, hf_model
+
+IDEAL = CountDownConfig(method="d-countdown", sparsity=0.5, regime="ideal", apply_to="all")
+
+
+def _n_ops(gm) -> int:
+    return sum(n.target in COUNTDOWN_OPS for n in gm.graph.nodes)
+
+
+def _backend_output(model, *inputs, config=IDEAL):
+    """The same rewrite through torch.compile (the reference way in) for comparison."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=countdown_fx.backend.eager_backend({"config": config}))(*inputs)
+
+
+@pytest.mark.parametrize("block", [GptFastFeedForward, BiasGeluMLP, ReluSplitMLP], ids=lambda c: c.__name__)
+def test_graph_module_is_rewritten_in_place_and_matches_the_backend(block):
+    torch.manual_seed(0)
+    model = Stack(block).eval()
+    x = torch.randn(2, 5, 32)
+    gm = fx.symbolic_trace(model)
+    assert sparsify(gm, IDEAL) is gm and _n_ops(gm) == N_LAYERS
+    torch.testing.assert_close(gm(x), _backend_output(model, x), rtol=1e-5, atol=1e-5)
+    assert (gm(x) - model(x)).abs().max() > 1e-3
+
+
+def test_exported_program_keeps_dynamic_dims_and_matches_the_backend():
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    ep = torch.export.export(model, (torch.randn(2, 5, 32),), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},))
+    sparse = sparsify(ep, IDEAL)
+    assert isinstance(sparse, torch.export.ExportedProgram)
+    assert _n_ops(sparse.graph_module) == N_LAYERS
+    assert len(sparse.range_constraints) == 2  # batch and sequence stayed symbolic
+    for shape in ((3, 7, 32), (1, 2, 32)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(sparse.module()(x), _backend_output(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_exported_hf_model_with_kwargs():
+    model = hf_model("llama")
+    ids = torch.randint(0, 97, (1, 6))
+    ep = torch.export.export(model, (ids,), {"use_cache": False},
+                             dynamic_shapes={"input_ids": {1: Dim.DYNAMIC}, "use_cache": None})
+    sparse = sparsify(ep, IDEAL)
+    assert _n_ops(sparse.graph_module) == N_LAYERS
+    longer = torch.randint(0, 97, (1, 11))
+    want = _backend_output(model, longer).logits
+    torch.testing.assert_close(sparse.module()(longer, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_saved_program_loads_and_runs_in_another_process(tmp_path):
+    torch.manual_seed(0)
+    model = Stack(BiasGeluMLP).eval()
+    ep = torch.export.export(model, (torch.randn(2, 3, 32),), dynamic_shapes=({1: Dim.DYNAMIC},))
+    sparse = sparsify(ep, IDEAL)
+    x = torch.randn(2, 6, 32)
+    torch.export.save(sparse, tmp_path / "model.pt2")
+    torch.save({"x": x, "y": sparse.module()(x).detach()}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch\n"
+        "import countdown_fx  # registers the countdown ops the program uses\n"
+        f"ep = torch.export.load({str(tmp_path / 'model.pt2')!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "torch.testing.assert_close(ep.module()(io['x']), io['y'], rtol=0, atol=0)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    # without countdown_fx the loader refuses, naming the op to register
+    code = f"import torch\ntorch.export.load({str(tmp_path / 'model.pt2')!r})\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "countdown.topk_ffn" in out.stderr
+
+
+def test_wrong_object_and_no_site():
+    with pytest.raises(TypeError, match="torch.compile"):
+        sparsify(Stack(GptFastFeedForward), IDEAL)
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 4)))
+    with pytest.warns(UserWarning, match="no gated FFN"):
+        assert sparsify(gm, IDEAL) is gm
