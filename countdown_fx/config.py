@@ -52,9 +52,9 @@ class CountDownConfig:
     predictor_batch_tokens: int = 1024
     tau: float | None = None
     seed: int = 0
-    calibration: Any = None
+    calibration: Any = field(default=None, hash=False)
     mode: str | None = None
-    inductor_options: Mapping[str, Any] = field(default_factory=dict)
+    inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)

@@ -1,0 +1,1 @@
+"""Optional integrations (optimum, transformers generation); each imports its library lazily."""

@@ -1,0 +1,70 @@
+"""CountDown as an optimum FX transformation, composable with optimum's others.
+
+    from optimum.fx.optimization import compose
+    from countdown_fx.integrations.optimum import CountDownTransformation
+    gm = compose(OtherTransformation(), CountDownTransformation(calibration_or_config))(gm)
+    dense = CountDownTransformation(...)(gm, reverse=True)
+
+`transform` rewrites the sites (the same pass as the backend); `reverse` restores the exact graph it
+started from (kept on the GraphModule) and drops the CountDown state buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+try:
+    from optimum.fx.optimization import ReversibleTransformation
+except ImportError as e:  # optimum is optional
+    raise ImportError(
+        "countdown_fx.integrations.optimum needs optimum: pip install optimum (it must not pull a newer torch; "
+        "install torch first)"
+    ) from e
+
+from ..passes.rewrite import STATE_PREFIX
+from ..sparsify import resolve_target, sparsify_graph_module
+
+ORIGINAL_GRAPH = "countdown_fx.original_graph"
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    copy.output(copy.graph_copy(graph, {}))  # graph_copy returns the copied output value
+    copy._codegen = graph._codegen  # keeps the pytree calling convention of export / Dynamo graphs
+    return copy
+
+
+class CountDownTransformation(ReversibleTransformation):
+    """Rewrite every gated FFN into a countdown op (reversibly).
+
+    calibration_or_config: a CountDownConfig, a Calibration, or a path to a saved calibration.
+    Works on GraphModules from Dynamo capture (weights as placeholders, shapes from node meta) and from
+    ExportedProgram.module() or fx.symbolic_trace (weights as attributes).
+    """
+
+    preserves_computation = False
+
+    def __init__(self, calibration_or_config: Any):
+        super().__init__()
+        self.config, self.calibration = resolve_target(calibration_or_config)
+
+    def transform(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        original = _copy_graph(graph_module.graph)
+        sparsify_graph_module(graph_module, self.config, self.calibration)
+        graph_module.meta[ORIGINAL_GRAPH] = original
+        for node in graph_module.graph.nodes:
+            if "countdown_site" in node.meta:
+                self.mark_as_transformed(node)
+        return graph_module
+
+    def reverse(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        original = graph_module.meta.pop(ORIGINAL_GRAPH, None)
+        if original is None:
+            raise ValueError("this GraphModule was not transformed by CountDownTransformation (or was copied "
+                             "without its meta), so there is no original graph to restore")
+        graph_module.graph = original
+        for name in [n for n, _ in graph_module.named_buffers() if n.startswith(STATE_PREFIX)]:
+            delattr(graph_module, name)
+        return graph_module
