@@ -39,7 +39,8 @@ __all__ = [
 # Directories of the stdlib tree left out of the corpus: installed third-party packages (not the
 # stdlib, and they differ from machine to machine), caches, and the test suites (half the bytes,
 # full of deliberately odd code).
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"}) | TEST_DIRS
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 _BYTE_TOKENIZER_TYPE = "countdown_fx.ByteTokenizer"
@@ -82,6 +83,7 @@ def stdlib_corpus(
     max_bytes: int | None = 64 * 2**20,
     heldout_fraction: float = 0.05,
     root: str | os.PathLike | None = None,
+    include_tests: bool = False,
 ) -> Corpus:
     """The Python standard library's own ``.py`` sources, split into train and held-out by file.
 
@@ -90,6 +92,9 @@ def stdlib_corpus(
                       whole stdlib without its tests (about 12 MB on CPython 3.11).
     heldout_fraction: expected fraction of files held out, in (0, 1).
     root:             the directory to read instead of ``sysconfig.get_paths()["stdlib"]``.
+    include_tests:    also read the stdlib's test suites (``test``, ``tests``, ``idle_test``: about 1.6x
+                      more text, for training without repeating the data as often). A file's split does
+                      not depend on this flag, so held-out files stay held out either way.
 
     Files that are not valid UTF-8 are skipped (the byte tokenizer works on ``str``). The result depends
     on the Python version that runs it: record ``sys.version`` with any number computed on it.
@@ -102,11 +107,15 @@ def stdlib_corpus(
     if not base.is_dir():
         raise FileNotFoundError(f"stdlib directory {str(base)!r} does not exist")
 
-    paths = sorted(
-        (p.relative_to(base).as_posix(), p)
-        for p in base.rglob("*.py")
-        if p.is_file() and not (EXCLUDED_DIRS & set(p.relative_to(base).parts[:-1]))
-    )
+    excluded = EXCLUDED_DIRS - (TEST_DIRS if include_tests else frozenset())
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if d not in excluded]  # prune: never walk site-packages
+        for f in filenames:
+            if f.endswith(".py"):
+                path = Path(dirpath) / f
+                paths.append((path.relative_to(base).as_posix(), path))
+    paths.sort()
     docs: dict[str, list[tuple[str, str]]] = {"train": [], "heldout": []}
     used = {"train": 0, "heldout": 0}
     full = {"train": False, "heldout": False}
