@@ -1,0 +1,252 @@
+"""Calibration: thresholds against brute force, save/load, mismatch errors, bad input, compiled use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _cal_helpers import (dense_activations, patch_mlps_with_reference, random_batches, tiny_llama, tiny_phi3,
+                          unpatch)
+from countdown_fx.backend import eager_backend
+from countdown_fx.calibration import MIN_CALIBRATION_TOKENS, Calibration, calibrate, calibrate_sweep
+from countdown_fx.capture import capture_graphs
+from countdown_fx.config import CountDownConfig
+from countdown_fx.kernels import reference
+from countdown_fx.passes.match import match_sites
+from countdown_fx.passes.thresholds import MeanKth, StreamingQuantile, drop_count
+
+
+def prac(method, sparsity, **kw):
+    return CountDownConfig(method=method, sparsity=sparsity, regime="prac", **kw)
+
+
+# ---------------------------------------------------------------------------------------------- reducers
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), q=st.floats(0.05, 0.95), scale=st.floats(1e-3, 1e3), signed=st.booleans())
+def test_streaming_quantile_matches_torch_quantile(seed, q, scale, signed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(20_000, generator=g).exp() * scale  # log-normal: a wide dynamic range
+    if signed:
+        values = values * torch.randn(values.shape, generator=g).sign()
+    sq = StreamingQuantile()
+    for part in values.split(3_001):  # streamed in uneven chunks
+        sq.update(part)
+    got = sq.quantile(q)
+    assert sq.count == values.numel()
+    # any value between the two order statistics around rank q * n is a q-quantile; allow 0.3% beyond them
+    ordered = values.double().sort().values
+    i = int(q * values.numel())
+    lo, hi = ordered[max(i - 1, 0)].item(), ordered[min(i, values.numel() - 1)].item()
+    assert lo - 3e-3 * abs(lo) <= got <= hi + 3e-3 * abs(hi)
+    # what matters downstream: the fraction of values at or below it is q
+    assert abs((values <= got).double().mean().item() - q) < 2e-3
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), s=st.floats(0.0, 0.99), d=st.integers(1, 70))
+def test_mean_kth_matches_sorting(seed, s, d):
+    scores = torch.rand(37, d, generator=torch.Generator().manual_seed(seed))
+    r = MeanKth(d, s)
+    for part in scores.split(10):
+        r.update(part)
+    k = drop_count(d, s)
+    if k == 0:
+        assert r.value() == -math.inf
+    else:
+        assert r.value() == pytest.approx(scores.sort(dim=-1).values[:, k - 1].double().mean().item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ thresholds, end to end
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return random_batches(4)
+
+
+@pytest.fixture(scope="module")
+def acts(llama, batches):
+    return dense_activations(llama, batches)
+
+
+@pytest.mark.parametrize("rule", ["mean-kth", "quantile"])
+def test_thresholds_match_brute_force(llama, batches, acts, rule):
+    configs = [prac(m, s, threshold_rule=rule) for m in ("cats", "m-countdown") for s in (0.5, 0.8)]
+    cals = calibrate_sweep(llama, batches, configs, progress=False)
+    for cfg, cal in zip(configs, cals):
+        assert set(cal.sites) == set(acts)
+        for key, (x, act_g, u) in acts.items():
+            scores = reference.score(cfg.score, act_g, u).double()
+            d_inter = scores.shape[-1]
+            k = d_inter - reference.keep_count(d_inter, cfg.sparsity)
+            if rule == "mean-kth":
+                want = scores.sort(dim=-1).values[:, k - 1].mean().item()
+                rel = 1e-5
+            else:
+                want = torch.quantile(scores.reshape(-1), cfg.sparsity).item()
+                rel = 3e-3
+            got = float(cal.state[key]["threshold"])
+            assert got == pytest.approx(want, rel=rel), (cfg.method, key)
+            realised = (scores <= got).double().mean().item()
+            assert cal.stats[key]["realised_sparsity"] == pytest.approx(realised, abs=2e-3)
+            assert cal.stats[key]["tokens"] == x.shape[0]
+            if rule == "quantile":  # the pooled rule meets the target on calibration data by construction
+                assert realised == pytest.approx(cfg.sparsity, abs=5e-3)
+
+
+def test_padding_is_left_out(llama):
+    ids = random_batches(1, batch=4, seq=40)[0]
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[3, 30:] = 0
+    cal = calibrate(llama, [{"input_ids": ids, "attention_mask": mask}], prac("m-countdown", 0.7), progress=False)
+    assert all(s["tokens"] == int(mask.sum()) for s in cal.stats.values())
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_empty_and_too_short_data_are_refused(llama):
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(llama, [], prac("cats", 0.7), progress=False)
+    short = torch.randint(0, 100, (1, MIN_CALIBRATION_TOKENS // 2))
+    with pytest.raises(ValueError, match="too short.*model.layers.0.mlp"):
+        calibrate(llama, [short], prac("cats", 0.7), progress=False)
+
+
+def test_nan_activations_name_the_site(batches):
+    model = tiny_llama(layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[5, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*model.layers.1.mlp"):
+        calibrate(model, batches, prac("m-countdown", 0.7), progress=False)
+
+
+def test_a_sparsity_the_calibration_was_not_made_for_is_refused(llama, batches, tmp_path):
+    path = tmp_path / "d.safetensors"
+    calibrate(llama, batches, prac("d-countdown", 0.7, predictor_steps=5, predictor_batch_tokens=64),
+              progress=False).save(path)
+    with pytest.raises(ValueError, match="sparsity"):
+        eager_backend({"calibration": str(path), "sparsity": 0.5})
+
+
+# ------------------------------------------------------------------------------------------------ files
+@pytest.mark.parametrize("method", ["cats", "d-countdown"])
+def test_save_load_round_trip(llama, batches, tmp_path, method):
+    cfg = prac(method, 0.7, **({"predictor_steps": 10, "predictor_batch_tokens": 64} if method == "d-countdown" else {}))
+    cal = calibrate(llama, batches, cfg, progress=False)
+    path = tmp_path / "cal.safetensors"
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.config == cal.config
+    assert back.sites == cal.sites and back.stats == cal.stats
+    assert back.state.keys() == cal.state.keys()
+    for key in cal.state:
+        assert back.state[key].keys() == cal.state[key].keys()
+        for name, t in cal.state[key].items():
+            assert torch.equal(back.state[key][name], t)
+    assert back.meta["library_version"] and back.meta["format_version"] == 1
+    assert back.report().splitlines()[1:] == cal.report().splitlines()[1:]
+    assert "realised" in back.report()
+
+
+def test_load_refuses_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a countdown-fx calibration"):
+        Calibration.load(path)
+    with pytest.raises(FileNotFoundError):
+        Calibration.load(tmp_path / "missing.safetensors")
+
+
+def test_mismatched_sites_are_named(llama, batches):
+    cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
+    ids = batches[0]
+    deeper = tiny_llama(layers=3)
+    (gm, ex), = capture_graphs(deeper, ids)
+    with pytest.raises(ValueError, match=r"no state for site 'model.layers.2.mlp'"):
+        cal.check_sites(match_sites(gm, ex))
+    wider = tiny_llama(inter=144)
+    (gm, ex), = capture_graphs(wider, ids)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp'.*d_inter=136.*d_inter=144"):
+        cal.check_sites(match_sites(gm, ex))
+    # through the backend, as a user meets it
+    with pytest.raises(Exception, match=r"model.layers.0.mlp"):
+        torch.compile(wider, backend=eager_backend({"calibration": cal, "apply_to": "all"}))(ids)
+
+
+# --------------------------------------------------------------------------------------------- compiled use
+@pytest.mark.parametrize("make,method", [(tiny_llama, "m-countdown"), (tiny_llama, "d-countdown"),
+                                         (tiny_phi3, "cats")])
+def test_compiled_with_saved_file_equals_reference_by_hand(make, method, tmp_path):
+    model = make()
+    batches = random_batches(3, seed=7)
+    cfg = prac(method, 0.6, **({"predictor_steps": 20, "predictor_batch_tokens": 64, "predictor_rank": 8}
+                               if method == "d-countdown" else {}))
+    path = tmp_path / "cal.safetensors"
+    calibrate(model, batches, cfg, progress=False).save(path)
+    cal = Calibration.load(path)
+    ids = random_batches(1, seed=99)[0]
+    with torch.no_grad():
+        dense = model(ids).logits
+        got = torch.compile(model, backend=eager_backend({"calibration": str(path), "apply_to": "all"}))(ids).logits
+        originals = patch_mlps_with_reference(model, cal)
+        try:
+            want = model(ids).logits
+        finally:
+            unpatch(model, originals)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - dense).abs().max() > 1e-4  # sparsity changed something
+
+
+INDUCTOR_STATE_BUG = (
+    "passes/rewrite.py registers calibration buffers on the Dynamo GraphModule without a Dynamo source, so "
+    "AOTAutograd fails: '<buffer> not found in param_name_to_source'. Fix in rewrite._state: "
+    "gm._param_name_to_source[attr] = torch._dynamo.source.ConstantSource(attr) when gm has that attribute")
+
+
+@pytest.mark.xfail(strict=True, reason=INDUCTOR_STATE_BUG)
+def test_new_calibration_never_reuses_a_stale_compiled_graph(tmp_path, monkeypatch):
+    """Inductor end to end: cal A, then a new torch.compile with cal B (same shapes, other thresholds) must give
+    B's outputs, also when Inductor's FX graph cache holds A's compiled graph."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    model = tiny_llama(layers=1)
+    cal_a = calibrate(model, random_batches(3), prac("m-countdown", 0.5), progress=False)
+    cal_b = Calibration(cal_a.config, cal_a.sites,
+                        {k: {"threshold": v["threshold"] * 3} for k, v in cal_a.state.items()}, cal_a.stats)
+    cal_a.save(tmp_path / "a.safetensors")
+    cal_b.save(tmp_path / "b.safetensors")
+    ids = random_batches(1, seed=5)[0]
+    hits_before = counters["inductor"]["fxgraph_cache_hit"]
+    outs = {}
+    for name in ("a", "b", "a"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="countdown",
+                                 options={"calibration": str(tmp_path / f"{name}.safetensors"), "apply_to": "all"})
+        with torch.no_grad():
+            out = compiled(ids).logits
+        if name in outs:
+            torch.testing.assert_close(out, outs[name])
+        outs[name] = out
+    for name, cal in (("a", cal_a), ("b", cal_b)):
+        originals = patch_mlps_with_reference(model, cal)
+        try:
+            with torch.no_grad():
+                want = model(ids).logits
+        finally:
+            unpatch(model, originals)
+        torch.testing.assert_close(outs[name], want, rtol=1e-4, atol=1e-4)
+    assert (outs["a"] - outs["b"]).abs().max() > 1e-3
+    # B (and A again) have the same graph and buffer shapes as A: Inductor's FX graph cache serves the compiled
+    # code, and the numbers above show it reads the thresholds at run time instead of baking them in
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits_before
