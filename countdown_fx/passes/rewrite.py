@@ -79,14 +79,26 @@ def rewrite_sites(
                                                                               "stack_trace", "tensor_meta")})
         new.meta["countdown_site"] = site.key
         site.output.replace_all_uses_with(new)
-        graph.erase_node(site.output)
+        _erase_unused(graph, site.output, stop=site.x)
         counters["sites_rewritten"] += 1
         log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
                  site.d_model, site.d_inter, site.layout, op)
-    graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
+    """Erase the replaced site: `root` and whatever it alone used, back to the FFN input `stop`.
+    Not a graph-wide dead-code elimination, which would also drop unused in-place ops (KV cache writes)."""
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if node._erased or node.users or node is stop or node.op in ("placeholder", "output"):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        pending.extend(inputs)
 
 
 def _node(gm: fx.GraphModule, ref: WeightRef | None):
