@@ -125,10 +125,8 @@ def _down_transposed(gm, site: Site, example_inputs):
     kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing."""
     value = weight_value(gm, site.down_weight, example_inputs)
     if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
-        name = state_attr(site.key, "w_down_t")
-        gm.register_buffer(name, value.detach().t().contiguous(), persistent=True)
         counters["w_down_t_bytes"] += value.numel() * value.element_size()
-        return gm.graph.get_attr(name)
+        return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
     return gm.graph.call_function(aten.t.default, (_node(gm, site.down_weight),))
 
 
@@ -138,6 +136,17 @@ def _device(gm, site: Site, example_inputs) -> torch.device:
 
 
 def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
-    attr = state_attr(site.key, name)
-    gm.register_buffer(attr, tensor.detach().to(device), persistent=True)
+    return _register_state(gm, state_attr(site.key, name), tensor.detach().to(device))
+
+
+def _register_state(gm: fx.GraphModule, attr: str, tensor: torch.Tensor) -> fx.Node:
+    """A buffer of the GraphModule read by a get_attr node. A Dynamo graph also maps each of its
+    attributes to a source (AOTAutograd asserts on it and marks them static inputs for CUDA graphs), so
+    the new buffer gets one there too."""
+    gm.register_buffer(attr, tensor, persistent=True)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[attr] = ConstantSource(attr)
     return gm.graph.get_attr(attr)
