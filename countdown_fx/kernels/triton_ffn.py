@@ -60,6 +60,16 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32(a, b, UPCAST: tl.constexpr):
+    """fp32 x fp32 dot: 3xTF32 on the GPU (fp32-grade accuracy on tensor cores; an IEEE fp32 dot runs on
+    FMA units and measured ~100 us for the predictor alone), IEEE in the interpreter."""
+    if UPCAST:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
 def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 -> dtype with round-to-nearest-even. UPCAST (CPU interpreter only): triton 3.9's interpreter
     truncates fp32 -> bf16, so round the bits by hand first (the cast that follows is then exact)."""
@@ -88,26 +98,7 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
-def _gemv2(x_ptr, stride_xm, w1_ptr, stride_w1, w2_ptr, stride_w2, offs_b, b_mask, offs_n, rows, D, k_end,
-           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Two GEMVs sharing x and the row set in one loop (twice the loads in flight per iteration)."""
-    acc1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k in range(0, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
-                     mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = rows[:, None] & k_mask[None, :]
-        w1 = tl.load(w1_ptr + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=wmask, other=0.0)
-        w2 = tl.load(w2_ptr + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wmask, other=0.0)
-        acc1 += _dot(xt, tl.trans(w1), PREC, UPCAST)
-        acc2 += _dot(xt, tl.trans(w2), PREC, UPCAST)
-    return acc1, acc2
-
-
-@triton.jit
-def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr,
+def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
                  M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -138,19 +129,23 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                          mask=b_mask[:, None] & r_mask[None, :], other=0.0)
             ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-            logits += tl.dot(ht, tl.trans(ut), input_precision="ieee")
+            logits += _dot_f32(ht, tl.trans(ut), UPCAST)
         keep = (logits > thr) & valid
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
-        g, u = _gemv2(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union,
-                      D, k_end, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
-        g, u = _gemv2(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask,
-                      D, D, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
@@ -183,11 +178,17 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
     a = tl.where(keep, a, 0.0).to(out_dtype)
     tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
+    # The union, compacted per block: the down kernel walks only these rows.
+    used = (tl.max(keep.to(tl.int32), axis=0) > 0).to(tl.int32)
+    pos = tl.cumsum(used, axis=0) - 1
+    tl.store(idx_ptr + pid * BLOCK_N + pos, offs_n, mask=used > 0)
+    tl.store(cnt_ptr + pid, tl.sum(used, axis=0))
 
 
 @triton.jit
 def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
-                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    NATIVE: tl.constexpr, UPCAST: tl.constexpr):
     """h = x V in fp32 (the predictor's first factor; V is [d_model, r], tiny next to the FFN)."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -199,34 +200,53 @@ def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < D
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
-                     mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                     mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         vt = tl.load(v_ptr + offs_k[:, None] * stride_v + offs_r[None, :],
-                     mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(xt, vt, input_precision="ieee")
+                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if NATIVE:  # same 16-bit dtype: products are exact in fp32, as in the reference's upcast
+            acc += _dot(xt, vt, "tf32", UPCAST)
+        else:
+            acc += _dot_f32(xt.to(tl.float32), vt.to(tl.float32), UPCAST)
     tl.store(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :], acc, mask=b_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, part_ptr, M, N, D, rows_per_split, stride_am, stride_w,
-                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """part[split, :, cols] = a[:, rows of split] @ W_down^T[rows of split, cols], skipping all-zero rows."""
+def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, M, D, NB, n_split, stride_am, stride_w,
+                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one equal share of the union's rows.
+
+    The union is stored as per-block compacted lists (idx, cnt) by _coef_kernel. Every program rebuilds
+    the prefix sum of the block counts (a few hundred ints) and maps its share of the global compacted
+    order to rows, so every W_down^T tile it loads is made of active rows only, and the work is balanced
+    across programs whatever the sparsity pattern. No atomics: deterministic.
+    """
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     b_mask = offs_b < M
     d_mask = offs_d < D
-    row_start = pid_s * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
+    offs_blk = tl.arange(0, NB_P2)
+    cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
+    cum = tl.cumsum(cnts, axis=0)  # inclusive; padding blocks repeat the total
+    total = tl.sum(cnts, axis=0)
+    share = (total + n_split - 1) // n_split
+    share = (share + BLOCK_R - 1) // BLOCK_R * BLOCK_R
+    k_start = pid_s * share
+    k_end = tl.minimum(k_start + share, total)
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for r in range(row_start, row_end, BLOCK_R):
-        offs_r = r + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < row_end
-        at = tl.load(a_ptr + offs_b[:, None] * stride_am + offs_r[None, :],
-                     mask=b_mask[:, None] & r_mask[None, :], other=0.0)
-        active = tl.max((at != 0).to(tl.int32), axis=0) > 0  # != 0 keeps NaN rows, as the reference does
-        wt = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_d[None, :],
-                     mask=active[:, None] & d_mask[None, :], other=0.0)
+    for k in range(k_start, k_end, BLOCK_R):
+        offs_k = k + tl.arange(0, BLOCK_R)
+        k_mask = offs_k < k_end
+        before = cum[None, :] <= offs_k[:, None]  # [BLOCK_R, NB_P2]: blocks entirely before entry k
+        blk = tl.sum(before.to(tl.int32), axis=1)
+        first = tl.max(tl.where(before, cum[None, :], 0), axis=1)  # compacted index of blk's first row
+        rows = tl.load(idx_ptr + blk * BLOCK_N + (offs_k - first), mask=k_mask, other=0)
+        at = tl.load(a_ptr + offs_b[:, None] * stride_am + rows[None, :],
+                     mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :],
+                     mask=k_mask[:, None] & d_mask[None, :], other=0.0)
         acc += _dot(at, wt, PREC, UPCAST)
     tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
              mask=b_mask[:, None] & d_mask[None, :])
@@ -261,13 +281,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # fp32: 3xTF32, fp32-grade; ignored for 16-bit
 
 
 # Launch configuration. Chosen from benchmarks/speed/ffn_decode.py sweeps on an H100 (see NOTES.md).
 CONFIG = {
-    "coef": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
-    "down": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4, num_stages=3, programs_per_sm=4),
+    "coef": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4),
 }
 
 
@@ -303,18 +323,23 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         R = pred_v.shape[1]
         pred_u = _rows(pred_u)
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
-        BLOCK_RV = 64
+        BLOCK_RV = 32
+        native = pred_v.dtype == dtype and dtype != torch.float32
         wrap_triton(_lowrank_kernel)[(triton.cdiv(R, BLOCK_RV),)](
             x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(0), h.stride(0),
-            BLOCK_B=BLOCK_B, BLOCK_K=64, BLOCK_R=BLOCK_RV, num_warps=4, num_stages=2)
+            BLOCK_B=BLOCK_B, BLOCK_K=128, BLOCK_R=BLOCK_RV, NATIVE=native, UPCAST=upcast, num_warps=4, num_stages=3)
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     c = cfg["coef"]
     block_k = c["BLOCK_K"] if dtype != torch.float32 else min(c["BLOCK_K"], 128)
-    wrap_triton(_coef_kernel)[(triton.cdiv(N, c["BLOCK_N"]),)](
+    block_n = c["BLOCK_N"]
+    n_blocks = triton.cdiv(N, block_n)
+    idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
+    cnt = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device)
+    wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a,
+        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt,
         M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu, a.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
@@ -323,12 +348,12 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
     want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
-    rows_per_split = triton.cdiv(triton.cdiv(N, want_splits), c["BLOCK_R"]) * c["BLOCK_R"]
-    n_split = triton.cdiv(N, rows_per_split)
+    n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
     part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, part, M, N, D, rows_per_split, a.stride(0), w_down_t.stride(0),
-        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], PREC=prec, UPCAST=upcast,
+        a, w_down_t, idx, cnt, part, M, D, n_blocks, n_split, a.stride(0), w_down_t.stride(0),
+        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
+        NB_P2=triton.next_power_of_2(n_blocks), PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)

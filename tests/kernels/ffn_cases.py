@@ -25,10 +25,10 @@ def make_case(M, D, N, dtype, device, mode, act="silu", bias=False, sparsity=0.5
               fused=False):
     """Random inputs, rounded to dtype; `sparsity` 0.0 keeps every neuron, 1.0 none, else a quantile of
     the fp64 scores of these very tokens (realistic per-token variation)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: full-shape cases in milliseconds
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     c = dict(M=M, D=D, N=N, dtype=dtype, mode=mode, act=act, x=rnd(M, D))
     if fused:  # gate and up as row slices of one [2N, D] weight (Phi-3 style): views with contiguous rows
@@ -42,15 +42,15 @@ def make_case(M, D, N, dtype, device, mode, act="silu", bias=False, sparsity=0.5
     c["b_down"] = rnd(D, scale=0.1) if bias else None
     c["pred_v"] = c["pred_u"] = None
     if mode == "pred":
-        c["pred_v"] = (torch.randn(D, rank, generator=g) * D ** -0.5).to(device)  # fp32 predictor
-        c["pred_u"] = (torch.randn(N, rank, generator=g)).to(device)
+        c["pred_v"] = torch.randn(D, rank, generator=g, device=device) * D ** -0.5  # fp32 predictor
+        c["pred_u"] = torch.randn(N, rank, generator=g, device=device)
     s = scores64(c)
     if sparsity <= 0.0:
         thr = -1e30
     elif sparsity >= 1.0:
         thr = 1e30
     else:
-        thr = torch.quantile(s.flatten().cpu(), sparsity).item()
+        thr = torch.quantile(s.flatten().float().cpu(), sparsity).item()
     c["thr"] = torch.tensor(thr, dtype=torch.float32, device=device)
     return c
 
@@ -98,8 +98,10 @@ def check(c, y, a):
     keep_ref = s64 > thr
     keep_k = a != 0
     disagree = keep_k != keep_ref
-    width = 8 * ULP[dtype] if c["mode"] != "pred" else 1e-5
-    borderline = (s64 - thr).abs() <= width * thr.abs() + 1e-6
+    # Scores within a few rounding steps of the threshold may fall either way (16-bit scores are rounded
+    # like the reference's; predictor logits come from fp32-grade 3xTF32 dots).
+    width = 8 * ULP[dtype] if c["mode"] != "pred" else 1e-4
+    borderline = (s64 - thr).abs() <= width * (thr.abs() + s64.abs().mean())
     harmless = borderline | (a64 == 0)
     assert not (disagree & ~harmless).any(), f"{int((disagree & ~harmless).sum())} neurons wrongly kept/dropped"
     flips = (disagree & (a64 != 0)).sum().item()  # borderline flips: allowed, but must stay rare

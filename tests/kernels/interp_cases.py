@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ffn_cases import check, make_case, run_kernel  # noqa: E402
+from ffn_cases import check, make_case, run_kernel, scores64  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -40,11 +40,17 @@ def test_activations(act, mode):
     check(c, *run_kernel(c))
 
 
-@pytest.mark.parametrize("mode", ["up", "gate", "coef", "pred"])
-def test_many_blocks(mode):
-    """Small blocks: several K steps, several neuron blocks, column blocks and split-K partials to reduce."""
-    c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.8, seed=11)
-    check(c, *run_kernel(c, config=SMALL_BLOCKS))
+@pytest.mark.parametrize("mode,M,sparsity", [("up", 3, 0.8), ("gate", 3, 0.8), ("coef", 3, 0.8), ("pred", 3, 0.8),
+                                             ("up", 1, 0.97), ("pred", 1, 0.97)])
+def test_many_blocks(mode, M, sparsity):
+    """Small blocks: several K steps, neuron blocks (some with an empty union at 0.97), column blocks,
+    compacted rows spread over several down programs, split partials to reduce."""
+    c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11)
+    y, a = run_kernel(c, config=SMALL_BLOCKS)
+    check(c, y, a)
+    if sparsity > 0.9:
+        blocks = (a != 0).any(0)[:128].view(-1, 16).any(1)
+        assert not blocks.all(), "case should have neuron blocks with nothing active"
 
 
 def test_long_rows_fp16_fused_views():
@@ -67,6 +73,14 @@ def test_tokens_keep_their_own_masks():
         y1, a1 = run_kernel(single)
         torch.testing.assert_close(a1[0], a[m], rtol=0, atol=0)
         torch.testing.assert_close(y1[0], y[m], rtol=1e-6, atol=1e-6)
+
+
+def test_predictor_in_model_dtype():
+    """A bf16 predictor with bf16 activations takes the native 16-bit path for h = x V."""
+    c = make_case(3, 53, 97, torch.bfloat16, "cpu", "pred", sparsity=0.6, seed=13)
+    c["pred_v"], c["pred_u"] = c["pred_v"].to(torch.bfloat16), c["pred_u"].to(torch.bfloat16)
+    c["thr"] = torch.quantile(scores64(c).flatten().float(), 0.6).reshape(())
+    check(c, *run_kernel(c, config=SMALL_BLOCKS))
 
 
 def test_deterministic():
