@@ -62,7 +62,7 @@ def graph_time_us(fn, rot=ROT) -> float:
     with torch.cuda.graph(g):
         for i in range(rot):
             fn(i)
-    ms = do_bench(g.replay, warmup=25, rep=150, return_mode="median")
+    ms = do_bench(g.replay, warmup=20, rep=100, return_mode="median")
     del g
     return ms * 1e3 / rot
 
