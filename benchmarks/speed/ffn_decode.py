@@ -174,6 +174,23 @@ def sweep(L, bw, log):
         triton_ffn.CONFIG[kind] = dict((SWEEP_COEF if kind == "coef" else SWEEP_DOWN)[i])
 
 
+def crossover(L, log, batches):
+    """Both walks of the down kernel (compacted union vs direct rows) at every sparsity: where the
+    compacted walk stops paying sets CONFIG['compact_max_density']."""
+    calib = L.tokens(256)
+    for B in (1, 4):
+        if B not in batches:
+            continue
+        xs = [L.tokens(B) for _ in range(ROT)]
+        for s in (0.5, 0.7, 0.8, 0.9):
+            for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
+                thr = L.threshold(name, s, calib)
+                union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
+                t_c = graph_time_us(run_sparse(L, xs, thr, mode, {"compact_max_density": 1.0}))
+                t_d = graph_time_us(run_sparse(L, xs, thr, mode, {"compact_max_density": 0.0}))
+                log(f"crossover B={B} s={s} {name} union {union:.2f}: compacted {t_c:.1f} us, direct {t_d:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -205,8 +222,10 @@ def main():
         L = Layer(D, N, seed=si)
         if args.sweep and si == 0:
             sweep(L, bw, log)
+        if si == 0:
+            crossover(L, log, batches)
         calib = L.tokens(512)
-        dense_c = torch.compile(dense_ffn)
+        dense_c = torch.compile(dense_ffn, dynamic=False)  # specialised per shape, as in a model
         for B in batches:
             xs = [L.tokens(B) for _ in range(ROT)]
             t_dense = graph_time_us(lambda i: dense_c(xs[i], L.w_gate, L.w_up, L.w_down))

@@ -6,17 +6,20 @@ Three launches per FFN call, all with shapes known on the host, so a CUDA graph 
    the dense side (up for M-CountDown, gate for CATS, both for the "coef" score, the low-rank predictor
    for D-CountDown) -> per-token keep mask -> union of the masks over the tokens -> the sparse side reads
    only the rows in the union (masked loads of inactive rows issue no memory traffic; a block whose union
-   is empty runs no sparse loop at all) -> a = act(g) * u * keep, stored per token in the input dtype.
-2. `_down_kernel`: y_partial[split] = a[:, rows] @ W_down^T[rows, :] over one slice of the neurons and
-   one block of output columns; a row of W_down^T is read only when some token's a is non-zero (a zero
-   coefficient contributes exactly zero, so skipping it is exact).
+   is empty runs no sparse loop at all) -> a = act(g) * u * keep, stored per token in the input dtype,
+   and the union as a compacted row list per block.
+2. `_down_kernel`: y_partial[split] = a[:, rows] @ W_down^T[rows, :] over one share of the rows and one
+   block of output columns; only rows of the union are read. A sparse union is walked through the
+   compacted row lists (full tiles of active rows, balanced shares); a dense one through direct
+   addresses with inactive rows masked off, which at full density is a dense GEMV (the dense fallback,
+   decided on the device from the union's size).
 3. `_reduce_kernel`: sums the partials in a fixed order, adds b_down, casts. No atomics: the result is
    bitwise deterministic for the same inputs.
 
 Each active row is read once for the whole batch while every token keeps its own coefficients, so the
 output equals the per-token reference (`reference.threshold_ffn` / `reference.predictor_ffn`). Rounding
 mirrors the reference: g and u are rounded to the input dtype, act() is computed in fp32 and rounded,
-the product is rounded; dots accumulate in fp32 (IEEE fp32 dots for fp32 inputs, no tf32).
+the product is rounded; dots accumulate in fp32 (fp32 inputs: 3xTF32 dots on the GPU, fp32-grade).
 """
 
 from __future__ import annotations
@@ -211,15 +214,20 @@ def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, M, D, NB, n_split, stride_am, stride_w,
+def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, M, N, D, NB, n_split, compact_max_rows,
+                 stride_am, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one equal share of the union's rows.
+    """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows.
 
-    The union is stored as per-block compacted lists (idx, cnt) by _coef_kernel. Every program rebuilds
-    the prefix sum of the block counts (a few hundred ints) and maps its share of the global compacted
-    order to rows, so every W_down^T tile it loads is made of active rows only, and the work is balanced
-    across programs whatever the sparsity pattern. No atomics: deterministic.
+    Two walks, chosen on the device from the size of the union (no host sync):
+    - sparse union (<= compact_max_rows rows): the union is stored as per-block compacted lists (idx, cnt)
+      by _coef_kernel; every program rebuilds the prefix sum of the block counts (a few hundred ints)
+      and maps an equal share of the global compacted order to rows, so each W_down^T tile it loads
+      holds active rows only and the work is balanced whatever the sparsity pattern;
+    - dense union: a contiguous slice of rows with direct addresses; a row whose coefficients are all
+      zero is masked off (no memory traffic). At full density this is a dense GEMV (the dense fallback).
+    No atomics: the result is deterministic.
     """
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -229,25 +237,40 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, M, D, NB, n_split, st
     d_mask = offs_d < D
     offs_blk = tl.arange(0, NB_P2)
     cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
-    cum = tl.cumsum(cnts, axis=0)  # inclusive; padding blocks repeat the total
     total = tl.sum(cnts, axis=0)
-    share = (total + n_split - 1) // n_split
-    share = (share + BLOCK_R - 1) // BLOCK_R * BLOCK_R
-    k_start = pid_s * share
-    k_end = tl.minimum(k_start + share, total)
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_R):
-        offs_k = k + tl.arange(0, BLOCK_R)
-        k_mask = offs_k < k_end
-        before = cum[None, :] <= offs_k[:, None]  # [BLOCK_R, NB_P2]: blocks entirely before entry k
-        blk = tl.sum(before.to(tl.int32), axis=1)
-        first = tl.max(tl.where(before, cum[None, :], 0), axis=1)  # compacted index of blk's first row
-        rows = tl.load(idx_ptr + blk * BLOCK_N + (offs_k - first), mask=k_mask, other=0)
-        at = tl.load(a_ptr + offs_b[:, None] * stride_am + rows[None, :],
-                     mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :],
-                     mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += _dot(at, wt, PREC, UPCAST)
+    if total <= compact_max_rows:
+        cum = tl.cumsum(cnts, axis=0)  # inclusive; padding blocks repeat the total
+        share = (total + n_split - 1) // n_split
+        share = (share + BLOCK_R - 1) // BLOCK_R * BLOCK_R
+        k_start = pid_s * share
+        k_end = tl.minimum(k_start + share, total)
+        for k in range(k_start, k_end, BLOCK_R):
+            offs_k = k + tl.arange(0, BLOCK_R)
+            k_mask = offs_k < k_end
+            before = cum[None, :] <= offs_k[:, None]  # [BLOCK_R, NB_P2]: blocks entirely before entry k
+            blk = tl.sum(before.to(tl.int32), axis=1)
+            first = tl.max(tl.where(before, cum[None, :], 0), axis=1)  # compacted index of blk's first row
+            rows = tl.load(idx_ptr + blk * BLOCK_N + (offs_k - first), mask=k_mask, other=0)
+            at = tl.load(a_ptr + offs_b[:, None] * stride_am + rows[None, :],
+                         mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :],
+                         mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            acc += _dot(at, wt, PREC, UPCAST)
+    else:
+        share = (N + n_split - 1) // n_split
+        share = (share + BLOCK_R - 1) // BLOCK_R * BLOCK_R
+        r_start = pid_s * share
+        r_end = tl.minimum(r_start + share, N)
+        for r in range(r_start, r_end, BLOCK_R):
+            offs_r = r + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < r_end
+            at = tl.load(a_ptr + offs_b[:, None] * stride_am + offs_r[None, :],
+                         mask=b_mask[:, None] & r_mask[None, :], other=0.0)
+            active = tl.max((at != 0).to(tl.int32), axis=0) > 0  # != 0 keeps NaN rows, as the reference does
+            wt = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_d[None, :],
+                         mask=active[:, None] & d_mask[None, :], other=0.0)
+            acc += _dot(at, wt, PREC, UPCAST)
     tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
              mask=b_mask[:, None] & d_mask[None, :])
 
@@ -288,6 +311,8 @@ def _prec(dtype: torch.dtype) -> str:
 CONFIG = {
     "coef": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
     "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4),
+    # the down kernel walks the compacted union when it holds at most this fraction of d_inter
+    "compact_max_density": 0.3,
 }
 
 
@@ -301,9 +326,12 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     """The decode FFN for x2d [M <= 16, d_model]; returns y [M, d_model] in x's dtype (and the masked
     coefficients a [M, d_inter] with return_coef, for tests). `mode` is MODE_GATE / MODE_UP / MODE_COEF
     (score > thr) or MODE_PRED (predictor logit > thr). thr: a one-element tensor on x's device."""
-    cfg = {k: dict(v) for k, v in CONFIG.items()}
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONFIG.items()}
     for k, v in (config or {}).items():
-        cfg[k].update(v)
+        if isinstance(v, dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
     M, D = x2d.shape
     N = w_gate.shape[0]
     assert 1 <= M <= MAX_TOKENS, M
@@ -351,7 +379,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
     part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, idx, cnt, part, M, D, n_blocks, n_split, a.stride(0), w_down_t.stride(0),
+        a, w_down_t, idx, cnt, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
+        a.stride(0), w_down_t.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
         NB_P2=triton.next_power_of_2(n_blocks), PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])

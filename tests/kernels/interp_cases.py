@@ -42,11 +42,12 @@ def test_activations(act, mode):
 
 @pytest.mark.parametrize("mode,M,sparsity", [("up", 3, 0.8), ("gate", 3, 0.8), ("coef", 3, 0.8), ("pred", 3, 0.8),
                                              ("up", 1, 0.97), ("pred", 1, 0.97)])
-def test_many_blocks(mode, M, sparsity):
+@pytest.mark.parametrize("walk", [1.0, 0.0])
+def test_many_blocks(mode, M, sparsity, walk):
     """Small blocks: several K steps, neuron blocks (some with an empty union at 0.97), column blocks,
     compacted rows spread over several down programs, split partials to reduce."""
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11)
-    y, a = run_kernel(c, config=SMALL_BLOCKS)
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk})  # compacted / direct walk
     check(c, y, a)
     if sparsity > 0.9:
         blocks = (a != 0).any(0)[:128].view(-1, 16).any(1)
