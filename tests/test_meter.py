@@ -1,0 +1,22 @@
+import torch
+
+from countdown_fx.kernels import reference
+from countdown_fx.meter import SparsityMeter, metered
+from tiny_models import GptFastFeedForward, Stack
+
+
+def test_meter_counts_exactly_what_the_selection_keeps():
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    meter = SparsityMeter()
+    prefill, step = torch.randn(2, 5, 32), torch.randn(3, 1, 32)
+    with torch.no_grad():
+        net = metered(model, {"sparsity": 0.75, "apply_to": "decode"}, meter)
+        net(prefill)
+        assert meter.sparsity == 0.0 and meter.calls["prefill"] == 2  # prefill ran dense
+        net(step)
+    kept = 2 * 10 * 72 + 2 * 3 * reference.keep_count(72, 0.75)
+    assert meter.kept == kept and meter.total == 2 * 13 * 72
+    assert meter.step_sparsity("prefill") == 0.0
+    assert meter.step_sparsity("decode") == 1 - reference.keep_count(72, 0.75) / 72
+    assert "decode 75.0%" in meter.report()
