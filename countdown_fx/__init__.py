@@ -5,12 +5,23 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .backend import countdown_backend
+from .calibration import Calibration, calibrate
 from .capture import find_sites
 from .config import CountDownConfig
+from .meter import SparsityMeter
 from .passes.match import Site, SiteTable
 from .sparsify import sparsify
 
-__all__ = ["CountDownConfig", "Site", "SiteTable", "countdown_backend", "find_sites", "sparsify", "__version__"]
+__all__ = ["Calibration", "CountDownConfig", "CountDownTransformation", "Site", "SiteTable", "SparsityMeter",
+           "calibrate", "countdown_backend", "find_sites", "sparsify", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "CountDownTransformation":  # needs optimum: imported only when asked for
+        from .integrations.optimum import CountDownTransformation
+
+        return CountDownTransformation
+    raise AttributeError(f"module 'countdown_fx' has no attribute {name!r}")
 
 
 def _register_backend_when_not_installed() -> None:
