@@ -30,8 +30,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton_ffn = None
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Decode steps with more tokens than this run the reference (dense compute times the mask). Measured
-# crossover: see benchmarks/speed/NOTES.md (the sparse kernels win up to 16 tokens at s >= 0.5).
+# Decode steps with more tokens than this run the reference (dense compute times the mask). Up to 16
+# tokens the kernels themselves fall back to a dense walk when the union is dense (decided on the device);
+# measured on the H100, M-CountDown/CATS are never slower than dense Inductor up to 16 tokens
+# (benchmarks/speed/NOTES.md).
 SPARSE_MAX_TOKENS = 16
 
 # The three ops share their leading tensor arguments: x, w_gate, w_up, w_down_t, b_gate, b_up, b_down.
