@@ -124,11 +124,11 @@ def run_sparse(L, xs, thr, mode, config=None):
                                            thr, pv, pu, config=config)
 
 
-def check_once(L, x, thr, mode):
+def check_once(L, x, thr, mode, config=None):
     """Correctness at full shape before timing: kernel vs the PyTorch reference in fp32 on the same mask."""
     pv, pu = (L.pred_v, L.pred_u) if mode == triton_ffn.MODE_PRED else (None, None)
     y, a = triton_ffn.sparse_ffn(x, L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr, pv, pu,
-                                 return_coef=True)
+                                 config=config, return_coef=True)
     keep = a != 0
     g, u = F.linear(x.float(), L.w_gate.float()), F.linear(x.float(), L.w_up.float())
     ref = ((F.silu(g) * u) * keep) @ L.w_down_t.float()
@@ -191,6 +191,22 @@ def crossover(L, log, batches):
                 log(f"crossover B={B} s={s} {name} union {union:.2f}: compacted {t_c:.1f} us, direct {t_d:.1f} us")
 
 
+def compare_sides(L, log, batches, sps):
+    """The sparse side of gate/up: masked row loads inside _coef_kernel vs _gather_kernel over the
+    compacted union (CONFIG['sparse_side'])."""
+    calib = L.tokens(256)
+    for B in batches:
+        xs = [L.tokens(B) for _ in range(ROT)]
+        for s in sps:
+            for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
+                thr = L.threshold(name, s, calib)
+                union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
+                check_once(L, xs[0], thr, mode, {"sparse_side": "gather"})
+                t_m = graph_time_us(run_sparse(L, xs, thr, mode, {"sparse_side": "masked"}))
+                t_g = graph_time_us(run_sparse(L, xs, thr, mode, {"sparse_side": "gather"}))
+                log(f"sides B={B} s={s} {name} union {union:.2f}: masked {t_m:.1f} us, gather {t_g:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -199,6 +215,8 @@ def main():
     ap.add_argument("--commit", default=None)
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9")
+    ap.add_argument("--compare-sides", action="store_true",
+                    help="only compare the two sparse-side implementations (Llama shape), no table")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "ffn_decode.log"), "w")
@@ -216,6 +234,9 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
     shapes = {"llama-3.1-8b": SHAPES["llama-3.1-8b"]} if args.quick else SHAPES
+    if args.compare_sides:
+        compare_sides(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
+        return
     rows = []
     t0 = time.time()
     for si, (shape, (D, N)) in enumerate(shapes.items()):

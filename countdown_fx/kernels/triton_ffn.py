@@ -101,11 +101,13 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
-def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
-                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am,
+def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
+                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
+    """GATHER: leave the sparse side to _gather_kernel; store the dense-side value (u, act(g) or the
+    logit) in dv and zeros in a outside the union."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,8 +136,9 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             logits += _dot_f32(ht, tl.trans(ut), UPCAST)
         keep = (logits > thr) & valid
+        dv = logits
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
+        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0) * (1 - GATHER)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
@@ -159,8 +162,9 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(u) > thr) & valid
+        dv = u
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
+        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0) * (1 - GATHER)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -172,20 +176,83 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         ag = _cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(ag) > thr) & valid
+        dv = ag
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0)
+        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0) * (1 - GATHER)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(ag * u, out_dtype, UPCAST)
 
     a = tl.where(keep, a, 0.0).to(out_dtype)
-    tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
-    # The union, compacted per block: the down kernel walks only these rows.
     used = (tl.max(keep.to(tl.int32), axis=0) > 0).to(tl.int32)
+    if GATHER:
+        tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid)
+        tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid & (used == 0)[None, :])
+    else:
+        tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
+    # The union, compacted per block: the gather and down kernels walk only these rows.
     pos = tl.cumsum(used, axis=0) - 1
     tl.store(idx_ptr + pid * BLOCK_N + pos, offs_n, mask=used > 0)
     tl.store(cnt_ptr + pid, tl.sum(used, axis=0))
+
+
+@triton.jit
+def _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N: tl.constexpr):
+    """Rows of the union at global compacted positions offs_k (cum: inclusive prefix of block counts)."""
+    before = cum[None, :] <= offs_k[:, None]  # [len(offs_k), n_blocks]: blocks entirely before entry k
+    blk = tl.sum(before.to(tl.int32), axis=1)
+    first = tl.max(tl.where(before, cum[None, :], 0), axis=1)  # compacted index of blk's first row
+    return tl.load(idx_ptr + blk * BLOCK_N + (offs_k - first), mask=k_mask, other=0)
+
+
+@triton.jit
+def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
+                   M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
+                   MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The sparse side over the compacted union: each step takes BLOCK_RG active rows (full tiles, no
+    masked-off rows) and all of d_model, then forms a = act(g) * u * keep for every token."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < M
+    offs_blk = tl.arange(0, NB_P2)
+    cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
+    cum = tl.cumsum(cnts, axis=0)
+    total = tl.sum(cnts, axis=0)
+    thr = tl.load(thr_ptr).to(tl.float32)
+    out_dtype = a_ptr.dtype.element_ty
+    n_groups = (total + BLOCK_RG - 1) // BLOCK_RG
+    for grp in range(pid, n_groups, n_prog):
+        offs_k = grp * BLOCK_RG + tl.arange(0, BLOCK_RG)
+        k_mask = offs_k < total
+        rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
+        valid = b_mask[:, None] & k_mask[None, :]
+        dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
+        if MODE == 3 or MODE == 1:
+            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, D, D,
+                      BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
+            if HAS_BG:
+                g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
+        else:
+            ag = dv
+        if MODE == 3 or MODE == 0:
+            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, D, D,
+                      BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
+            if HAS_BU:
+                u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            u = _cast(u, out_dtype, UPCAST).to(tl.float32)
+        else:
+            u = dv
+        if MODE == 3:
+            keep = (dv > thr) & valid
+        else:
+            keep = (tl.abs(dv) > thr) & valid
+        a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
+        tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
 
 
 @triton.jit
@@ -248,10 +315,7 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, M, N, D, NB, n_split,
         for k in range(k_start, k_end, BLOCK_R):
             offs_k = k + tl.arange(0, BLOCK_R)
             k_mask = offs_k < k_end
-            before = cum[None, :] <= offs_k[:, None]  # [BLOCK_R, NB_P2]: blocks entirely before entry k
-            blk = tl.sum(before.to(tl.int32), axis=1)
-            first = tl.max(tl.where(before, cum[None, :], 0), axis=1)  # compacted index of blk's first row
-            rows = tl.load(idx_ptr + blk * BLOCK_N + (offs_k - first), mask=k_mask, other=0)
+            rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
             at = tl.load(a_ptr + offs_b[:, None] * stride_am + rows[None, :],
                          mask=b_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :],
@@ -315,6 +379,10 @@ CONFIG = {
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
     "compact_max_density": 0.15,
+    # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
+    # "gather" (_gather_kernel over the compacted union: full tiles of active rows).
+    "sparse_side": "masked",
+    "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
 }
 
 
@@ -366,14 +434,28 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     n_blocks = triton.cdiv(N, block_n)
     idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
     cnt = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device)
+    gather = cfg["sparse_side"] == "gather" and mode != MODE_COEF
+    dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
+    nb_p2 = triton.next_power_of_2(n_blocks)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt,
-        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu, a.stride(0),
+        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
+        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu, a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+        GATHER=gather, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    if gather:
+        c = cfg["gather"]
+        grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
+        wrap_triton(_gather_kernel)[(grid,)](
+            x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
+            dv, thr, a, idx, cnt, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0),
+            a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
+            BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if dtype != torch.float32 else 128,
+            BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
@@ -384,7 +466,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         a, w_down_t, idx, cnt, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
         a.stride(0), w_down_t.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
-        NB_P2=triton.next_power_of_2(n_blocks), PREC=prec, UPCAST=upcast,
+        NB_P2=nb_p2, PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)

@@ -20,12 +20,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16)}
 
 
-@pytest.mark.parametrize("mode,M,dtype,sparsity", list(itertools.product(
-    ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0])))
-def test_modes(mode, M, dtype, sparsity):
-    """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M."""
+@pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
+    ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0], ["masked", "gather"])))
+def test_modes(mode, M, dtype, sparsity, side):
+    """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M;
+    both implementations of the sparse side."""
     c = make_case(M, 37, 97, dtype, "cpu", mode, bias=M == 3, sparsity=sparsity, seed=M)
-    y, a = run_kernel(c)
+    y, a = run_kernel(c, config={"sparse_side": side})
     density = check(c, y, a)
     if sparsity == 0.0:
         assert density == 1.0
@@ -43,11 +44,13 @@ def test_activations(act, mode):
 @pytest.mark.parametrize("mode,M,sparsity", [("up", 3, 0.8), ("gate", 3, 0.8), ("coef", 3, 0.8), ("pred", 3, 0.8),
                                              ("up", 1, 0.97), ("pred", 1, 0.97)])
 @pytest.mark.parametrize("walk", [1.0, 0.0])
-def test_many_blocks(mode, M, sparsity, walk):
+@pytest.mark.parametrize("side", ["masked", "gather"])
+def test_many_blocks(mode, M, sparsity, walk, side):
     """Small blocks: several K steps, neuron blocks (some with an empty union at 0.97), column blocks,
     compacted rows spread over several down programs, split partials to reduce."""
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11)
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk})  # compacted / direct walk
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk, "sparse_side": side,
+                                 "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)})
     check(c, y, a)
     if sparsity > 0.9:
         blocks = (a != 0).any(0)[:128].view(-1, 16).any(1)

@@ -56,6 +56,19 @@ def test_other_shapes(shape, act, mode, bias, sparsity):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
+def test_gather_side_full_shape(mode, M, dtype):
+    """The sparse side as a gather over the compacted union (config sparse_side="gather")."""
+    D, N = SHAPES["llama8b"]
+    c = make_case(M, D, N, dtype, "cuda", mode, sparsity=0.9, rank=512, seed=M, bias=M == 16)
+    y, a = run_kernel(c, config={"sparse_side": "gather"})
+    check(c, y, a)
+    assert torch.equal(run_kernel(c, config={"sparse_side": "gather"})[0], y)
+
+
+@pytest.mark.gpu
 def test_deterministic_gpu():
     c = make_case(8, 4096, 14336, torch.bfloat16, "cuda", "pred", sparsity=0.5, rank=512)
     y1, _ = run_kernel(c)
