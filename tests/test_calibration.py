@@ -206,13 +206,6 @@ def test_compiled_with_saved_file_equals_reference_by_hand(make, method, tmp_pat
     assert (got - dense).abs().max() > 1e-4  # sparsity changed something
 
 
-INDUCTOR_STATE_BUG = (
-    "passes/rewrite.py registers calibration buffers on the Dynamo GraphModule without a Dynamo source, so "
-    "AOTAutograd fails: '<buffer> not found in param_name_to_source'. Fix in rewrite._state: "
-    "gm._param_name_to_source[attr] = torch._dynamo.source.ConstantSource(attr) when gm has that attribute")
-
-
-@pytest.mark.xfail(strict=True, reason=INDUCTOR_STATE_BUG)
 def test_new_calibration_never_reuses_a_stale_compiled_graph(tmp_path, monkeypatch):
     """Inductor end to end: cal A, then a new torch.compile with cal B (same shapes, other thresholds) must give
     B's outputs, also when Inductor's FX graph cache holds A's compiled graph."""

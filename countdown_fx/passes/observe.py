@@ -62,7 +62,6 @@ class ObserveSession:
         for i, site in enumerate(sites):
             self._instrument(gm, site, i, example_inputs)
         if sites:
-            gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
         log.info("countdown: observing %d site(s) in a captured graph", len(sites))
@@ -84,7 +83,7 @@ class ObserveSession:
             new = graph.call_module(name, args)
         new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
         site.output.replace_all_uses_with(new)
-        graph.erase_node(site.output)
+        _erase_unused(graph, site.output, stop=site.x)
 
     # -- running ------------------------------------------------------------------------------------
     def report(self, key: str, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> None:
@@ -109,6 +108,19 @@ class ObserveSession:
         finally:
             self.token_mask = None
         return self.calls
+
+
+def _erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
+    """Erase the replaced FFN (root and what only it used, back to its input). Not graph-wide dead-code
+    elimination: that would also drop in-place ops nothing reads, such as static KV-cache writes."""
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if node._erased or node.users or node is stop or node.op in ("placeholder", "output"):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        pending.extend(inputs)
 
 
 def _call_args(batch) -> tuple[tuple, dict]:

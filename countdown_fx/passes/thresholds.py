@@ -72,9 +72,11 @@ class StreamingQuantile:
     def update(self, values: torch.Tensor) -> None:
         if values.numel() == 0:
             return
-        t = torch.asinh(values.detach().reshape(-1).double() * self.SCALE)
-        idx = ((t + self.LIMIT) / self.width).floor().clamp_(0, self.BINS - 1).long()
-        self.counts += torch.bincount(idx, minlength=self.BINS).to(self.counts)
+        # fp32 is enough here (t has ~4e-6 absolute precision against 1.1e-3 wide bins) and 3x faster than fp64;
+        # chunks of at most 2**24 values keep histc's fp32 counts exact
+        for part in values.detach().reshape(-1).split(1 << 24):
+            t = torch.asinh(part.float() * self.SCALE).clamp_(-self.LIMIT, self.LIMIT)
+            self.counts += torch.histc(t, bins=self.BINS, min=-self.LIMIT, max=self.LIMIT).to(self.counts)
 
     @property
     def count(self) -> int:
