@@ -34,7 +34,7 @@ SHAPES = {"llama8b": (4096, 14336), "qwen14b": (5120, 13824), "gemma9b": (3584, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
 def test_full_shape(mode, M, dtype):
@@ -56,7 +56,7 @@ def test_other_shapes(shape, act, mode, bias, sparsity):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("M", [1, 16])
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
 def test_gather_side_full_shape(mode, M, dtype):
