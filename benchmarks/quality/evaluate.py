@@ -12,9 +12,9 @@ settings, each with the sparsity actually realised beside the numbers:
 
 The model runs through the library's own path: torch.compile with the countdown graph rewrite
 (countdown_fx.backend.transform), executed eagerly instead of through Inductor (same ops, same semantics,
-no C++ compile per configuration). SP-Prac state comes from countdown_fx.calibrate_sweep on the *train*
-split (random windows), never on the held-out text. Realised sparsity is counted by intercepting every
-countdown op call and recomputing its keep-mask with the reference semantics.
+no C++ compile per configuration) under countdown_fx.meter.SparsityMeter, which counts the neurons every
+countdown op call keeps. SP-Prac state comes from countdown_fx.calibration.calibrate_sweep on the *train*
+split (random windows), never on the held-out text.
 
     python benchmarks/quality/evaluate.py --model benchmarks/quality/models/llama-silu
 Writes benchmarks/results/quality_<name>.md, .png and .json.
@@ -34,16 +34,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from countdown_fx.backend import resolve, transform  # noqa: E402
 from countdown_fx.calibration import calibrate_sweep  # noqa: E402
 from countdown_fx.config import CountDownConfig  # noqa: E402
 from countdown_fx.data import load_tokenizer, stdlib_corpus, token_batches, token_stream  # noqa: E402
-from countdown_fx.kernels import ops, reference  # noqa: E402
+from countdown_fx.meter import SparsityMeter, metered  # noqa: E402
 
 METHODS = ("cats", "m-countdown", "d-countdown")
 REGIMES = ("ideal", "prac")
@@ -52,60 +50,11 @@ LABEL = {"cats": "CATS", "m-countdown": "M-CountDown", "d-countdown": "D-CountDo
 
 
 # ------------------------------------------------------------------------------------------ measuring
-class SparsityMeter(TorchDispatchMode):
-    """Counts neurons kept by every countdown op call (as the op itself would select them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.kept = 0
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in ops.COUNTDOWN_OPS:
-            self._count(func, args)
-        return func(*args, **(kwargs or {}))
-
-    def _count(self, func, args):
-        x, w_gate, w_up, _, b_gate, b_up, _, act = args[:8]
-        decode_only = args[-1]
-        n_tokens = x.numel() // x.shape[-1]
-        d_inter = w_gate.shape[0]
-        self.total += n_tokens * d_inter
-        if decode_only and not ops.is_decode_step(x):
-            self.kept += n_tokens * d_inter  # the op runs dense
-            return
-        if func is torch.ops.countdown.topk_ffn.default:
-            self.kept += n_tokens * reference.keep_count(d_inter, args[9])
-            return
-        if func is torch.ops.countdown.predictor_ffn.default:
-            mask = reference.selection_mask(x, w_gate, w_up, b_gate, b_up, act, "coef", pred_v=args[8],
-                                            pred_u=args[9], tau=args[10])
-        else:
-            mask = reference.selection_mask(x, w_gate, w_up, b_gate, b_up, act, args[8], threshold=args[9])
-        self.kept += int(mask.sum())
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.kept / self.total if self.total else float("nan")
-
-
-def compiled(model, options, meter: SparsityMeter | None):
-    """torch.compile(model) with the countdown rewrite, run eagerly, every graph call inside `meter`."""
-    config, calibration = resolve(options)
-
-    def backend(gm, example_inputs):
-        forward = transform(gm, example_inputs, config, calibration).forward
-        if meter is None:
-            return forward
-
-        def run(*args):
-            with meter:
-                return forward(*args)
-
-        return run
-
-    torch._dynamo.reset()  # a fresh cache per configuration: no recompile limit, no stale graph
-    return torch.compile(model, backend=backend)
+def compiled(model, options, meter: SparsityMeter):
+    """torch.compile with the countdown rewrite, run eagerly under `meter`, from a fresh Dynamo cache
+    (no recompile limit across configurations, no stale graph)."""
+    torch._dynamo.reset()
+    return metered(model, options, meter)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -117,9 +66,8 @@ def score_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, in
     return nll, int((logits.argmax(-1) == targets).sum()), targets.numel()
 
 
-def summarise(nll: float, correct: int, n: int, meter: SparsityMeter | None) -> dict:
-    return {"ppl": math.exp(nll / n), "acc": correct / n, "tokens": n,
-            "realised": meter.sparsity if meter is not None else 0.0}
+def summarise(nll: float, correct: int, n: int, realised: float) -> dict:
+    return {"ppl": math.exp(nll / n), "acc": correct / n, "tokens": n, "realised": realised}
 
 
 @torch.no_grad()
@@ -131,7 +79,7 @@ def eval_all(model, seqs: torch.Tensor, options, batch_size: int) -> dict:
         logits = run(chunk).logits
         a, b, c = score_logits(logits[:, :-1], chunk[:, 1:])
         nll, correct, n = nll + a, correct + b, n + c
-    return summarise(nll, correct, n, meter)
+    return summarise(nll, correct, n, meter.sparsity if meter else 0.0)
 
 
 @torch.no_grad()
@@ -143,13 +91,11 @@ def eval_decode(model, seqs: torch.Tensor, options, prefix: int, steps: int) -> 
     cache = DynamicCache(config=model.config)
     out = run(seqs[:, :prefix], past_key_values=cache, use_cache=True)  # dense prefill: not scored
     nll = correct = n = 0
-    if meter is not None:
-        meter.kept = meter.total = 0  # realised sparsity of the decode steps only
     for pos in range(prefix, prefix + steps):
         out = run(seqs[:, pos:pos + 1], past_key_values=out.past_key_values, use_cache=True)
         a, b, c = score_logits(out.logits[:, -1], seqs[:, pos + 1])
         nll, correct, n = nll + a, correct + b, n + c
-    return summarise(nll, correct, n, meter)
+    return summarise(nll, correct, n, meter.step_sparsity("decode") if meter else 0.0)  # decode steps only
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -313,10 +259,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def render(json_path: Path) -> int:
+    """Re-write the markdown and plot of a finished run from its JSON (the numbers are not recomputed)."""
+    saved = json.loads(json_path.read_text())
+    rows, meta = saved["rows"], saved["meta"]
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    stem = json_path.with_suffix("")
+    write_markdown(stem.with_suffix(".md"), rows, sparsities, meta, findings(rows, sparsities))
+    plot(stem.with_suffix(".png"), rows, sparsities, f"{meta['model_name']}: quality vs FFN sparsity")
+    print(f"re-wrote {stem}.md / .png")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Writes benchmarks/results/quality_<name>.{md,png,json}.")
-    p.add_argument("--model", required=True, help="a local Hugging Face causal-LM checkpoint directory")
+    p.add_argument("--model", help="a local Hugging Face causal-LM checkpoint directory")
+    p.add_argument("--render", metavar="JSON", help="only re-write the .md and .png of a saved quality_*.json")
     p.add_argument("--name", default=None, help="name in the output files (default: the directory name)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     p.add_argument("--num-seqs", type=int, default=32, help="held-out sequences")
@@ -335,6 +294,10 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
+    if not args.model:
+        p.error("--model is required")
     if args.prefix + args.decode_steps + 1 > args.seq_len:
         p.error("--prefix + --decode-steps must be < --seq-len")
     if args.threads:
