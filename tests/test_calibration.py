@@ -206,40 +206,41 @@ def test_compiled_with_saved_file_equals_reference_by_hand(make, method, tmp_pat
     assert (got - dense).abs().max() > 1e-4  # sparsity changed something
 
 
-def test_new_calibration_never_reuses_a_stale_compiled_graph(tmp_path, monkeypatch):
+def test_new_calibration_never_reuses_a_stale_compiled_graph(tmp_path):
     """Inductor end to end: cal A, then a new torch.compile with cal B (same shapes, other thresholds) must give
     B's outputs, also when Inductor's FX graph cache holds A's compiled graph."""
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    model = tiny_llama(layers=1)
-    cal_a = calibrate(model, random_batches(3), prac("m-countdown", 0.5), progress=False)
-    cal_b = Calibration(cal_a.config, cal_a.sites,
-                        {k: {"threshold": v["threshold"] * 3} for k, v in cal_a.state.items()}, cal_a.stats)
-    cal_a.save(tmp_path / "a.safetensors")
-    cal_b.save(tmp_path / "b.safetensors")
-    ids = random_batches(1, seed=5)[0]
-    hits_before = counters["inductor"]["fxgraph_cache_hit"]
-    outs = {}
-    for name in ("a", "b", "a"):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="countdown",
-                                 options={"calibration": str(tmp_path / f"{name}.safetensors"), "apply_to": "all"})
-        with torch.no_grad():
-            out = compiled(ids).logits
-        if name in outs:
-            torch.testing.assert_close(out, outs[name])
-        outs[name] = out
-    for name, cal in (("a", cal_a), ("b", cal_b)):
-        originals = patch_mlps_with_reference(model, cal)
-        try:
+    # config.patch, not monkeypatch: Inductor's config module refuses the delattr that monkeypatch undoes with
+    with inductor_config.patch(fx_graph_cache=True):
+        model = tiny_llama(layers=1)
+        cal_a = calibrate(model, random_batches(3), prac("m-countdown", 0.5), progress=False)
+        cal_b = Calibration(cal_a.config, cal_a.sites,
+                            {k: {"threshold": v["threshold"] * 3} for k, v in cal_a.state.items()}, cal_a.stats)
+        cal_a.save(tmp_path / "a.safetensors")
+        cal_b.save(tmp_path / "b.safetensors")
+        ids = random_batches(1, seed=5)[0]
+        hits_before = counters["inductor"]["fxgraph_cache_hit"]
+        outs = {}
+        for name in ("a", "b", "a"):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="countdown",
+                                     options={"calibration": str(tmp_path / f"{name}.safetensors"), "apply_to": "all"})
             with torch.no_grad():
-                want = model(ids).logits
-        finally:
-            unpatch(model, originals)
-        torch.testing.assert_close(outs[name], want, rtol=1e-4, atol=1e-4)
-    assert (outs["a"] - outs["b"]).abs().max() > 1e-3
-    # B (and A again) have the same graph and buffer shapes as A: Inductor's FX graph cache serves the compiled
-    # code, and the numbers above show it reads the thresholds at run time instead of baking them in
-    assert counters["inductor"]["fxgraph_cache_hit"] > hits_before
+                out = compiled(ids).logits
+            if name in outs:
+                torch.testing.assert_close(out, outs[name])
+            outs[name] = out
+        for name, cal in (("a", cal_a), ("b", cal_b)):
+            originals = patch_mlps_with_reference(model, cal)
+            try:
+                with torch.no_grad():
+                    want = model(ids).logits
+            finally:
+                unpatch(model, originals)
+            torch.testing.assert_close(outs[name], want, rtol=1e-4, atol=1e-4)
+        assert (outs["a"] - outs["b"]).abs().max() > 1e-3
+        # B (and A again) have the same graph and buffer shapes as A: Inductor's FX graph cache serves the compiled
+        # code, and the numbers above show it reads the thresholds at run time instead of baking them in
+        assert counters["inductor"]["fxgraph_cache_hit"] > hits_before
