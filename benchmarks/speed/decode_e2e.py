@@ -1,0 +1,187 @@
+"""End-to-end greedy decode: tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights), static KV cache,
+CUDA graphs (mode="reduce-overhead"), dense Inductor vs the countdown backend, against the bytes ceiling.
+
+    PYTHONPATH=. python3 benchmarks/speed/decode_e2e.py --out $OUT [--layers 8] [--batches 1,4]
+    PYTHONPATH=. python3 benchmarks/speed/decode_e2e.py --tiny --variants dense,m0.7   # CPU smoke test
+
+Prefill (context tokens) runs eagerly and densely, once per measurement; only the decode steps are
+compiled and timed. Calibration (thresholds; predictors for D) runs on random token ids through
+countdown_fx.calibrate. The full 32-layer model needs ~16 GB of weights; --layers picks fewer layers to
+keep compile time inside a device call (the table says how many). lm_head (128256 x 4096) is included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import countdown_fx
+from countdown_fx.calibration import calibrate
+
+LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False)
+TINY = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+            tie_word_embeddings=False)
+
+
+def build(shape: dict, layers: int, max_len: int, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=max_len)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return model
+
+
+def variant_config(name: str):
+    """'m0.7' -> M-CountDown at s=0.7, 'd0.9' -> D-CountDown at s=0.9, 'cats0.7' -> CATS."""
+    methods = {"m": "m-countdown", "d": "d-countdown", "cats": "cats"}
+    key = name.rstrip("0123456789.")
+    # predictor quality does not matter for speed: few training steps keep calibration short
+    return countdown_fx.CountDownConfig(method=methods[key], sparsity=float(name[len(key):]), regime="prac",
+                                        predictor_steps=50 if key == "d" else 200)
+
+
+def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device) -> tuple[float, torch.Tensor]:
+    """Prefill `context` random tokens eagerly, then `new` greedy steps through `step`; the second of two
+    runs is timed (the first compiles and records the CUDA graphs)."""
+    from transformers import StaticCache
+
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    result = None
+    for _ in range(2):
+        cache = StaticCache(config=model.config, max_cache_len=context + new)
+        with torch.no_grad():
+            logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=device),
+                           use_cache=True).logits
+            tok = logits[:, -1:].argmax(-1)
+            out = [tok]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(new - 1):
+                pos = torch.tensor([context + i], device=device)
+                logits = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+                tok = logits[:, -1:].argmax(-1)
+                out.append(tok)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+        result = (batch * (new - 1) / elapsed, torch.cat(out, 1))
+    return result
+
+
+def step_bytes(model, batch: int, context: int, variant: str) -> float:
+    """Bytes a decode step must read at batch 1: all weights but the embedding table (one row each), the
+    FFNs at the bytes fraction of the variant (union = 1 - s at batch 1), and the KV cache."""
+    cfg = model.config
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    size = next(model.parameters()).element_size()
+    ffn = 3 * cfg.hidden_size * cfg.intermediate_size * size * cfg.num_hidden_layers
+    if variant != "dense":
+        c = variant_config(variant)
+        u = 1 - c.sparsity
+        if c.method == "d-countdown":
+            rank = 512
+            frac = u + rank * (cfg.hidden_size + cfg.intermediate_size) / (3 * cfg.hidden_size * cfg.intermediate_size)
+        else:
+            frac = (1 + 2 * u) / 3
+        total -= ffn * (1 - frac)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * batch * context * cfg.num_key_value_heads * head_dim * size
+    return total + kv
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--variants", default="dense,m0.7,m0.9,d0.7,d0.9")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, no CUDA graphs")
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    shape = TINY if args.tiny else LLAMA8B
+    context, new = (32, 8) if args.tiny else (args.context, args.new)
+    mode = None if args.tiny else "reduce-overhead"
+    model = build(shape, 2 if args.tiny else args.layers, context + new + 8, device, dtype)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device}", flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = args.variants.split(",")
+    bw = None
+    if device.type == "cuda":
+        sys.path.insert(0, os.path.dirname(__file__))
+        from ffn_decode import copy_bandwidth
+
+        bw = copy_bandwidth()
+    calib_ids = [torch.randint(0, shape["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(s)).to(device)
+                 for s in range(2)]
+
+    from countdown_fx.passes.rewrite import counters
+
+    layers = 2 if args.tiny else args.layers
+    rows, outputs = [], {}
+    plain = model.forward
+    for variant in variants:
+        torch._dynamo.reset()
+        before = counters["sites_rewritten"]
+        if variant == "dense":
+            step = torch.compile(plain, mode=mode)
+        else:
+            cal = calibrate(model, calib_ids, variant_config(variant), progress=False)
+            torch._dynamo.reset()  # calibration's own compiled graphs must not be reused by the decode step
+            step = torch.compile(plain, backend="countdown", options={"calibration": cal, "apply_to": "decode",
+                                                                          "mode": mode})
+        for b in batches:
+            t0 = time.time()
+            tps, toks = decode_tokens_per_s(model, step, b, context, new, device)
+            outputs[(variant, b)] = toks
+            ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
+            sites = counters["sites_rewritten"] - before
+            if variant != "dense" and sites < layers:
+                raise RuntimeError(f"{variant}: only {sites} FFN sites rewritten for {layers} layers")
+            rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan")))
+            print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile; "
+                  f"{sites} sites rewritten)", flush=True)
+
+    dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
+    try:
+        commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                               text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    md = ["# End-to-end greedy decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
+          f"- device: {dev}; commit {commit}; command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
+          f"- model: {'tiny Llama (smoke test)' if args.tiny else 'Llama-3.1-8B shapes'} with {layers} layers "
+          f"(random weights, {dtype}), context {context}, "
+          f"{new} new tokens, prefill dense and untimed",
+          "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
+          "fraction with union = 1 - s, KV cache)", "",
+          "| variant | batch | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
+        md.append(f"| {r['variant']} | {r['batch']} | {r['tps']:.1f} | {r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
+                  f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
+    text = "\n".join(md)
+    with open(os.path.join(args.out, "speed_decode_e2e.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
