@@ -32,7 +32,7 @@ def text_file(tmp_path_factory):
     rng = random.Random(0)
     words = ["def", "return", "self", "import", "for", "in", "if", "else", "x", "y", "(", ")", ":", "\n"]
     path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(1500)))
+    path.write_text(" ".join(rng.choice(words) for _ in range(500)))
     return path
 
 

@@ -88,9 +88,18 @@ def batches():
     return random_batches(8, batch=4, seq=64, seed=11)
 
 
+@pytest.fixture(scope="module")
+def trained(model, batches):
+    """D-CountDown calibrations at two sparsities, from shared passes (calibrate_sweep)."""
+    from countdown_fx.calibration import calibrate_sweep
+
+    sparsities = (0.5, 0.8)
+    return dict(zip(sparsities, calibrate_sweep(model, batches, [d_config(s) for s in sparsities], progress=False)))
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.8])
-def test_predictor_on_a_tiny_model_beats_chance_and_meets_the_target(model, batches, sparsity):
-    cal = calibrate(model, batches, d_config(sparsity), progress=False)
+def test_predictor_on_a_tiny_model_beats_chance_and_meets_the_target(model, batches, trained, sparsity):
+    cal = trained[sparsity]
     chance = 1 - sparsity  # a random mask of the same density recalls this fraction of the oracle
     for key, stats in cal.stats.items():
         assert stats["steps"] == 150 and stats["rank"] == 32
@@ -125,5 +134,7 @@ def test_fixed_tau_is_kept(model, batches):
 
 
 def test_few_tokens_for_many_steps_warns(model, batches):
+    few = batches[0][:1]  # 64 tokens, for 2 steps of 1024 tokens: 33 epochs over the same tokens
     with pytest.warns(UserWarning, match="epochs over the same tokens"):
-        calibrate(model, batches[:1], d_config(predictor_steps=100, predictor_batch_tokens=256), progress=False)
+        cal = calibrate(model, few, d_config(predictor_steps=2, predictor_batch_tokens=1024), progress=False)
+    assert all(s["steps"] == 2 for s in cal.stats.values())
