@@ -54,6 +54,7 @@ class Site:
     d_inter: int
     dtype: torch.dtype
     output: fx.Node  # the down projection's node; the rewrite replaces it
+    shard: str | None = None  # "tp<rank>of<world>" when the output is all-reduced (a tensor-parallel shard)
 
     @property
     def layout(self) -> str:
@@ -66,7 +67,8 @@ class Site:
     def describe(self) -> dict:
         """A plain-data summary (for tables, logs and calibration metadata)."""
         return {"key": self.key, "d_model": self.d_model, "d_inter": self.d_inter, "activation": self.activation,
-                "layout": self.layout, "bias": self.has_bias, "dtype": str(self.dtype).replace("torch.", "")}
+                "layout": self.layout, "bias": self.has_bias, "dtype": str(self.dtype).replace("torch.", ""),
+                "shard": self.shard or "-"}
 
 
 class SiteTable(list):
@@ -77,6 +79,8 @@ class SiteTable(list):
             return "SiteTable(no gated FFN found)"
         rows = [s.describe() for s in self]
         cols = ["key", "d_model", "d_inter", "activation", "layout", "bias", "dtype"]
+        if any(s.shard for s in self):
+            cols.append("shard")
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
         line = lambda r: "  ".join(str(r[c]).ljust(widths[c]) for c in cols)  # noqa: E731
         header = line({c: c for c in cols})
@@ -378,9 +382,28 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
                  tuple(wg.shape), tuple(wu.shape), tuple(wd.shape))
         return None
     key = _site_key(gm, [gate_lin, up_lin, down]) or f"site{index}"
-    return Site(key=key, x=gate_x, gate_weight=w_gate, up_weight=w_up, down_weight=w_down, gate_bias=b_gate,
+    shard = _tensor_parallel_shard(down)
+    if shard:
+        key = f"{key}@{shard}"
+    return Site(shard=shard, key=key, x=gate_x, gate_weight=w_gate, up_weight=w_up, down_weight=w_down, gate_bias=b_gate,
                 up_bias=b_up, down_bias=b_down, activation=act_name, fused=fused, d_model=int(d_model),
                 d_inter=int(d_inter), dtype=wg.dtype, output=down)
+
+
+_ALL_REDUCE = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce}
+
+
+def _tensor_parallel_shard(down: fx.Node) -> str | None:
+    """"tp<rank>of<world>" when the FFN output goes into an all-reduce: the gate/up rows and down columns
+    here are one rank's shard (column-parallel gate/up, row-parallel down). Per-shard calibration state
+    is keyed with it, so a calibration loads only on the same sharding."""
+    for user in down.users:
+        if user.op == "call_function" and user.target in _ALL_REDUCE:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            group = _resolve_process_group(user.args[2])
+            return f"tp{torch.distributed.get_rank(group)}of{torch.distributed.get_world_size(group)}"
+    return None
 
 
 def _dedupe_keys(sites: list[Site]) -> None:
