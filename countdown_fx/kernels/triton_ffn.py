@@ -1,6 +1,7 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
-Three launches per FFN call, all with shapes known on the host, so a CUDA graph captures them:
+Three launches per FFN call (four with the predictor's h = x V, `_lowrank_kernel`; one more with the
+opt-in gather side, `_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
 
 1. `_coef_kernel`, one program per block of BLOCK_N neurons and all tokens of the step:
    the dense side (up for M-CountDown, gate for CATS, both for the "coef" score, the low-rank predictor
@@ -419,7 +420,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     stride_h = stride_pu = 0
     if mode == MODE_PRED:
         R = pred_v.shape[1]
-        pred_u = _rows(pred_u)
+        pred_v, pred_u = _rows(pred_v), _rows(pred_u)
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
         BLOCK_RV = 32
         native = pred_v.dtype == dtype and dtype != torch.float32

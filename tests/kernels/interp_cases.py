@@ -80,9 +80,11 @@ def test_tokens_keep_their_own_masks():
 
 
 def test_predictor_in_model_dtype():
-    """A bf16 predictor with bf16 activations takes the native 16-bit path for h = x V."""
+    """A bf16 predictor with bf16 activations takes the native 16-bit path for h = x V; V given as a
+    transposed view (column-major) must be handled too."""
     c = make_case(3, 53, 97, torch.bfloat16, "cpu", "pred", sparsity=0.6, seed=13)
-    c["pred_v"], c["pred_u"] = c["pred_v"].to(torch.bfloat16), c["pred_u"].to(torch.bfloat16)
+    c["pred_v"], c["pred_u"] = c["pred_v"].to(torch.bfloat16).t().contiguous().t(), c["pred_u"].to(torch.bfloat16)
+    assert c["pred_v"].stride(-1) != 1
     c["thr"] = torch.quantile(scores64(c).flatten().float(), 0.6).reshape(())
     check(c, *run_kernel(c, config=SMALL_BLOCKS))
 
