@@ -62,25 +62,28 @@ def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mo
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
-def _topk_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, sparsity, decode_only):
+def _topk_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, sparsity, decode_only,
+               kernels=True):
     if decode_only and not is_decode_step(x):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
     return reference.topk_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, sparsity)
 
 
-def _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only):
+def _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only,
+                    kernels=True):
     if decode_only and not is_decode_step(x):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
-    if _use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and threshold.device == x.device:
+    if kernels and _use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and threshold.device == x.device:
         return _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation,
                             triton_ffn.MODE_OF_SCORE[score], threshold)
     return reference.threshold_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold)
 
 
-def _predictor_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau, decode_only):
+def _predictor_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau, decode_only,
+                    kernels=True):
     if decode_only and not is_decode_step(x):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
-    if (_use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and tau.device == x.device
+    if kernels and (_use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and tau.device == x.device
             and pred_v.is_cuda and pred_u.is_cuda):
         return _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation,
                             triton_ffn.MODE_PRED, tau, pred_v, pred_u)
@@ -136,7 +139,7 @@ for _op, _impl in IMPLS.items():
         wants = [isinstance(a, Tensor) and a.is_floating_point() and i < N_FFN_TENSORS for i, a in enumerate(args)]
         with torch.enable_grad():
             leaves = [a.detach().requires_grad_(True) if w else a for a, w in zip(args, wants)]
-            out = _impl(*leaves)
+            out = _impl(*leaves, kernels=False)  # the Triton kernels have no autograd: use the reference
             inputs = [leaf for leaf, w in zip(leaves, wants) if w]
             grads = iter(torch.autograd.grad(out, inputs, grad, allow_unused=True))
         return tuple(next(grads) if w else None for w in wants)
