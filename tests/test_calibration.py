@@ -244,3 +244,13 @@ def test_new_calibration_never_reuses_a_stale_compiled_graph(tmp_path):
         # B (and A again) have the same graph and buffer shapes as A: Inductor's FX graph cache serves the compiled
         # code, and the numbers above show it reads the thresholds at run time instead of baking them in
         assert counters["inductor"]["fxgraph_cache_hit"] > hits_before
+
+
+def test_many_calibrations_in_one_process_do_not_exhaust_dynamo():
+    """One observer backend for every calibrate() call: Dynamo reuses its graph instead of adding a cache entry
+    per call (its recompile limit is 8), so the 10th calibration still observes the model."""
+    model = tiny_llama(layers=1)
+    data = random_batches(1)
+    thresholds = [float(calibrate(model, data, prac("cats", s), progress=False).state["model.layers.0.mlp"]["threshold"])
+                  for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)]
+    assert thresholds == sorted(thresholds) and len(set(thresholds)) == 10

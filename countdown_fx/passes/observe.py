@@ -28,16 +28,49 @@ SiteCallback = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class SiteObserver(nn.Module):
-    """Computes one gated FFN densely (as the reference does) and reports its tokens to the session."""
+    """Computes one gated FFN densely (as the reference does) and reports its tokens to the active session."""
 
-    def __init__(self, session: "ObserveSession", key: str, activation: str):
+    def __init__(self, info: dict):
         super().__init__()
-        self.session, self.key, self.activation = session, key, activation
+        self.key, self.activation, self.info = info["key"], info["activation"], info
 
     def forward(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         act_g, u = reference.gate_up(x, w_gate, w_up, b_gate, b_up, self.activation)
-        self.session.report(self.key, x, act_g, u)
+        if _ACTIVE:
+            _ACTIVE[-1].report(self.info, x, act_g, u)
         return F.linear(act_g * u, w_down, b_down)
+
+
+# The session whose batch is running. Observers look it up at run time instead of holding a session, so the
+# graphs Dynamo compiled for one calibration serve the next ones too: one backend function for all
+# sessions means no new cache entry per calibrate() call (Dynamo's recompile limit is 8 per function).
+_ACTIVE: list["ObserveSession"] = []
+
+
+def observer_backend(gm: fx.GraphModule, example_inputs):
+    """Dynamo backend: every matched site becomes a SiteObserver; the rest of the graph runs as captured."""
+    sites = match_sites(gm, example_inputs)
+    for i, site in enumerate(sites):
+        _instrument(gm, site, i)
+    if sites:
+        gm.graph.lint()
+        gm.recompile()
+    log.info("countdown: observing %d site(s) in a captured graph", len(sites))
+    return gm.forward
+
+
+def _instrument(gm: fx.GraphModule, site: Site, index: int) -> None:
+    name = f"countdown_observer_{index}"
+    gm.add_submodule(name, SiteObserver(site.describe()))
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        w_gate, w_up = _halves(gm, site, site.gate_weight, site.up_weight)
+        b_gate, b_up = _halves(gm, site, site.gate_bias, site.up_bias)
+        args = (site.x, w_gate, w_up, _node(gm, site.down_weight), b_gate, b_up, _node(gm, site.down_bias))
+        new = graph.call_module(name, args)
+    new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    site.output.replace_all_uses_with(new)
+    _erase_unused(graph, site.output, stop=site.x)
 
 
 class ObserveSession:
@@ -54,40 +87,14 @@ class ObserveSession:
         self.callback: SiteCallback | None = None
         self.token_mask: torch.Tensor | None = None
         self.calls = 0
-        self.compiled = torch.compile(model, backend=self._backend)
+        self.compiled = torch.compile(model, backend=observer_backend)
 
-    # -- the backend --------------------------------------------------------------------------------
-    def _backend(self, gm: fx.GraphModule, example_inputs):
-        sites = match_sites(gm, example_inputs)
-        for i, site in enumerate(sites):
-            self._instrument(gm, site, i, example_inputs)
-        if sites:
-            gm.graph.lint()
-            gm.recompile()
-        log.info("countdown: observing %d site(s) in a captured graph", len(sites))
-        return gm.forward
-
-    def _instrument(self, gm: fx.GraphModule, site: Site, index: int, example_inputs) -> None:
-        info = site.describe()
-        known = self.sites.get(site.key)
-        if known is not None and (known["d_model"], known["d_inter"]) != (site.d_model, site.d_inter):
-            raise ValueError(f"site {site.key!r} appears in two graphs with different shapes: {known} vs {info}")
-        self.sites[site.key] = info
-        name = f"countdown_observer_{index}"
-        gm.add_submodule(name, SiteObserver(self, site.key, site.activation))
-        graph = gm.graph
-        with graph.inserting_before(site.output):
-            w_gate, w_up = _halves(gm, site, site.gate_weight, site.up_weight)
-            b_gate, b_up = _halves(gm, site, site.gate_bias, site.up_bias)
-            args = (site.x, w_gate, w_up, _node(gm, site.down_weight), b_gate, b_up, _node(gm, site.down_bias))
-            new = graph.call_module(name, args)
-        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
-        site.output.replace_all_uses_with(new)
-        _erase_unused(graph, site.output, stop=site.x)
-
-    # -- running ------------------------------------------------------------------------------------
-    def report(self, key: str, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> None:
+    def report(self, info: dict, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> None:
         self.calls += 1
+        key = info["key"]
+        known = self.sites.setdefault(key, info)
+        if (known["d_model"], known["d_inter"]) != (info["d_model"], info["d_inter"]):
+            raise ValueError(f"site {key!r} appears in two graphs with different shapes: {known} vs {info}")
         if self.callback is None:
             return
         x, act_g, u = (t.reshape(-1, t.shape[-1]) for t in (x, act_g, u))
@@ -103,9 +110,11 @@ class ObserveSession:
         self.calls = 0
         args, kwargs = _call_args(batch)
         self.token_mask = kwargs.get("attention_mask")
+        _ACTIVE.append(self)
         try:
             self.compiled(*args, **kwargs)
         finally:
+            _ACTIVE.pop()
             self.token_mask = None
         return self.calls
 
