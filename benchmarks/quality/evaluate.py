@@ -200,6 +200,7 @@ def plot(path: Path, rows, sparsities, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.* below)
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     colors = {"cats": "tab:orange", "m-countdown": "tab:blue", "d-countdown": "tab:green"}
@@ -215,6 +216,8 @@ def plot(path: Path, rows, sparsities, title: str) -> None:
             ax.axhline(dense[f"{setting}_{metric}"], color="black", lw=1, ls=":", label="dense")
             if metric == "ppl":
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
             ax.set_title(f"{setting} tokens sparse" if setting == "all" else "decode steps sparse (prefill dense)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
