@@ -191,6 +191,8 @@ def write_markdown(path: Path, rows, sparsities, meta: dict, notes: list[str]) -
                      f"{r['all_acc']:.3f} | {r['all_realised']:.3f} | {r['decode_ppl']:.3f} | {rel('decode')} | "
                      f"{r['decode_acc']:.3f} | {r['decode_realised']:.3f} |")
     lines += ["", "## Findings (computed from the table)", ""] + [f"- {n}" for n in notes]
+    lines += ["", "What this means, across the reference models and against the expected results: "
+              "[quality_summary.md](quality_summary.md)."]
     lines += ["", f"![quality vs sparsity]({path.with_suffix('.png').name})", ""]
     path.write_text("\n".join(lines))
 
