@@ -91,6 +91,41 @@ def _worker(rank, port, tmp):
         dist.destroy_process_group()
 
 
+def _dtensor_worker(rank, port):
+    """The same FFN sharded by torch.distributed.tensor.parallel (DTensor column/row-parallel linears)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        sys.path.insert(0, os.path.dirname(__file__))
+        import countdown_fx
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from tiny_models import GptFastFeedForward
+
+        w1, w3, w2 = _weights()
+        model = GptFastFeedForward(D_MODEL, D_INTER).eval()
+        with torch.no_grad():
+            for lin, w in ((model.w1, w1), (model.w3, w3), (model.w2, w2)):
+                lin.weight.copy_(w)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        parallelize_module(model, mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+        x = torch.randn(3, 1, D_MODEL, generator=torch.Generator().manual_seed(1))
+        sites = countdown_fx.find_sites(model, x)
+        assert [(s.key, s.d_inter) for s in sites] == [(f"<root>@tp{rank}of{WORLD}", D_INTER // WORLD)]
+        with torch.no_grad():
+            dense = F.linear(F.silu(x @ w1.t()) * (x @ w3.t()), w2)
+            for sparsity, want in ((0.0, dense), (0.6, _shard_local_topk(x, w1, w3, w2, 0.6))):
+                torch._dynamo.reset()
+                out = torch.compile(model, backend="countdown", options={"sparsity": sparsity})(x)
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_parallelized_ffn_on_two_gloo_processes():
+    mp.spawn(_dtensor_worker, args=(_free_port(),), nprocs=WORLD)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -55,6 +55,7 @@ class Site:
     dtype: torch.dtype
     output: fx.Node  # the down projection's node; the rewrite replaces it
     shard: str | None = None  # "tp<rank>of<world>" when the output is all-reduced (a tensor-parallel shard)
+    dtensor_group: str | None = None  # DTensor TP: the rewrite works on local shards, then all-reduces here
 
     @property
     def layout(self) -> str:
@@ -255,7 +256,7 @@ def _split_source(gm, node):
 
 def _projection(gm, node):
     """-> (linear_node, half) where half is None for a plain linear, 0/1 for a half of a fused one."""
-    node = _skip_identity(gm, node)
+    node = _dtensor_source(_skip_identity(gm, node))
     if _as_linear(gm, node):
         return node, None
     return _as_half(gm, node)
@@ -341,7 +342,7 @@ def _match_at(gm, down, example_inputs, index) -> Site | None:
     lin = _as_linear(gm, down)
     if lin is None:
         return None
-    product, w_down, b_down = _skip_identity(gm, lin[0]), lin[1], lin[2]
+    product, w_down, b_down = _local(_skip_identity(gm, lin[0])), lin[1], lin[2]
     if not _is_mul(product) or len(product.args) != 2:
         return None
     for act_side, up_side in (product.args, product.args[::-1]):
@@ -365,7 +366,7 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
         return None
     if gate_half is None:
         fused = None
-        if gate_lin is up_lin or gate_x is not up_x:
+        if gate_lin is up_lin or _local(gate_x) is not _local(up_x):
             return None
     else:
         if gate_lin is not up_lin or gate_half == up_half:
@@ -375,6 +376,13 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
     if not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in (wg, wu, wd)):
         log.info("countdown: skipping a gated FFN at %s: weight shapes unknown", down.name)
         return None
+    output, shard, group = down, _tensor_parallel_shard(down), None
+    if _is_dtensor(wg):
+        tp = _dtensor_tensor_parallel(down, wg, wu, wd, fused, b_down)
+        if tp is None:
+            return None
+        output, shard, group = tp
+        wg, wu, wd = wg.to_local(), wu.to_local(), wd.to_local()
     d_inter = wg.shape[0] // 2 if fused else wg.shape[0]
     d_model = wg.shape[1]
     if tuple(wd.shape) != (d_model, d_inter) or tuple(wu.shape[1:]) != (d_model,):
@@ -382,12 +390,70 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
                  tuple(wg.shape), tuple(wu.shape), tuple(wd.shape))
         return None
     key = _site_key(gm, [gate_lin, up_lin, down]) or f"site{index}"
-    shard = _tensor_parallel_shard(down)
     if shard:
         key = f"{key}@{shard}"
-    return Site(shard=shard, key=key, x=gate_x, gate_weight=w_gate, up_weight=w_up, down_weight=w_down, gate_bias=b_gate,
-                up_bias=b_up, down_bias=b_down, activation=act_name, fused=fused, d_model=int(d_model),
-                d_inter=int(d_inter), dtype=wg.dtype, output=down)
+    return Site(shard=shard, dtensor_group=group, key=key, x=_local(gate_x), gate_weight=w_gate, up_weight=w_up,
+                down_weight=w_down, gate_bias=b_gate, up_bias=b_up, down_bias=b_down, activation=act_name,
+                fused=fused, d_model=int(d_model), d_inter=int(d_inter), dtype=wg.dtype, output=output)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tensor parallelism: hand-sharded modules (an all-reduce after down) and DTensor parallelize_module graphs,
+# where every linear is wrapped: from_local(x) -> linear(DTensor weight) -> redistribute -> to_local.
+
+
+def _is_method(node, name: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
+
+
+def _is_from_local(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and getattr(node.target, "__name__", "") == "from_local"
+
+
+def _local(node):
+    """The local tensor behind DTensor.from_local(...) wrappers."""
+    while _is_from_local(node):
+        node = node.args[0]
+    return node
+
+
+def _dtensor_source(node):
+    """The DTensor op behind `.redistribute(...).to_local()` (a parallel linear's output hook)."""
+    if _is_method(node, "to_local"):
+        node = node.args[0]
+    if _is_method(node, "redistribute"):
+        node = node.args[0]
+    return node
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _dtensor_tensor_parallel(down, wg, wu, wd, fused, b_down):
+    """(output node, shard, group name) of a DTensor column/row-parallel FFN, or None (logged) when the
+    layout is another one: gate/up weights Shard(0), down weight Shard(1), output redistributed, no fusion
+    and no down bias (a replicated bias must be added once, after the all-reduce)."""
+    from torch.distributed.tensor import Shard
+
+    placements = [w.placements for w in (wg, wu, wd)]
+    redistribute = next(iter(down.users), None) if len(down.users) == 1 else None
+    to_local = next(iter(redistribute.users), None) if _is_method(redistribute, "redistribute") and len(
+        redistribute.users) == 1 else None
+    reason = None
+    if placements != [(Shard(0),), (Shard(0),), (Shard(1),)]:
+        reason = f"placements {placements} are not column-parallel gate/up and row-parallel down"
+    elif fused or b_down is not None:
+        reason = "fused gate_up or a down bias under DTensor TP is not supported yet"
+    elif not _is_method(to_local, "to_local"):
+        reason = "its output is not redistributed to a local tensor"
+    if reason:
+        log.info("countdown: skipping the DTensor FFN at %s: %s", down.name, reason)
+        return None
+    mesh = wg.device_mesh
+    return to_local, f"tp{mesh.get_local_rank()}of{mesh.size()}", mesh.get_group().group_name
 
 
 _ALL_REDUCE = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce}

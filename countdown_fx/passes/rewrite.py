@@ -64,6 +64,9 @@ def rewrite_sites(
             b_gate, b_up = _gate_up_weights(gm, site, site.gate_bias, site.up_bias, site.d_inter)
             w_down_t = _down_transposed(gm, site, example_inputs)
             b_down = _node(gm, site.down_bias)
+            if site.dtensor_group:  # DTensor TP: the op works on this rank's shards
+                w_gate, w_up, b_gate, b_up = (graph.call_method("to_local", (n,)) if n is not None else None
+                                              for n in (w_gate, w_up, b_gate, b_up))
             ffn = (site.x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
             if config.regime == "ideal":
                 args = (*ffn, config.score, config.sparsity, decode_only)
@@ -74,11 +77,16 @@ def rewrite_sites(
                     args = (*ffn, state["pred_v"], state["pred_u"], state["tau"], decode_only)
                 else:
                     args = (*ffn, config.score, state["threshold"], decode_only)
-            new = graph.call_function(op, args)
+            new = result = graph.call_function(op, args)
+            if site.dtensor_group:  # the shard-local partial sums, reduced as the row-parallel linear would
+                reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default,
+                                              (new, "sum", site.dtensor_group))
+                result = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+                result.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value")})
         new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "nn_module_stack",
                                                                               "stack_trace", "tensor_meta")})
         new.meta["countdown_site"] = site.key
-        site.output.replace_all_uses_with(new)
+        site.output.replace_all_uses_with(result)
         _erase_unused(graph, site.output, stop=site.x)
         counters["sites_rewritten"] += 1
         log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
@@ -124,6 +132,8 @@ def _down_transposed(gm, site: Site, example_inputs):
     """W_down^T [d_inter, d_model]. On CUDA it is materialised once as a contiguous graph buffer (the
     kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing."""
     value = weight_value(gm, site.down_weight, example_inputs)
+    if site.dtensor_group:
+        return gm.graph.call_function(aten.t.default, (gm.graph.call_method("to_local", (site.down_weight,)),))
     if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
         counters["w_down_t_bytes"] += value.numel() * value.element_size()
         return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
