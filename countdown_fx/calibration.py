@@ -126,6 +126,20 @@ class Calibration:
             raise ValueError(f"calibration{self._from()} has no state for site {key!r}")
         return {name: self.state[key][name].clone() for name in self._needed()}
 
+    def with_tau(self, tau: float) -> "Calibration":
+        """A copy whose D-CountDown predictors keep logit > `tau` at every site (a deploy-time shift of the
+        speed / quality trade-off; the realised sparsity then differs from the calibrated target)."""
+        if self.method != "d-countdown":
+            raise ValueError(f"tau applies to d-countdown calibrations; this one is {self.method}")
+        if not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number, got {tau!r}")
+        state = {k: {**v, "tau": torch.tensor(float(tau), dtype=torch.float32)} for k, v in self.state.items()}
+        stats = {k: {**v, "tau": float(tau)} for k, v in self.stats.items()}  # measured numbers no longer apply
+        for v in stats.values():
+            for name in ("realised_sparsity", "precision", "recall"):
+                v.pop(name, None)
+        return Calibration(self.config.replace(tau=float(tau)), self.sites, state, stats, self.meta, self.source)
+
     # -- files --------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file: tensors "<site key>::<name>", everything else as JSON metadata."""

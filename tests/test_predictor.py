@@ -138,3 +138,14 @@ def test_few_tokens_for_many_steps_warns(model, batches):
     with pytest.warns(UserWarning, match="epochs over the same tokens"):
         cal = calibrate(model, few, d_config(predictor_steps=2, predictor_batch_tokens=1024), progress=False)
     assert all(s["steps"] == 2 for s in cal.stats.values())
+
+
+def test_with_tau_shifts_every_site(model, batches):
+    cal = calibrate(model, batches[:2], d_config(predictor_steps=5), progress=False)
+    shifted = cal.with_tau(1.5)
+    assert shifted.config.tau == 1.5 and all(float(st_["tau"]) == 1.5 for st_ in shifted.state.values())
+    assert all(torch.equal(shifted.state[k]["pred_v"], cal.state[k]["pred_v"]) for k in cal.state)
+    assert "realised_sparsity" not in next(iter(shifted.stats.values()))  # no stale measurement is reported
+    with pytest.raises(ValueError, match="d-countdown"):
+        calibrate(model, batches[:1], CountDownConfig(method="cats", sparsity=0.5, regime="prac"),
+                  progress=False).with_tau(0.0)
