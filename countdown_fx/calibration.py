@@ -146,7 +146,7 @@ class Calibration:
         from safetensors.torch import save_file
 
         tensors = {f"{key}::{name}": t.contiguous() for key, st in self.state.items() for name, t in st.items()}
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **_versions(), **self.meta,
+        header = {**self.meta, "format": FORMAT, "format_version": FORMAT_VERSION, **_versions(),
                   "config": {f: getattr(self.config, f) for f in SAVED_FIELDS},
                   "sites": self.sites, "stats": self.stats}
         save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})

@@ -254,3 +254,13 @@ def test_many_calibrations_in_one_process_do_not_exhaust_dynamo():
     thresholds = [float(calibrate(model, data, prac("cats", s), progress=False).state["model.layers.0.mlp"]["threshold"])
                   for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)]
     assert thresholds == sorted(thresholds) and len(set(thresholds)) == 10
+
+
+def test_incomplete_state_is_refused_naming_the_site():
+    cfg = prac("d-countdown", 0.7)
+    sites = {"a.mlp": {"d_model": 4, "d_inter": 6}, "b.mlp": {"d_model": 4, "d_inter": 6}}
+    good = {"pred_v": torch.zeros(4, 2), "pred_u": torch.zeros(6, 2), "tau": torch.tensor(0.0)}
+    with pytest.raises(ValueError, match=r"lacks \['tau'\] for site 'b.mlp'"):
+        Calibration(cfg, sites, {"a.mlp": good, "b.mlp": {k: v for k, v in good.items() if k != "tau"}})
+    with pytest.raises(ValueError, match=r"site 'b.mlp'.*\[d_inter=6, r\]"):
+        Calibration(cfg, sites, {"a.mlp": good, "b.mlp": {**good, "pred_u": torch.zeros(7, 2)}})
