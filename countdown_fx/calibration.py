@@ -249,6 +249,9 @@ def calibrate(model: nn.Module, batches, config: CountDownConfig, *, progress: b
     an `attention_mask` of the same [batch, seq] shape is left out of the statistics.
     Raises ValueError on empty or too-short data (< MIN_CALIBRATION_TOKENS tokens per site) and on
     non-finite activations, naming the site.
+
+    Whole sequences serve apply_to="decode" too: in a causal LM the FFN input of a decode step is the same
+    vector as that position's in a full dense forward pass, so every position is a decode-token sample.
     """
     return calibrate_sweep(model, batches, [config], progress=progress)[0]
 
