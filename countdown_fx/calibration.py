@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
