@@ -9,6 +9,7 @@ importing countdown_fx; `countdown_fx.backend.countdown_backend` is the same fun
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -30,34 +31,41 @@ NO_SITE_WARNING = (
 )
 
 
+# Config fields a calibration fixes: asking for another value next to it is a contradiction, not an override.
+CALIBRATED_FIELDS = ("method", "sparsity", "threshold_rule", "predictor_rank")
+
+
 def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
     """(config, calibration) from backend options. A calibration supplies method, sparsity and regime
-    unless the options name them; options that contradict the calibration are refused."""
-    config = CountDownConfig.from_options(options)
-    calibration = config.calibration
+    unless the options name them; options (or an explicit `config`) that contradict it are refused, and a
+    `tau` option shifts a D-CountDown calibration's logit threshold at every site."""
+    given = dict(options or {})
+    base = given.pop("config", None)
+    if base is not None and not isinstance(base, CountDownConfig):
+        raise ValueError(f"option config must be a CountDownConfig, got {type(base).__name__}")
+    calibration = given.get("calibration", base.calibration if base is not None else None)
     if calibration is None:
-        return config, None
+        return CountDownConfig.from_options({"config": base, **given} if base is not None else given), None
     if isinstance(calibration, (str, os.PathLike)):
         from .calibration import Calibration
 
         calibration = Calibration.load(calibration)
-    given = dict(options or {})
     cal_cfg = calibration.config
-    for key in ("method", "sparsity", "threshold_rule", "predictor_rank"):
-        if key in given and given[key] != getattr(cal_cfg, key):
+    stated = {**({f: getattr(base, f) for f in CALIBRATED_FIELDS} if base is not None else {}), **given}
+    for key in CALIBRATED_FIELDS:
+        if key in stated and stated[key] != getattr(cal_cfg, key):
             raise ValueError(
-                f"option {key}={given[key]!r} contradicts the calibration, which was made with "
-                f"{key}={getattr(cal_cfg, key)!r}; calibrate again for {key}={given[key]!r} or drop the option"
+                f"option {key}={stated[key]!r} contradicts the calibration, which was made with "
+                f"{key}={getattr(cal_cfg, key)!r}; calibrate again for {key}={stated[key]!r} or drop the option"
             )
-    changes = {"method": cal_cfg.method, "sparsity": cal_cfg.sparsity, "threshold_rule": cal_cfg.threshold_rule,
-               "predictor_rank": cal_cfg.predictor_rank, "calibration": calibration}
-    if "regime" not in given:
-        changes["regime"] = "prac"
-    if "apply_to" not in given:
-        changes["apply_to"] = cal_cfg.apply_to
-    if "tau" not in given:
-        changes["tau"] = cal_cfg.tau
-    return config.replace(**changes), calibration
+    if given.get("tau") is not None and given["tau"] != cal_cfg.tau:
+        calibration = calibration.with_tau(given["tau"])  # refuses methods other than d-countdown
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)} if base is not None else {}
+    fields.update(given)
+    fields.update({key: getattr(cal_cfg, key) for key in CALIBRATED_FIELDS})
+    fields.update(calibration=calibration, tau=calibration.config.tau, regime=given.get("regime", "prac"),
+                  apply_to=given.get("apply_to", cal_cfg.apply_to))
+    return CountDownConfig.from_options(fields), calibration
 
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence, config: CountDownConfig, calibration=None) -> fx.GraphModule:

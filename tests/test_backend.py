@@ -142,3 +142,27 @@ def test_mode_maps_to_inductor_patches():
     patches = inductor_patches(CountDownConfig(mode="reduce-overhead", inductor_options={"max_autotune": False}))
     assert patches["triton.cudagraphs"] is True and patches["max_autotune"] is False
     assert inductor_patches(CountDownConfig()) == {}
+
+
+def test_calibration_options_contradictions_are_refused_and_tau_shifts_the_predictor():
+    from countdown_fx.backend import resolve
+    from countdown_fx.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(3)]
+    cal = calibrate(model, batches, CountDownConfig(method="d-countdown", sparsity=0.7, regime="prac"), progress=False)
+    config, _ = resolve({"calibration": cal})
+    assert (config.method, config.sparsity, config.regime) == ("d-countdown", 0.7, "prac")
+    with pytest.raises(ValueError, match=r"sparsity=0.5 contradicts the calibration.*sparsity=0.7"):
+        resolve({"calibration": cal, "sparsity": 0.5})
+    with pytest.raises(ValueError, match=r"method='m-countdown' contradicts"):  # an explicit config counts too
+        resolve({"config": CountDownConfig(method="m-countdown", sparsity=0.7), "calibration": cal})
+    config, shifted = resolve({"calibration": cal, "tau": 2.5})
+    assert config.tau == 2.5 and all(float(s["tau"]) == 2.5 for s in shifted.state.values())
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        base = torch.compile(model, backend="countdown", options={"calibration": cal})(x)
+        torch._dynamo.reset()
+        high_tau = torch.compile(model, backend="countdown", options={"calibration": cal, "tau": 1e6})(x)
+    assert (base - high_tau).abs().max() > 1e-4  # tau = 1e6 keeps no neuron: a different output
