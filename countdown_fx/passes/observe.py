@@ -19,9 +19,9 @@ from torch import fx, nn
 
 from ..kernels import reference
 from .match import Site, match_sites
+from .rewrite import erase_unused, gate_up_nodes, weight_node
 
 log = logging.getLogger(__name__)
-aten = torch.ops.aten
 
 # callback(site_key, x [N, d_model], act_g [N, d_inter], u [N, d_inter]); N = the real tokens of the batch
 SiteCallback = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -64,13 +64,14 @@ def _instrument(gm: fx.GraphModule, site: Site, index: int) -> None:
     gm.add_submodule(name, SiteObserver(site.describe()))
     graph = gm.graph
     with graph.inserting_before(site.output):
-        w_gate, w_up = _halves(gm, site, site.gate_weight, site.up_weight)
-        b_gate, b_up = _halves(gm, site, site.gate_bias, site.up_bias)
-        args = (site.x, w_gate, w_up, _node(gm, site.down_weight), b_gate, b_up, _node(gm, site.down_bias))
+        w_gate, w_up = gate_up_nodes(gm, site, site.gate_weight, site.up_weight)
+        b_gate, b_up = gate_up_nodes(gm, site, site.gate_bias, site.up_bias)
+        w_down, b_down = weight_node(gm, site.down_weight), weight_node(gm, site.down_bias)
+        args = (site.x, w_gate, w_up, w_down, b_gate, b_up, b_down)
         new = graph.call_module(name, args)
     new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
     site.output.replace_all_uses_with(new)
-    _erase_unused(graph, site.output, stop=site.x)
+    erase_unused(graph, site.output, stop=site.x)
 
 
 class ObserveSession:
@@ -119,19 +120,6 @@ class ObserveSession:
         return self.calls
 
 
-def _erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
-    """Erase the replaced FFN (root and what only it used, back to its input). Not graph-wide dead-code
-    elimination: that would also drop in-place ops nothing reads, such as static KV-cache writes."""
-    pending = [root]
-    while pending:
-        node = pending.pop()
-        if node._erased or node.users or node is stop or node.op in ("placeholder", "output"):
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        pending.extend(inputs)
-
-
 def _call_args(batch) -> tuple[tuple, dict]:
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
@@ -139,24 +127,6 @@ def _call_args(batch) -> tuple[tuple, dict]:
         return (), dict(batch)
     raise TypeError(f"a calibration batch must be a LongTensor of input_ids or a dict of model kwargs, "
                     f"got {type(batch).__name__}")
-
-
-def _node(gm: fx.GraphModule, ref):
-    if ref is None or isinstance(ref, fx.Node):
-        return ref
-    return gm.graph.get_attr(ref)
-
-
-def _halves(gm: fx.GraphModule, site: Site, gate_ref, up_ref):
-    """(gate, up) weight or bias nodes; a fused [2 * d_inter, ...] tensor is sliced in two row halves."""
-    if gate_ref is None and up_ref is None:
-        return None, None
-    if site.fused is None:
-        return _node(gm, gate_ref), _node(gm, up_ref)
-    fused, d = _node(gm, gate_ref), site.d_inter
-    first = gm.graph.call_function(aten.slice.Tensor, (fused, 0, 0, d))
-    second = gm.graph.call_function(aten.slice.Tensor, (fused, 0, d, 2 * d))
-    return (first, second) if site.fused == "gate-up" else (second, first)
 
 
 def run_pass(session: ObserveSession, batches: Iterable, callback: SiteCallback, desc: str,

@@ -60,10 +60,10 @@ def rewrite_sites(
     graph = gm.graph
     for site in sites:
         with graph.inserting_before(site.output):
-            w_gate, w_up = _gate_up_weights(gm, site, site.gate_weight, site.up_weight, site.d_inter)
-            b_gate, b_up = _gate_up_weights(gm, site, site.gate_bias, site.up_bias, site.d_inter)
+            w_gate, w_up = gate_up_nodes(gm, site, site.gate_weight, site.up_weight)
+            b_gate, b_up = gate_up_nodes(gm, site, site.gate_bias, site.up_bias)
             w_down_t = _down_transposed(gm, site, example_inputs)
-            b_down = _node(gm, site.down_bias)
+            b_down = weight_node(gm, site.down_bias)
             if site.dtensor_group:  # DTensor TP: the op works on this rank's shards
                 w_gate, w_up, b_gate, b_up = (graph.call_method("to_local", (n,)) if n is not None else None
                                               for n in (w_gate, w_up, b_gate, b_up))
@@ -87,7 +87,7 @@ def rewrite_sites(
                                                                               "stack_trace", "tensor_meta")})
         new.meta["countdown_site"] = site.key
         site.output.replace_all_uses_with(result)
-        _erase_unused(graph, site.output, stop=site.x)
+        erase_unused(graph, site.output, stop=site.x)
         counters["sites_rewritten"] += 1
         log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
                  site.d_model, site.d_inter, site.layout, op)
@@ -96,7 +96,7 @@ def rewrite_sites(
     return gm
 
 
-def _erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
+def erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
     """Erase the replaced site: `root` and whatever it alone used, back to the FFN input `stop`.
     Not a graph-wide dead-code elimination, which would also drop unused in-place ops (KV cache writes)."""
     pending = [root]
@@ -109,20 +109,20 @@ def _erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
         pending.extend(inputs)
 
 
-def _node(gm: fx.GraphModule, ref: WeightRef | None):
+def weight_node(gm: fx.GraphModule, ref: WeightRef | None):
     """An fx.Node for a weight reference (a call_module's parameter becomes a get_attr)."""
     if ref is None or isinstance(ref, fx.Node):
         return ref
     return gm.graph.get_attr(ref)
 
 
-def _gate_up_weights(gm, site: Site, gate_ref, up_ref, d_inter: int):
+def gate_up_nodes(gm, site: Site, gate_ref, up_ref):
     """(gate, up) tensors as nodes; a fused [2I, ...] weight or bias is sliced into row views (no copy)."""
     if gate_ref is None and up_ref is None:
         return None, None
     if site.fused is None:
-        return _node(gm, gate_ref), _node(gm, up_ref)
-    fused = _node(gm, gate_ref)
+        return weight_node(gm, gate_ref), weight_node(gm, up_ref)
+    fused, d_inter = weight_node(gm, gate_ref), site.d_inter
     first = gm.graph.call_function(aten.slice.Tensor, (fused, 0, 0, d_inter))
     second = gm.graph.call_function(aten.slice.Tensor, (fused, 0, d_inter, 2 * d_inter))
     return (first, second) if site.fused == "gate-up" else (second, first)
@@ -137,7 +137,7 @@ def _down_transposed(gm, site: Site, example_inputs):
     if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
         counters["w_down_t_bytes"] += value.numel() * value.element_size()
         return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
-    return gm.graph.call_function(aten.t.default, (_node(gm, site.down_weight),))
+    return gm.graph.call_function(aten.t.default, (weight_node(gm, site.down_weight),))
 
 
 def _device(gm, site: Site, example_inputs) -> torch.device:
