@@ -98,11 +98,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_evaluate(args, rest: list[str]) -> int:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "evaluate.py"
+def _run_checkout_script(command: str, relative: str, rest: list[str]) -> int:
+    """Run a benchmark script of the source checkout (benchmarks/ is not installed with the package)."""
+    script = Path(__file__).resolve().parents[1] / relative
     if not script.is_file():
-        raise SystemExit("countdown-fx evaluate runs benchmarks/quality/evaluate.py of a source checkout, "
-                         f"which is not at {script}; clone the repository to use it")
+        raise SystemExit(f"countdown-fx {command} runs {relative} of a source checkout, which is not at {script}; "
+                         "clone the repository to use it")
     import runpy
 
     sys.argv = [str(script), *rest]
@@ -110,10 +111,24 @@ def cmd_evaluate(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_evaluate(args, rest: list[str]) -> int:
+    return _run_checkout_script("evaluate", "benchmarks/quality/evaluate.py", rest)
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    if not torch.cuda.is_available() and not any(a in ("-h", "--help") for a in rest):
+        print("countdown-fx bench: no CUDA GPU here (torch.cuda.is_available() is False). The speed benchmark "
+              "times the Triton decode kernels against dense Inductor on a GPU; on a CPU the countdown ops run "
+              "their PyTorch reference and there is nothing to measure. Results measured on an H100 are in "
+              "benchmarks/results/speed_ffn_decode.md.", file=sys.stderr)
+        return 1
+    return _run_checkout_script("bench", "benchmarks/speed/ffn_decode.py", rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="countdown-fx", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{calibrate,inspect,evaluate}")
+    sub = p.add_subparsers(dest="command", metavar="{calibrate,inspect,evaluate,bench}")
 
     c = sub.add_parser("calibrate", help="calibrate SP-Prac thresholds / predictors and save them",
                        description="Run a local checkpoint densely on calibration data and save per-site "
@@ -156,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("evaluate", help="quality harness (perplexity / accuracy vs sparsity); options: evaluate --help",
                    add_help=False)
+    sub.add_parser("bench", help="decode FFN speed benchmark on a CUDA GPU (kernels vs dense Inductor vs the "
+                                 "bytes ceiling); options: bench --help", add_help=False)
     return p
 
 
@@ -164,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["evaluate"]:
         return cmd_evaluate(None, argv[1:])
+    if argv[:1] == ["bench"]:
+        return cmd_bench(None, argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -92,3 +92,14 @@ def test_help_from_a_fresh_interpreter():
     assert res.returncode == 0
     for flag in ("--model", "--data", "--method", "--sparsity", "--out", "--rule"):
         assert flag in res.stdout
+
+
+def test_bench_says_clearly_when_there_is_no_gpu(capsys):
+    import torch
+
+    from countdown_fx.cli import main
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine bench really runs; this test is about the CPU answer
+    assert main(["bench"]) == 1
+    assert "no CUDA GPU here" in capsys.readouterr().err

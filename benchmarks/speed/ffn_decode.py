@@ -209,12 +209,12 @@ def compare_sides(L, log, batches, sps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
+    ap.add_argument("--out", default=".", help="folder for the .md / .json results")
     ap.add_argument("--quick", action="store_true", help="llama shape only")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs first (llama shape)")
-    ap.add_argument("--commit", default=None)
-    ap.add_argument("--batches", default="1,2,4,8,16")
-    ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9")
+    ap.add_argument("--commit", default=None, help="commit named in the table header (default: git rev-parse)")
+    ap.add_argument("--batches", default="1,2,4,8,16", help="comma-separated decode batch sizes (tokens per step)")
+    ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9", help="comma-separated target sparsities")
     ap.add_argument("--compare-sides", action="store_true",
                     help="only compare the two sparse-side implementations (Llama shape), no table")
     args = ap.parse_args()
