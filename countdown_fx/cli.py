@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .config import CountDownConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,7 +72,6 @@ def token_windows(ids: torch.Tensor, seq_len: int, batch_size: int, max_tokens: 
 
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
-    from .config import CountDownConfig
 
     config = CountDownConfig(
         method=args.method, sparsity=args.sparsity, regime="prac", threshold_rule=args.rule,
@@ -145,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rule", choices=["mean-kth", "quantile"], default="mean-kth",
                    help="threshold rule for cats / m-countdown (mean-kth: the paper; quantile: CATS)")
     c.add_argument("--rank", type=int, default=None, help="d-countdown predictor rank (default: <= 5%% of the FFN)")
-    c.add_argument("--steps", type=int, default=200, help="d-countdown predictor AdamW steps")
-    c.add_argument("--lr", type=float, default=1e-3, help="d-countdown predictor peak learning rate")
-    c.add_argument("--batch-tokens", type=int, default=1024, help="d-countdown tokens per training step")
+    c.add_argument("--steps", type=int, default=CountDownConfig.predictor_steps, help="d-countdown predictor AdamW steps")
+    c.add_argument("--lr", type=float, default=CountDownConfig.predictor_lr, help="d-countdown predictor peak learning rate")
+    c.add_argument("--batch-tokens", type=int, default=CountDownConfig.predictor_batch_tokens,
+                   help="d-countdown tokens per training step")
     c.add_argument("--tau", type=float, default=None, help="fixed d-countdown logit threshold (default: calibrated)")
     c.add_argument("--apply-to", choices=["decode", "all"], default="decode",
                    help="recorded in the file: where sparsity applies by default when it is used")

@@ -47,9 +47,10 @@ class CountDownConfig:
     apply_to: str = "decode"
     threshold_rule: str = "mean-kth"
     predictor_rank: int | None = None
-    predictor_steps: int = 200
-    predictor_lr: float = 1e-3
-    predictor_batch_tokens: int = 1024
+    # the settings the committed quality results were measured with (benchmarks/results/quality_*.md)
+    predictor_steps: int = 400
+    predictor_lr: float = 2e-2
+    predictor_batch_tokens: int = 512
     tau: float | None = None
     seed: int = 0
     calibration: Any = field(default=None, hash=False)
