@@ -118,6 +118,22 @@ def _dtensor_worker(rank, port):
                 torch._dynamo.reset()
                 out = torch.compile(model, backend="countdown", options={"sparsity": sparsity})(x)
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            # calibration on the DTensor model: one threshold per shard, applied shard-locally
+            batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+            cal = countdown_fx.calibrate(model, batches, countdown_fx.CountDownConfig(sparsity=0.7, regime="prac"),
+                                         progress=False)
+            assert list(cal.state) == [f"<root>@tp{rank}of{WORLD}"]
+            thresholds = [None] * WORLD
+            dist.all_gather_object(thresholds, float(cal.state[f"<root>@tp{rank}of{WORLD}"]["threshold"]))
+            torch._dynamo.reset()
+            out = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
+            n = D_INTER // WORLD
+            want = 0
+            for r, t in enumerate(thresholds):
+                part = slice(r * n, (r + 1) * n)
+                u = x @ w3[part].t()
+                want = want + (F.silu(x @ w1[part].t()) * u * (u.abs() > t)) @ w2[:, part].t()
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..kernels import reference
 from .match import Site, match_sites
-from .rewrite import erase_unused, gate_up_nodes, weight_node
+from .rewrite import erase_unused, replace_site, site_input_nodes
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,10 @@ def observer_backend(gm: fx.GraphModule, example_inputs):
 def _instrument(gm: fx.GraphModule, site: Site, index: int) -> None:
     name = f"countdown_observer_{index}"
     gm.add_submodule(name, SiteObserver(site.describe()))
-    graph = gm.graph
-    with graph.inserting_before(site.output):
-        w_gate, w_up = gate_up_nodes(gm, site, site.gate_weight, site.up_weight)
-        b_gate, b_up = gate_up_nodes(gm, site, site.gate_bias, site.up_bias)
-        w_down, b_down = weight_node(gm, site.down_weight), weight_node(gm, site.down_bias)
-        args = (site.x, w_gate, w_up, w_down, b_gate, b_up, b_down)
-        new = graph.call_module(name, args)
-    new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
-    site.output.replace_all_uses_with(new)
-    erase_unused(graph, site.output, stop=site.x)
+    with gm.graph.inserting_before(site.output):
+        new = gm.graph.call_module(name, site_input_nodes(gm, site))
+        replace_site(gm, site, new)
+    erase_unused(gm.graph, site.output, stop=site.x)
 
 
 class ObserveSession:

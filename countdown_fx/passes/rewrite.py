@@ -60,14 +60,9 @@ def rewrite_sites(
     graph = gm.graph
     for site in sites:
         with graph.inserting_before(site.output):
-            w_gate, w_up = gate_up_nodes(gm, site, site.gate_weight, site.up_weight)
-            b_gate, b_up = gate_up_nodes(gm, site, site.gate_bias, site.up_bias)
-            w_down_t = _down_transposed(gm, site, example_inputs)
-            b_down = weight_node(gm, site.down_bias)
-            if site.dtensor_group:  # DTensor TP: the op works on this rank's shards
-                w_gate, w_up, b_gate, b_up = (graph.call_method("to_local", (n,)) if n is not None else None
-                                              for n in (w_gate, w_up, b_gate, b_up))
-            ffn = (site.x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
+            x, w_gate, w_up, w_down, b_gate, b_up, b_down = site_input_nodes(gm, site)
+            w_down_t = _down_transposed(gm, site, w_down, example_inputs)
+            ffn = (x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
             if config.regime == "ideal":
                 args = (*ffn, config.score, config.sparsity, decode_only)
             else:
@@ -77,16 +72,10 @@ def rewrite_sites(
                     args = (*ffn, state["pred_v"], state["pred_u"], state["tau"], decode_only)
                 else:
                     args = (*ffn, config.score, state["threshold"], decode_only)
-            new = result = graph.call_function(op, args)
-            if site.dtensor_group:  # the shard-local partial sums, reduced as the row-parallel linear would
-                reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default,
-                                              (new, "sum", site.dtensor_group))
-                result = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
-                result.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value")})
-        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "nn_module_stack",
-                                                                              "stack_trace", "tensor_meta")})
+            new = graph.call_function(op, args)
+            replace_site(gm, site, new)
+        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
         new.meta["countdown_site"] = site.key
-        site.output.replace_all_uses_with(result)
         erase_unused(graph, site.output, stop=site.x)
         counters["sites_rewritten"] += 1
         log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
@@ -94,6 +83,31 @@ def rewrite_sites(
     graph.lint()
     gm.recompile()
     return gm
+
+
+def site_input_nodes(gm: fx.GraphModule, site: Site) -> tuple:
+    """(x, w_gate, w_up, w_down, b_gate, b_up, b_down) of a site as graph nodes, inserted at the current
+    insertion point: a fused gate_up split into row views, W_down as stored [d_model, d_inter], and DTensor
+    shards as their local tensors (the op and the observers work on this rank's neurons)."""
+    w_gate, w_up = gate_up_nodes(gm, site, site.gate_weight, site.up_weight)
+    b_gate, b_up = gate_up_nodes(gm, site, site.gate_bias, site.up_bias)
+    tensors = [w_gate, w_up, weight_node(gm, site.down_weight), b_gate, b_up, weight_node(gm, site.down_bias)]
+    if site.dtensor_group:
+        tensors = [gm.graph.call_method("to_local", (n,)) if n is not None else None for n in tensors]
+    w_gate, w_up, w_down, b_gate, b_up, b_down = tensors
+    return site.x, w_gate, w_up, w_down, b_gate, b_up, b_down
+
+
+def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
+    """Route the users of the site's output to `new`, which computes the FFN (under DTensor TP, the shard's
+    partial sums, all-reduced here as the row-parallel down projection would have done)."""
+    result = new
+    if site.dtensor_group:
+        reduced = gm.graph.call_function(torch.ops._c10d_functional.all_reduce.default, (new, "sum", site.dtensor_group))
+        result = gm.graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+    for node in {new, result}:
+        node.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    site.output.replace_all_uses_with(result)
 
 
 def erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
@@ -128,16 +142,17 @@ def gate_up_nodes(gm, site: Site, gate_ref, up_ref):
     return (first, second) if site.fused == "gate-up" else (second, first)
 
 
-def _down_transposed(gm, site: Site, example_inputs):
+def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs):
     """W_down^T [d_inter, d_model]. On CUDA it is materialised once as a contiguous graph buffer (the
     kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing."""
     value = weight_value(gm, site.down_weight, example_inputs)
-    if site.dtensor_group:
-        return gm.graph.call_function(aten.t.default, (gm.graph.call_method("to_local", (site.down_weight,)),))
-    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
+    if (not site.dtensor_group and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+            and value.is_cuda):
         counters["w_down_t_bytes"] += value.numel() * value.element_size()
+        if w_down.op == "get_attr" and not w_down.users:
+            gm.graph.erase_node(w_down)
         return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
-    return gm.graph.call_function(aten.t.default, (weight_node(gm, site.down_weight),))
+    return gm.graph.call_function(aten.t.default, (w_down,))
 
 
 def _device(gm, site: Site, example_inputs) -> torch.device:
