@@ -68,8 +68,10 @@ def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
     return CountDownConfig.from_options(fields), calibration
 
 
-def transform(gm: fx.GraphModule, example_inputs: Sequence, config: CountDownConfig, calibration=None) -> fx.GraphModule:
-    """The graph pass alone: match + rewrite (no Inductor). Warns once when there is nothing to rewrite."""
+def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: CountDownConfig,
+              calibration=None) -> fx.GraphModule:
+    """The graph pass alone, in place: match + rewrite (no Inductor). Weights must be reachable: get_attr,
+    call_module, or placeholders with `example_inputs`. Warns when there is nothing to rewrite."""
     sites = match_sites(gm, example_inputs)
     counters["sites_found"] += len(sites)
     if not sites:

@@ -9,20 +9,15 @@ The same match + rewrite as the torch.compile backend; only the way in differs.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import fx
 from torch.export import Dim, ExportedProgram
 
-from .backend import NO_SITE_WARNING, resolve
+from .backend import resolve, transform
 from .config import CountDownConfig
-from .passes.match import match_sites
-from .passes.rewrite import rewrite_sites
-
-log = logging.getLogger(__name__)
+from .kernels.ops import COUNTDOWN_OPS
 
 
 def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
@@ -30,17 +25,6 @@ def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
     if isinstance(calibration_or_config, CountDownConfig):
         return resolve({"config": calibration_or_config})
     return resolve({"calibration": calibration_or_config})
-
-
-def sparsify_graph_module(gm: fx.GraphModule, config: CountDownConfig, calibration=None,
-                          example_inputs: Sequence | None = None) -> fx.GraphModule:
-    """Rewrite the sites of `gm` in place (weights must be reachable: get_attr, call_module, or
-    placeholders with `example_inputs`). A graph without sites is returned unchanged, with a warning."""
-    sites = match_sites(gm, example_inputs)
-    if not sites:
-        warnings.warn(NO_SITE_WARNING, stacklevel=3)
-        return gm
-    return rewrite_sites(gm, sites, config, calibration, example_inputs)
 
 
 def _dynamic_shapes(ep: ExportedProgram):
@@ -65,12 +49,9 @@ def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=
     if ep.example_inputs is None:
         raise ValueError("this ExportedProgram carries no example inputs; export it with torch.export.export "
                          "(which records them) before calling sparsify")
-    gm = ep.module()
-    sites = match_sites(gm)
-    if not sites:
-        warnings.warn(NO_SITE_WARNING, stacklevel=3)
+    gm = transform(ep.module(), None, config, calibration)  # warns when there is nothing to rewrite
+    if not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
         return ep
-    rewrite_sites(gm, sites, config, calibration)
     args, kwargs = ep.example_inputs
     dyn_args, dyn_kwargs = _dynamic_shapes(ep)
     dynamic = None
@@ -96,7 +77,7 @@ def sparsify(obj: Any, calibration_or_config: Any, *, example_inputs: Sequence |
     if isinstance(obj, ExportedProgram):
         return sparsify_exported(obj, config, calibration)
     if isinstance(obj, fx.GraphModule):
-        return sparsify_graph_module(obj, config, calibration, example_inputs)
+        return transform(obj, example_inputs, config, calibration)
     raise TypeError(
         f"sparsify takes an fx.GraphModule or a torch.export.ExportedProgram, got {type(obj).__name__}; "
         "for an nn.Module use torch.compile(model, backend='countdown', options=...) or export it first"

@@ -5,13 +5,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import countdown_fx
 from countdown_fx.backend import inductor_patches
 from countdown_fx.config import CountDownConfig
 from countdown_fx.kernels import reference as R
-from tiny_models import N_LAYERS, GptFastFeedForward, Stack, hf_model
+from tiny_models import GptFastFeedForward, Stack, hf_model
 
 
 def _reference_llama(model, method_score, sparsity):

@@ -24,7 +24,8 @@ except ImportError as e:  # optimum is optional
     ) from e
 
 from ..passes.rewrite import STATE_PREFIX
-from ..sparsify import resolve_target, sparsify_graph_module
+from ..backend import transform
+from ..sparsify import resolve_target
 
 ORIGINAL_GRAPH = "countdown_fx.original_graph"
 
@@ -52,7 +53,7 @@ class CountDownTransformation(ReversibleTransformation):
 
     def transform(self, graph_module: fx.GraphModule) -> fx.GraphModule:
         original = _copy_graph(graph_module.graph)
-        sparsify_graph_module(graph_module, self.config, self.calibration)
+        transform(graph_module, None, self.config, self.calibration)
         graph_module.meta[ORIGINAL_GRAPH] = original
         for node in graph_module.graph.nodes:
             if "countdown_site" in node.meta:
