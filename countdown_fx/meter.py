@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .backend import resolve, transform
+from .backend import eager_backend
 from .kernels import ops, reference
 
 
@@ -76,10 +76,10 @@ class SparsityMeter(TorchDispatchMode):
 def metered(model: torch.nn.Module, options: Mapping | None, meter: SparsityMeter) -> torch.nn.Module:
     """torch.compile(model) with the countdown rewrite, executed eagerly with every graph call inside
     `meter` (Inductor-compiled code cannot be metered from Python: use this to measure, the backend to run)."""
-    config, calibration = resolve(options)
+    rewrite = eager_backend(options)
 
     def backend(gm, example_inputs):
-        forward = transform(gm, example_inputs, config, calibration).forward
+        forward = rewrite(gm, example_inputs)
 
         def run(*args):
             with meter:
