@@ -9,9 +9,12 @@ from countdown_fx import CountDownConfig
 from tiny_models import GptFastFeedForward, Stack
 
 
-def _package_and_run(model, x, config, tmp_path, other_x):
+def _package_and_run(model, x, config, tmp_path, other_x, via_disk=False):
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},))
     sparse = countdown_fx.sparsify(ep, config)
+    if via_disk:  # the packaging step often runs on a program another process saved
+        torch.export.save(sparse, tmp_path / "sparse.pt2")
+        sparse = torch.export.load(tmp_path / "sparse.pt2")
     path = torch._inductor.aoti_compile_and_package(sparse, package_path=str(tmp_path / "model.pt2"))
     loaded = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
@@ -25,6 +28,20 @@ def test_aoti_package_runs_the_countdown_op_on_cpu(tmp_path):
     got, want = _package_and_run(model, x, CountDownConfig(method="m-countdown", sparsity=0.7), tmp_path, other)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - model(other)).abs().max() > 1e-3  # really sparse
+
+
+@pytest.mark.parametrize("method", ["m-countdown", "d-countdown"])
+def test_aoti_package_of_a_saved_calibrated_program_on_cpu(tmp_path, method):
+    from countdown_fx.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(3)]
+    cal = calibrate(model, batches, CountDownConfig(method=method, sparsity=0.7, regime="prac"), progress=False)
+    x, other = batches[0][:2, :1], torch.randn(5, 1, 32)
+    got, want = _package_and_run(model, x, cal, tmp_path, other, via_disk=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - model(other)).abs().max() > 1e-3
 
 
 @pytest.mark.gpu

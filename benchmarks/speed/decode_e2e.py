@@ -99,6 +99,34 @@ def step_bytes(model, batch: int, context: int, variant: str) -> float:
     return total + kv
 
 
+def write_table(rows, args, device, dtype, layers, context, new) -> str:
+    """The markdown table of the rows so far (written after every row: a timed-out run keeps its rows)."""
+    dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
+    try:
+        commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                               text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    md = ["# End-to-end greedy decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
+          f"- device: {dev}; commit {commit}; command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
+          f"- model: {'tiny Llama (smoke test)' if args.tiny else 'Llama-3.1-8B shapes'} with {layers} layers "
+          f"(random weights, {dtype}), context {context}, "
+          f"{new} new tokens, prefill dense and untimed",
+          "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
+          "fraction with union = 1 - s, KV cache)", "",
+          "| variant | batch | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
+        md.append(f"| {r['variant']} | {r['batch']} | {r['tps']:.1f} | {r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
+                  f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
+    text = "\n".join(md)
+    with open(os.path.join(args.out, "speed_decode_e2e.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
@@ -156,31 +184,9 @@ def main():
             rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan")))
             print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile; "
                   f"{sites} sites rewritten)", flush=True)
+            write_table(rows, args, device, dtype, layers, context, new)
 
-    dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
-    try:
-        commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                               text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    md = ["# End-to-end greedy decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
-          f"- device: {dev}; commit {commit}; command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
-          f"- model: {'tiny Llama (smoke test)' if args.tiny else 'Llama-3.1-8B shapes'} with {layers} layers "
-          f"(random weights, {dtype}), context {context}, "
-          f"{new} new tokens, prefill dense and untimed",
-          "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
-          "fraction with union = 1 - s, KV cache)", "",
-          "| variant | batch | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
-          "|---|---|---|---|---|---|"]
-    for r in rows:
-        frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
-        md.append(f"| {r['variant']} | {r['batch']} | {r['tps']:.1f} | {r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
-                  f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
-    text = "\n".join(md)
-    with open(os.path.join(args.out, "speed_decode_e2e.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    print(write_table(rows, args, device, dtype, layers, context, new))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,10 @@ def _device(gm, site: Site, example_inputs) -> torch.device:
 
 
 def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
-    return _register_state(gm, state_attr(site.key, name), tensor.detach().to(device))
+    """Scalars (thresholds, tau) are stored with shape [1]: Inductor lowers a 0-d constant of a graph to an
+    inline immediate, which a Triton kernel cannot take as its pointer argument (AOTInductor failed so)."""
+    tensor = tensor.detach().to(device)
+    return _register_state(gm, state_attr(site.key, name), tensor.reshape(1) if tensor.dim() == 0 else tensor)
 
 
 def _register_state(gm: fx.GraphModule, attr: str, tensor: torch.Tensor) -> fx.Node:
