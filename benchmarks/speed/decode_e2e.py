@@ -13,6 +13,7 @@ keep compile time inside a device call (the table says how many). lm_head (12825
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,16 +49,21 @@ def variant_config(name: str):
                                         predictor_steps=50 if key == "d" else 200)
 
 
-def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device) -> tuple[float, torch.Tensor]:
+def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
+                        profile: bool = False) -> tuple[float, torch.Tensor]:
     """Prefill `context` random tokens eagerly, then `new` greedy steps through `step`; the second of two
-    runs is timed (the first compiles and records the CUDA graphs)."""
+    runs is timed (the first compiles and records the CUDA graphs). One cache serves both runs (reset in
+    between): a new cache would be new static addresses, re-recorded graphs inside the timed run.
+    profile: also print where a decode step's time goes (GPU kernel time vs wall time, top kernels)."""
     from transformers import StaticCache
 
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=context + new)
+    positions = [torch.tensor([context + i], device=device) for i in range(new)]
     result = None
-    for _ in range(2):
-        cache = StaticCache(config=model.config, max_cache_len=context + new)
+    for run in range(3 if profile else 2):
+        cache.reset()
         with torch.no_grad():
             logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=device),
                            use_cache=True).logits
@@ -65,17 +71,42 @@ def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device)
             out = [tok]
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
-            for i in range(new - 1):
-                pos = torch.tensor([context + i], device=device)
-                logits = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-                tok = logits[:, -1:].argmax(-1)
-                out.append(tok)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-        result = (batch * (new - 1) / elapsed, torch.cat(out, 1))
+            prof = _profiler() if run == 2 else contextlib.nullcontext()
+            with prof:
+                start = time.perf_counter()
+                for i in range(new - 1):
+                    logits = step(input_ids=tok, past_key_values=cache, cache_position=positions[i],
+                                  use_cache=True).logits
+                    tok = logits[:, -1:].argmax(-1)
+                    out.append(tok)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+        if run == 2:
+            _print_profile(prof, new - 1, elapsed)
+        elif run == 1:
+            result = (batch * (new - 1) / elapsed, torch.cat(out, 1))
     return result
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def _print_profile(prof, steps: int, elapsed: float) -> None:
+    """GPU kernel time per step against wall time per step: a gap means launch/CPU overhead."""
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in events) / steps
+    print(f"  profile: wall {elapsed / steps * 1e6:.0f} us/step, GPU kernels {kernel_us:.0f} us/step, "
+          f"{sum(e.count for e in events) / steps:.0f} kernels/step", flush=True)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
+        print(f"    {e.self_device_time_total / steps:8.1f} us/step  x{e.count / steps:.0f}  {e.key[:90]}", flush=True)
+    from torch._dynamo.utils import counters
+
+    skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+    print(f"  cudagraph counters: {skips}", flush=True)
 
 
 def step_bytes(model, batch: int, context: int, variant: str) -> float:
@@ -137,6 +168,7 @@ def main():
     ap.add_argument("--variants", default="dense,m0.7,m0.9,d0.7,d0.9")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, no CUDA graphs")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -175,7 +207,7 @@ def main():
                                                                           "mode": mode})
         for b in batches:
             t0 = time.time()
-            tps, toks = decode_tokens_per_s(model, step, b, context, new, device)
+            tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.profile)
             outputs[(variant, b)] = toks
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
