@@ -12,6 +12,7 @@ import torch
 from torch.export import Dim
 
 import countdown_fx
+import countdown_fx.aoti
 from countdown_fx.data import load_default_model, stdlib_corpus, token_batches, token_stream
 
 
@@ -39,7 +40,9 @@ def main() -> None:
     step = DecodeStep(model).eval()  # calibrate what is exported: its site keys are "model.model.layers.N.mlp"
     cal = countdown_fx.calibrate(step, batches, countdown_fx.CountDownConfig(sparsity=args.sparsity, regime="prac",
                                                                               apply_to="all"))
-    ids = batches[0][:2, :1]
+    # a contiguous example: exporting with a strided view (batches[0][:2, :1]) leaves stride symbols that
+    # torch 2.13 cannot AOT-compile once the program is saved and loaded ("vr must not be None for symbol")
+    ids = batches[0][:2, :1].contiguous()
     ep = torch.export.export(step, (ids,), dynamic_shapes=({0: Dim.DYNAMIC},))
     ep = countdown_fx.sparsify(ep, cal)
     print(sum("countdown" in str(n.target) for n in ep.graph.nodes), "countdown ops in the exported program")
@@ -47,11 +50,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.export.save(ep, Path(tmp) / "model.pt2")
         loaded = torch.export.load(Path(tmp) / "model.pt2")
-        # AOTI-compile the program in memory: compiling the *deserialized* prac program currently fails in
-        # torch 2.13 inside the triton_op's trace ("vr must not be None for symbol ..."); it runs fine
-        package = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "aoti.pt2"))
+        # AOTI-compile the program as loaded from disk, as a packaging job in another process would
+        countdown_fx.aoti.check_toolchain()  # a clear error instead of a segfault at package load
+        package = torch._inductor.aoti_compile_and_package(loaded, package_path=str(Path(tmp) / "aoti.pt2"))
         runner = torch._inductor.aoti_load_package(package)
-        other = batches[1][:5, :1]  # another batch size: the batch dim stayed dynamic
+        # another batch size (the batch dim stayed dynamic), contiguous: an AOTI package assumes the strides
+        # it was exported with and does not check them (a strided view of a [4, 128] batch reads wrong rows)
+        other = batches[1][:3, :1].contiguous()
         with torch.no_grad():
             got, want = runner(other), loaded.module()(other)
         print(f"AOTInductor package vs exported program, batch {other.shape[0]}: max |diff| = "
