@@ -279,7 +279,7 @@ def main():
     with open(os.path.join(args.out, "ffn_decode.json"), "w") as f:
         json.dump(dict(device=dev, commit=commit, command=cmd, copy_bw=bw, config=triton_ffn.CONFIG, rows=rows), f,
                   indent=1)
-    md = [f"# FFN decode layer: CountDown kernels vs dense (bf16)", "",
+    md = ["# FFN decode layer: CountDown kernels vs dense (bf16)", "",
           f"- device: {dev}; torch {torch.__version__}; triton {triton.__version__}",
           f"- commit: {commit}; command: `{cmd}`",
           f"- measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write); ceiling = bytes needed / that",
