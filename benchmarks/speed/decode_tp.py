@@ -1,0 +1,127 @@
+"""Tensor-parallel greedy decode: tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) sharded over
+the GPUs of one host, dense Inductor vs the countdown backend, both with CUDA graphs and a static KV cache.
+
+    NCCL_NVLS_ENABLE=0 PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/speed/decode_tp.py --out $OUT
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/speed/decode_tp.py --tiny      # CPU smoke test (gloo)
+
+The model is sharded with torch.distributed.tensor.parallel (Megatron layout): q/k/v and gate/up
+column-parallel, o and down row-parallel (an all-reduce after each), embeddings and lm_head replicated.
+CountDown is shard-local: each rank calibrates and skips its own neurons (state keyed `...@tp<rank>of<n>`).
+Every rank runs the same steps; rank 0 writes the table. The decode loop is decode_e2e's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_e2e import LLAMA8B, TINY, build, decode_tokens_per_s, variant_config  # noqa: E402
+
+from countdown_fx.calibration import calibrate  # noqa: E402
+
+
+def shard(model, mesh) -> None:
+    """Megatron-style tensor parallelism on every decoder layer, in place."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    col, row = ColwiseParallel(), RowwiseParallel()
+    plan = {"self_attn.q_proj": col, "self_attn.k_proj": col, "self_attn.v_proj": col, "self_attn.o_proj": row,
+            "mlp.gate_proj": col, "mlp.up_proj": col, "mlp.down_proj": row}
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh, plan)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--variants", default="dense,m0.7,m0.9,d0.7,d0.9")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on gloo: tiny model, no CUDA graphs")
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args()
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (device README)
+    cuda = not args.tiny
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from countdown_fx.passes.rewrite import counters
+
+        if cuda:
+            torch.cuda.set_device(rank)
+        device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+        dtype = torch.bfloat16 if cuda else torch.float32
+        shape, layers = (LLAMA8B, args.layers) if cuda else (TINY, 2)
+        context, new = (args.context, args.new) if cuda else (32, 8)
+        model = build(shape, layers, context + new + 8, device, dtype)  # same seed: same weights on every rank
+        shard(model, init_device_mesh(device.type, (world,)))
+        mode = "reduce-overhead" if cuda else None
+        calib_ids = [torch.randint(0, shape["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(s))
+                     .to(device) for s in range(2)]
+        rows, tokens = [], {}
+        for variant in args.variants.split(","):
+            torch._dynamo.reset()
+            before = counters["sites_rewritten"]
+            if variant == "dense":
+                step = torch.compile(model.forward, mode=mode)
+            else:
+                cal = calibrate(model, calib_ids, variant_config(variant), progress=False)
+                assert all(key.endswith(f"@tp{rank}of{world}") for key in cal.state), list(cal.state)[:2]
+                torch._dynamo.reset()
+                step = torch.compile(model.forward, backend="countdown",
+                                     options={"calibration": cal, "apply_to": "decode", "mode": mode})
+            for b in (int(b) for b in args.batches.split(",")):
+                t0 = time.time()
+                tps, toks = decode_tokens_per_s(model, step, b, context, new, device)
+                if variant != "dense" and counters["sites_rewritten"] - before < layers:
+                    raise RuntimeError(f"{variant}: {counters['sites_rewritten'] - before} FFN sites rewritten "
+                                       f"for {layers} layers")
+                same = [None] * world
+                dist.all_gather_object(same, toks.cpu())
+                assert all(torch.equal(t, same[0]) for t in same), "ranks decoded different tokens"
+                tokens[(variant, b)] = toks
+                rows.append((variant, b, tps))
+                if rank == 0:
+                    print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s ({time.time() - t0:.0f}s incl. compile)", flush=True)
+        if rank == 0:
+            write_table(rows, args, device, dtype, layers, context, new, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def write_table(rows, args, device, dtype, layers, context, new, world) -> None:
+    import subprocess
+
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
+    dev = f"{world} x {torch.cuda.get_device_name()}" if device.type == "cuda" else f"{world} CPU processes (gloo)"
+    dense = {b: tps for v, b, tps in rows if v == "dense"}
+    md = ["# Tensor-parallel greedy decode, static KV cache" + (", CUDA graphs" if device.type == "cuda" else ""), "",
+          f"- device: {dev}; torch {torch.__version__}; commit {commit}",
+          f"- command: `{' '.join(sys.argv)}`",
+          f"- model: {'Llama-3.1-8B shapes' if device.type == 'cuda' else 'tiny Llama (smoke test)'}, {layers} "
+          f"layers, random {dtype} weights, tensor-parallel over {world} ranks (q/k/v, gate/up column-parallel; "
+          f"o, down row-parallel); context {context}, {new} new tokens, prefill dense and untimed",
+          "- countdown: shard-local thresholds (and predictors) calibrated on the sharded model", "",
+          "| variant | batch | tokens/s | speed-up vs dense |", "|---|---|---|---|"]
+    md += [f"| {v} | {b} | {tps:.1f} | {tps / dense.get(b, float('nan')):.2f}x |" for v, b, tps in rows]
+    text = "\n".join(md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"speed_decode_tp{world}.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
