@@ -142,6 +142,66 @@ def test_dtensor_parallelized_ffn_on_two_gloo_processes():
     mp.spawn(_dtensor_worker, args=(_free_port(),), nprocs=WORLD)
 
 
+class BiasedFeedForward(nn.Module):
+    """w2(silu(w1 x + b1) * (w3 x + b3)) + b2: under DTensor TP, b1/b3 are sharded with their rows and b2 is
+    replicated (added once, after the all-reduce)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(D_MODEL, D_INTER), nn.Linear(D_MODEL, D_INTER)
+        self.w2 = nn.Linear(D_INTER, D_MODEL)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _dtensor_bias_worker(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        import countdown_fx
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        torch.manual_seed(0)  # same weights on both ranks
+        model = BiasedFeedForward().eval()
+        with torch.no_grad():
+            for lin in (model.w1, model.w3, model.w2):
+                lin.bias.normal_()
+        full = {name: p.detach().clone() for name, p in model.named_parameters()}
+        parallelize_module(model, init_device_mesh("cpu", (WORLD,)),
+                           {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+        x = torch.randn(3, 1, D_MODEL, generator=torch.Generator().manual_seed(1))
+        assert [s.key for s in countdown_fx.find_sites(model, x)] == [f"<root>@tp{rank}of{WORLD}"]
+        n = D_INTER // WORLD
+        keep = n - round(0.6 * n)
+        want = full["w2.bias"].clone()
+        for r in range(WORLD):  # shard-local top-k of |up|, each shard's partial sum, the bias once
+            part = slice(r * n, (r + 1) * n)
+            u = x @ full["w3.weight"][part].t() + full["w3.bias"][part]
+            g = F.silu(x @ full["w1.weight"][part].t() + full["w1.bias"][part])
+            mask = torch.zeros_like(u).scatter_(-1, u.abs().topk(keep, dim=-1).indices, 1.0)
+            want = want + (g * u * mask) @ full["w2.weight"][:, part].t()
+        with torch.no_grad():
+            dense = model(x)
+            for sparsity, expected in ((0.0, dense), (0.6, want)):
+                torch._dynamo.reset()
+                out = torch.compile(model, backend="countdown", options={"sparsity": sparsity})(x)
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+            cal = countdown_fx.calibrate(model, batches, countdown_fx.CountDownConfig(sparsity=0.5, regime="prac"),
+                                         progress=False)
+            torch._dynamo.reset()
+            out = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
+            assert torch.isfinite(out).all() and 1e-4 < (out - dense).abs().max() < dense.abs().max()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_ffn_with_biases_on_two_gloo_processes():
+    mp.spawn(_dtensor_bias_worker, args=(_free_port(),), nprocs=WORLD)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -378,7 +378,8 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
         return None
     output, shard, group = down, _tensor_parallel_shard(down), None
     if _is_dtensor(wg):
-        tp = _dtensor_tensor_parallel(down, wg, wu, wd, fused, b_down)
+        bd = weight_value(gm, b_down, example_inputs) if b_down is not None else None
+        tp = _dtensor_tensor_parallel(down, wg, wu, wd, fused, bd)
         if tp is None:
             return None
         output, shard, group = tp
@@ -432,11 +433,12 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _dtensor_tensor_parallel(down, wg, wu, wd, fused, b_down):
+def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bd):
     """(output node, shard, group name) of a DTensor column/row-parallel FFN, or None (logged) when the
-    layout is another one: gate/up weights Shard(0), down weight Shard(1), output redistributed, no fusion
-    and no down bias (a replicated bias must be added once, after the all-reduce)."""
-    from torch.distributed.tensor import Shard
+    layout is another one: gate/up weights Shard(0), down weight Shard(1), a down bias replicated (the
+    rewrite adds it once, after the all-reduce), output redistributed, no fusion (a fused gate_up weight
+    split by rows would put all gate rows on one rank and all up rows on the other)."""
+    from torch.distributed.tensor import Replicate, Shard
 
     placements = [w.placements for w in (wg, wu, wd)]
     redistribute = next(iter(down.users), None) if len(down.users) == 1 else None
@@ -445,8 +447,10 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, b_down):
     reason = None
     if placements != [(Shard(0),), (Shard(0),), (Shard(1),)]:
         reason = f"placements {placements} are not column-parallel gate/up and row-parallel down"
-    elif fused or b_down is not None:
-        reason = "fused gate_up or a down bias under DTensor TP is not supported yet"
+    elif fused:
+        reason = "a fused gate_up weight under DTensor TP is not supported"
+    elif bd is not None and not (_is_dtensor(bd) and tuple(bd.placements) == (Replicate(),)):
+        reason = "its down bias is not a replicated DTensor"
     elif not _is_method(to_local, "to_local"):
         reason = "its output is not redistributed to a local tensor"
     if reason:

@@ -88,23 +88,32 @@ def rewrite_sites(
 def site_input_nodes(gm: fx.GraphModule, site: Site) -> tuple:
     """(x, w_gate, w_up, w_down, b_gate, b_up, b_down) of a site as graph nodes, inserted at the current
     insertion point: a fused gate_up split into row views, W_down as stored [d_model, d_inter], and DTensor
-    shards as their local tensors (the op and the observers work on this rank's neurons)."""
+    shards as their local tensors (the op and the observers work on this rank's neurons). Under DTensor TP
+    b_down is None here: the replicated bias is added once, after the all-reduce (`replace_site`)."""
     w_gate, w_up = gate_up_nodes(gm, site, site.gate_weight, site.up_weight)
     b_gate, b_up = gate_up_nodes(gm, site, site.gate_bias, site.up_bias)
-    tensors = [w_gate, w_up, weight_node(gm, site.down_weight), b_gate, b_up, weight_node(gm, site.down_bias)]
+    b_down = None if site.dtensor_group else weight_node(gm, site.down_bias)
+    tensors = [w_gate, w_up, weight_node(gm, site.down_weight), b_gate, b_up, b_down]
     if site.dtensor_group:
-        tensors = [gm.graph.call_method("to_local", (n,)) if n is not None else None for n in tensors]
+        tensors = [_to_local(gm, n) for n in tensors]
     w_gate, w_up, w_down, b_gate, b_up, b_down = tensors
     return site.x, w_gate, w_up, w_down, b_gate, b_up, b_down
 
 
+def _to_local(gm: fx.GraphModule, node):
+    return gm.graph.call_method("to_local", (node,)) if node is not None else None
+
+
 def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
     """Route the users of the site's output to `new`, which computes the FFN (under DTensor TP, the shard's
-    partial sums, all-reduced here as the row-parallel down projection would have done)."""
+    partial sums, all-reduced here as the row-parallel down projection would have done, plus its bias)."""
     result = new
     if site.dtensor_group:
         reduced = gm.graph.call_function(torch.ops._c10d_functional.all_reduce.default, (new, "sum", site.dtensor_group))
         result = gm.graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+        if site.down_bias is not None:
+            bias = _to_local(gm, weight_node(gm, site.down_bias))
+            result = gm.graph.call_function(torch.ops.aten.add.Tensor, (result, bias))
     for node in {new, result}:
         node.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
     site.output.replace_all_uses_with(result)
