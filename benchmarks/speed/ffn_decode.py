@@ -193,7 +193,7 @@ def crossover(L, log, batches):
 
 def compare_sides(L, log, batches, sps):
     """The sparse side of gate/up: masked row loads inside _coef_kernel vs _gather_kernel over the
-    compacted union (CONFIG['sparse_side'])."""
+    compacted union vs the per-block choice between the two (CONFIG['sparse_side'] masked/gather/auto)."""
     calib = L.tokens(256)
     for B in batches:
         xs = [L.tokens(B) for _ in range(ROT)]
@@ -201,10 +201,12 @@ def compare_sides(L, log, batches, sps):
             for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
                 thr = L.threshold(name, s, calib)
                 union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
-                check_once(L, xs[0], thr, mode, {"sparse_side": "gather"})
-                t_m = graph_time_us(run_sparse(L, xs, thr, mode, {"sparse_side": "masked"}))
-                t_g = graph_time_us(run_sparse(L, xs, thr, mode, {"sparse_side": "gather"}))
-                log(f"sides B={B} s={s} {name} union {union:.2f}: masked {t_m:.1f} us, gather {t_g:.1f} us")
+                times = {}
+                for side in ("masked", "gather", "auto"):
+                    check_once(L, xs[0], thr, mode, {"sparse_side": side})
+                    times[side] = graph_time_us(run_sparse(L, xs, thr, mode, {"sparse_side": side}))
+                log(f"sides B={B} s={s} {name} union {union:.2f}: "
+                    + ", ".join(f"{side} {t:.1f} us" for side, t in times.items()))
 
 
 def main():

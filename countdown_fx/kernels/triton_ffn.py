@@ -36,6 +36,7 @@ MAX_TOKENS = 16  # tokens per decode step the kernels handle (tl.dot pads the to
 ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 MODE_GATE, MODE_UP, MODE_COEF, MODE_PRED = 0, 1, 2, 3  # which side is dense / what the mask is
 MODE_OF_SCORE = {"gate": MODE_GATE, "up": MODE_UP, "coef": MODE_COEF}
+SIDES = {"masked": 0, "gather": 1, "auto": 2}  # where the sparse side of gate/up runs (CONFIG["sparse_side"])
 
 
 @triton.jit
@@ -102,13 +103,16 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
-def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
+def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, cntg_ptr, dv_ptr,
                  M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
-    """GATHER: leave the sparse side to _gather_kernel; store the dense-side value (u, act(g) or the
-    logit) in dv and zeros in a outside the union."""
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
+    """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
+    _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv, zeros in a outside the union,
+    and the union's size in cntg (the gather kernel's work list). SIDE 2 ("auto"): per block, on the device:
+    a union of at most HANDOFF_ROWS rows is handed to _gather_kernel as in SIDE 1 (a few active rows make
+    latency-bound masked tiles here), a larger one is done here as in SIDE 0 (cntg = 0)."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,7 +143,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (logits > thr) & valid
         dv = logits
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0) * (1 - GATHER)
+        k_end = _sparse_k_end(union, D, SIDE, HANDOFF_ROWS)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
@@ -165,7 +169,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (tl.abs(u) > thr) & valid
         dv = u
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0) * (1 - GATHER)
+        k_end = _sparse_k_end(union, D, SIDE, HANDOFF_ROWS)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -179,7 +183,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (tl.abs(ag) > thr) & valid
         dv = ag
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = tl.where(tl.max(union.to(tl.int32), axis=0) > 0, D, 0) * (1 - GATHER)
+        k_end = _sparse_k_end(union, D, SIDE, HANDOFF_ROWS)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -187,15 +191,37 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
     a = tl.where(keep, a, 0.0).to(out_dtype)
     used = (tl.max(keep.to(tl.int32), axis=0) > 0).to(tl.int32)
-    if GATHER:
-        tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid)
-        tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid & (used == 0)[None, :])
-    else:
+    n_used = tl.sum(used, axis=0)
+    if SIDE == 0 or MODE == 2:
         tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
+    else:
+        # does this block's union go to _gather_kernel? (as a row vector: masks must be tensors of int1)
+        n_row = tl.zeros((BLOCK_N,), dtype=tl.int32) + n_used
+        if SIDE == 1:
+            handed = n_row >= 0
+        else:
+            handed = n_row <= HANDOFF_ROWS
+        tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid & handed[None, :])
+        tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a,
+                 mask=valid & ((used == 0) | (handed == 0))[None, :])
+        tl.store(cntg_ptr + pid, tl.max(tl.where(handed, n_row, 0), axis=0))
     # The union, compacted per block: the gather and down kernels walk only these rows.
     pos = tl.cumsum(used, axis=0) - 1
     tl.store(idx_ptr + pid * BLOCK_N + pos, offs_n, mask=used > 0)
-    tl.store(cnt_ptr + pid, tl.sum(used, axis=0))
+    tl.store(cnt_ptr + pid, n_used)
+
+
+@triton.jit
+def _sparse_k_end(union, D, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
+    """How far the coef kernel's own sparse loop runs: D, or 0 when the union is empty or handed off."""
+    n_used = tl.sum(union.to(tl.int32), axis=0)
+    if SIDE == 0:
+        here = n_used > 0
+    elif SIDE == 1:
+        here = n_used < 0  # never
+    else:
+        here = n_used > HANDOFF_ROWS
+    return tl.where(here, D, 0)
 
 
 @triton.jit
@@ -213,8 +239,9 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The sparse side over the compacted union: each step takes BLOCK_RG active rows (full tiles, no
-    masked-off rows) and all of d_model, then forms a = act(g) * u * keep for every token."""
+    """The sparse side over the compacted union rows handed over by _coef_kernel (cnt_ptr: its per-block
+    counts of handed-over rows, 0 for blocks it did itself): each step takes BLOCK_RG active rows (full
+    tiles, no masked-off rows) and all of d_model, then forms a = act(g) * u * keep for every token."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -380,9 +407,12 @@ CONFIG = {
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
     "compact_max_density": 0.15,
-    # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
-    # "gather" (_gather_kernel over the compacted union: full tiles of active rows).
+    # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block),
+    # "gather" (_gather_kernel over the compacted union: full tiles of active rows), or "auto" (per neuron
+    # block, on the device: a union of at most handoff_fraction * BLOCK_N rows goes to _gather_kernel, a
+    # larger one stays masked). "auto" is not yet measured on a GPU (NOTES.md); "masked" stays the default.
     "sparse_side": "masked",
+    "handoff_fraction": 0.25,
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
 }
 
@@ -435,24 +465,29 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     n_blocks = triton.cdiv(N, block_n)
     idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
     cnt = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device)
-    gather = cfg["sparse_side"] == "gather" and mode != MODE_COEF
+    if cfg["sparse_side"] not in SIDES:
+        raise ValueError(f"sparse_side={cfg['sparse_side']!r}: expected one of {sorted(SIDES)}")
+    side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
+    gather = side != SIDES["masked"]
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
+    cnt_g = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device) if gather else cnt
     nb_p2 = triton.next_power_of_2(n_blocks)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
+        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, cnt_g, dv,
         M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu, a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
-        GATHER=gather, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        SIDE=side, HANDOFF_ROWS=int(cfg["handoff_fraction"] * block_n),
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     if gather:
         c = cfg["gather"]
         grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
         wrap_triton(_gather_kernel)[(grid,)](
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-            dv, thr, a, idx, cnt, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0),
+            dv, thr, a, idx, cnt_g, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0),
             a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
             BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if dtype != torch.float32 else 128,
             BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,

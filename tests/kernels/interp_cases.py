@@ -21,7 +21,8 @@ SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, B
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
-    ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0], ["masked", "gather"])))
+    ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0],
+    ["masked", "gather", "auto"])))
 def test_modes(mode, M, dtype, sparsity, side):
     """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M;
     both implementations of the sparse side."""
@@ -44,7 +45,7 @@ def test_activations(act, mode):
 @pytest.mark.parametrize("mode,M,sparsity", [("up", 3, 0.8), ("gate", 3, 0.8), ("coef", 3, 0.8), ("pred", 3, 0.8),
                                              ("up", 1, 0.97), ("pred", 1, 0.97)])
 @pytest.mark.parametrize("walk", [1.0, 0.0])
-@pytest.mark.parametrize("side", ["masked", "gather"])
+@pytest.mark.parametrize("side", ["masked", "gather", "auto"])
 def test_many_blocks(mode, M, sparsity, walk, side):
     """Small blocks: several K steps, neuron blocks (some with an empty union at 0.97), column blocks,
     compacted rows spread over several down programs, split partials to reduce."""
@@ -55,6 +56,22 @@ def test_many_blocks(mode, M, sparsity, walk, side):
     if sparsity > 0.9:
         blocks = (a != 0).any(0)[:128].view(-1, 16).any(1)
         assert not blocks.all(), "case should have neuron blocks with nothing active"
+
+
+@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
+def test_auto_side_splits_blocks_between_the_kernels(mode):
+    """sparse_side="auto": blocks whose union has at most 4 of 16 rows go to the gather kernel, the others
+    stay in the coef kernel; the case has both kinds, and the result is the same as either side alone."""
+    c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=21)
+    keep = scores64(c) > c["thr"].double()
+    per_block = torch.nn.functional.pad(keep.any(0), (0, 144 - 131)).view(-1, 16).sum(1)
+    assert (per_block <= 4).any() and (per_block > 4).any(), per_block
+    config = {**SMALL_BLOCKS, "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)}
+    y, a = run_kernel(c, config={**config, "sparse_side": "auto", "handoff_fraction": 0.25})
+    check(c, y, a)
+    y_masked, a_masked = run_kernel(c, config={**config, "sparse_side": "masked"})
+    torch.testing.assert_close(a, a_masked, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_masked, rtol=0, atol=0)
 
 
 def test_long_rows_fp16_fused_views():

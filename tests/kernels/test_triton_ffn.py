@@ -59,13 +59,15 @@ def test_other_shapes(shape, act, mode, bias, sparsity):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("M", [1, 16])
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
-def test_gather_side_full_shape(mode, M, dtype):
-    """The sparse side as a gather over the compacted union (config sparse_side="gather")."""
+@pytest.mark.parametrize("side", ["gather", "auto"])
+def test_gather_side_full_shape(side, mode, M, dtype):
+    """The sparse side as a gather over the compacted union (config sparse_side="gather"), or per block
+    where the block's union is small ("auto": at s=0.9, batch 1 hands most blocks over, batch 16 few)."""
     D, N = SHAPES["llama8b"]
     c = make_case(M, D, N, dtype, "cuda", mode, sparsity=0.9, rank=512, seed=M, bias=M == 16)
-    y, a = run_kernel(c, config={"sparse_side": "gather"})
+    y, a = run_kernel(c, config={"sparse_side": side})
     check(c, y, a)
-    assert torch.equal(run_kernel(c, config={"sparse_side": "gather"})[0], y)
+    assert torch.equal(run_kernel(c, config={"sparse_side": side})[0], y)
 
 
 @pytest.mark.gpu
