@@ -193,7 +193,8 @@ def crossover(L, log, batches):
 
 def compare_sides(L, log, batches, sps):
     """The sparse side of gate/up: masked row loads inside _coef_kernel vs _gather_kernel over the
-    compacted union vs the per-block choice between the two (CONFIG['sparse_side'] masked/gather/auto)."""
+    compacted union vs the per-block choice between the two (CONFIG['sparse_side'] masked/gather/auto);
+    for D-CountDown also the predictor's h = x V split over d_model (CONFIG['predictor_k_split'])."""
     calib = L.tokens(256)
     for B in batches:
         xs = [L.tokens(B) for _ in range(ROT)]
@@ -201,12 +202,16 @@ def compare_sides(L, log, batches, sps):
             for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
                 thr = L.threshold(name, s, calib)
                 union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
+                variants = {side: {"sparse_side": side} for side in ("masked", "gather", "auto")}
+                if name == "d":  # the predictor's h = x V split over d_model
+                    variants.update({f"{side}+ksplit": {"sparse_side": side, "predictor_k_split": "auto"}
+                                     for side in ("masked", "auto")})
                 times = {}
-                for side in ("masked", "gather", "auto"):
-                    check_once(L, xs[0], thr, mode, {"sparse_side": side})
-                    times[side] = graph_time_us(run_sparse(L, xs, thr, mode, {"sparse_side": side}))
+                for label, config in variants.items():
+                    check_once(L, xs[0], thr, mode, config)
+                    times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
                 log(f"sides B={B} s={s} {name} union {union:.2f}: "
-                    + ", ".join(f"{side} {t:.1f} us" for side, t in times.items()))
+                    + ", ".join(f"{label} {t:.1f} us" for label, t in times.items()))
 
 
 def main():

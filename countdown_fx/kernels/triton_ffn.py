@@ -1,7 +1,8 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
 Three launches per FFN call (four with the predictor's h = x V, `_lowrank_kernel`; one more with the
-opt-in gather side, `_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
+opt-in "gather" or "auto" sparse side, `_gather_kernel`), all with grids known on the host, so a CUDA graph
+captures them:
 
 1. `_coef_kernel`, one program per block of BLOCK_N neurons and all tokens of the step:
    the dense side (up for M-CountDown, gate for CATS, both for the "coef" score, the low-rank predictor
@@ -104,7 +105,8 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 @triton.jit
 def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, cntg_ptr, dv_ptr,
-                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
+                 M, D, N, R, n_hsplit, stride_xm, stride_wg, stride_wu, stride_h, stride_hs, stride_pu, stride_am,
+                 stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
@@ -130,13 +132,15 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         bu = tl.load(bu_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
     if MODE == 3:
-        # D-CountDown: logits = h @ U^T with h = x V (fp32, from _lowrank_kernel); all of it dense, fp32.
+        # D-CountDown: logits = h @ U^T with h = x V (fp32 partials from _lowrank_kernel); dense, fp32.
         logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for r in range(0, R, BLOCK_R):
             offs_r = r + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
-                         mask=b_mask[:, None] & r_mask[None, :], other=0.0)
+            ht = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+            for hs in range(0, n_hsplit):  # h = sum of _lowrank_kernel's partials, in a fixed order
+                ht += tl.load(h_ptr + hs * stride_hs + offs_b[:, None] * stride_h + offs_r[None, :],
+                              mask=b_mask[:, None] & r_mask[None, :], other=0.0)
             ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             logits += _dot_f32(ht, tl.trans(ut), UPCAST)
@@ -284,19 +288,24 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
 
 
 @triton.jit
-def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
+def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, k_share, stride_xm, stride_v, stride_h, stride_hs,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     NATIVE: tl.constexpr, UPCAST: tl.constexpr):
-    """h = x V in fp32 (the predictor's first factor; V is [d_model, r], tiny next to the FFN)."""
+    """h_part[split] = x[:, share] V[share, :] in fp32 over one share of d_model (the predictor's first
+    factor). V is small (d_model x r) but one program per 32 columns would leave most SMs idle, so d_model
+    is split too; _coef_kernel sums the partials in a fixed order (deterministic, no atomics)."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     b_mask = offs_b < M
     r_mask = offs_r < R
+    k_start = pid_k * k_share
+    k_stop = tl.minimum(k_start + k_share, D)
     acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
+    for k in range(k_start, k_stop, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
+        k_mask = offs_k < k_stop
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         vt = tl.load(v_ptr + offs_k[:, None] * stride_v + offs_r[None, :],
@@ -305,7 +314,8 @@ def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
             acc += _dot(xt, vt, "tf32", UPCAST)
         else:
             acc += _dot_f32(xt.to(tl.float32), vt.to(tl.float32), UPCAST)
-    tl.store(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :], acc, mask=b_mask[:, None] & r_mask[None, :])
+    tl.store(h_ptr + pid_k * stride_hs + offs_b[:, None] * stride_h + offs_r[None, :], acc,
+             mask=b_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -413,6 +423,10 @@ CONFIG = {
     # larger one stays masked). "auto" is not yet measured on a GPU (NOTES.md); "masked" stays the default.
     "sparse_side": "masked",
     "handoff_fraction": 0.25,
+    # h = x V of the predictor: split over d_model into this many shares ("auto": ~2 programs per SM), the
+    # partials summed in a fixed order by _coef_kernel. 1 (one program per 32 of the rank's columns, 16
+    # programs at r=512) is what the tables were measured with; "auto" is not yet measured (NOTES.md).
+    "predictor_k_split": 1,
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
 }
 
@@ -446,18 +460,26 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
     h = dummy
-    R = 0
-    stride_h = stride_pu = 0
+    R = n_hsplit = 0
+    stride_h = stride_hs = stride_pu = 0
     if mode == MODE_PRED:
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
-        h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
-        BLOCK_RV = 32
+        BLOCK_RV, BLOCK_KV = 32, 128
+        r_blocks = triton.cdiv(R, BLOCK_RV)
+        want = cfg["predictor_k_split"]
+        if want == "auto":  # ~2 programs per SM
+            want = 2 * _sm_count(x2d.device) // r_blocks
+        n_hsplit = max(1, min(triton.cdiv(D, BLOCK_KV), int(want)))
+        k_share = triton.cdiv(triton.cdiv(D, n_hsplit), BLOCK_KV) * BLOCK_KV
+        n_hsplit = triton.cdiv(D, k_share)
+        h = torch.empty((n_hsplit, M, R), dtype=torch.float32, device=x2d.device)
         native = pred_v.dtype == dtype and dtype != torch.float32
-        wrap_triton(_lowrank_kernel)[(triton.cdiv(R, BLOCK_RV),)](
-            x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(0), h.stride(0),
-            BLOCK_B=BLOCK_B, BLOCK_K=128, BLOCK_R=BLOCK_RV, NATIVE=native, UPCAST=upcast, num_warps=4, num_stages=3)
-        stride_h, stride_pu = h.stride(0), pred_u.stride(0)
+        wrap_triton(_lowrank_kernel)[(r_blocks, n_hsplit)](
+            x2d, pred_v, h, M, D, R, k_share, x2d.stride(0), pred_v.stride(0), h.stride(1), h.stride(0),
+            BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KV, BLOCK_R=BLOCK_RV, NATIVE=native, UPCAST=upcast, num_warps=4,
+            num_stages=3)
+        stride_h, stride_hs, stride_pu = h.stride(1), h.stride(0), pred_u.stride(0)
 
     c = cfg["coef"]
     block_k = c["BLOCK_K"] if dtype != torch.float32 else min(c["BLOCK_K"], 128)
@@ -476,7 +498,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
         h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, cnt_g, dv,
-        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu, a.stride(0), dv.stride(0),
+        M, D, N, R, n_hsplit, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_hs, stride_pu,
+        a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
         SIDE=side, HANDOFF_ROWS=int(cfg["handoff_fraction"] * block_n),

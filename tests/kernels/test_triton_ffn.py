@@ -71,6 +71,18 @@ def test_gather_side_full_shape(side, mode, M, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("M", [1, 16])
+def test_predictor_split_full_shape(M, dtype):
+    """predictor_k_split="auto": h = x V in ~2 programs per SM, partials summed in a fixed order."""
+    D, N = SHAPES["llama8b"]
+    c = make_case(M, D, N, dtype, "cuda", "pred", sparsity=0.7, rank=512, seed=M)
+    y, a = run_kernel(c, config={"predictor_k_split": "auto", "sparse_side": "auto"})
+    check(c, y, a)
+    assert torch.equal(run_kernel(c, config={"predictor_k_split": "auto", "sparse_side": "auto"})[0], y)
+
+
+@pytest.mark.gpu
 def test_deterministic_gpu():
     c = make_case(8, 4096, 14336, torch.bfloat16, "cuda", "pred", sparsity=0.5, rank=512)
     y1, _ = run_kernel(c)
