@@ -216,7 +216,26 @@ class Calibration:
         lines = head + [fmt(cols), "-" * len(fmt(cols))] + [fmt(r) for r in rows]
         lines.append(f"overall realised sparsity {_pct(self.overall_sparsity())} (target {cfg.sparsity:.1%}); "
                      "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on calibration data")
+        union = self.union_by_batch()
+        if union:
+            lines.append("neurons a decode step of B tokens reads (union of their masks, random calibration tokens): "
+                         + ", ".join(f"B={b} {_pct(u)}" for b, u in union.items())
+                         + "; sparse kernels pay off while this stays well below 100%")
         return "\n".join(lines)
+
+    def union_by_batch(self) -> dict[int, float]:
+        """Expected fraction of neurons a decode step of B tokens reads, over all sites (weighted by d_inter),
+        B = 1 (1 - realised sparsity) and the batch sizes calibration measured."""
+        num, den = {}, {}
+        for key, st in self.stats.items():
+            d_inter = self.sites[key]["d_inter"]
+            per_batch = dict(st.get("union_by_batch", {}))
+            if "realised_sparsity" in st and not math.isnan(st["realised_sparsity"]):
+                per_batch["1"] = 1.0 - st["realised_sparsity"]
+            for b, u in per_batch.items():
+                num[int(b)] = num.get(int(b), 0.0) + u * d_inter
+                den[int(b)] = den.get(int(b), 0) + d_inter
+        return {b: num[b] / den[b] for b in sorted(num)}
 
     def __repr__(self) -> str:
         return (f"Calibration(method={self.method!r}, sparsity={self.sparsity}, sites={len(self.sites)}, "

@@ -17,7 +17,7 @@ from countdown_fx.capture import capture_graphs
 from countdown_fx.config import CountDownConfig
 from countdown_fx.kernels import reference
 from countdown_fx.passes.match import match_sites
-from countdown_fx.passes.thresholds import MeanKth, StreamingQuantile, drop_count
+from countdown_fx.passes.thresholds import MeanKth, SelectionCounts, StreamingQuantile, drop_count
 
 
 def prac(method, sparsity, **kw):
@@ -153,6 +153,22 @@ def test_save_load_round_trip(llama, batches, tmp_path, method):
     assert back.meta["library_version"] and back.meta["format_version"] == 1
     assert back.report().splitlines()[1:] == cal.report().splitlines()[1:]
     assert "realised" in back.report()
+    union = back.union_by_batch()  # a decode step of 16 tokens reads more neurons than one of a single token
+    assert list(union) == [1, 2, 4, 8, 16] and union[1] < union[16] <= 1.0
+    assert union[1] == pytest.approx(1 - back.overall_sparsity()) and "B=16" in back.report()
+
+
+def test_union_of_batch_masks():
+    """Identical masks: the union is each token's fraction at every B. One neuron per token, all distinct:
+    a group of B tokens reads exactly B neurons."""
+    same = SelectionCounts()
+    row = torch.rand(300) < 0.3
+    same.update(row.expand(64, 300), row.expand(64, 300))
+    assert all(u == pytest.approx(row.float().mean().item()) for u in same.summary()["union_by_batch"].values())
+    distinct = SelectionCounts()
+    one_hot = torch.eye(300, dtype=torch.bool)[:70]  # 70 tokens: 4 groups of 16, 35 of 2, ...
+    distinct.update(one_hot, one_hot)
+    assert distinct.summary()["union_by_batch"] == {str(b): pytest.approx(b / 300) for b in (2, 4, 8, 16)}
 
 
 def test_load_refuses_other_files(tmp_path):

@@ -100,22 +100,38 @@ class StreamingQuantile:
         return math.sinh(t) / self.SCALE
 
 
-class SelectionCounts:
-    """Counts for one site's keep-mask: realised sparsity, and precision / recall vs the oracle mask."""
+UNION_BATCHES = (2, 4, 8, 16)  # decode batch sizes whose expected union of masks calibration reports
 
-    def __init__(self):
+
+class SelectionCounts:
+    """Counts for one site's keep-mask: realised sparsity, precision / recall vs the oracle mask, and the
+    union of the masks of random groups of B tokens: the fraction of neurons a decode step of B tokens
+    must read (the kernels read each row of the union once for the whole batch)."""
+
+    def __init__(self, seed: int = 0):
         self.tokens = 0
         self.neurons = 0  # tokens * d_inter
         self.kept = 0
         self.oracle_kept = 0
         self.both = 0
+        self.union_sum = {b: 0.0 for b in UNION_BATCHES}  # sum over groups of the group's union fraction
+        self.union_groups = {b: 0 for b in UNION_BATCHES}
+        self._generator = torch.Generator().manual_seed(seed)
 
     def update(self, kept: torch.Tensor, oracle: torch.Tensor) -> None:
+        """kept, oracle: [tokens, d_inter] booleans."""
         self.tokens += kept.shape[0]
         self.neurons += kept.numel()
         self.kept += int(kept.sum())
         self.oracle_kept += int(oracle.sum())
         self.both += int((kept & oracle).sum())
+        order = torch.randperm(kept.shape[0], generator=self._generator).to(kept.device)
+        for b in UNION_BATCHES:  # groups of b tokens drawn at random (mixing the batch's sequences)
+            groups = kept.shape[0] // b
+            if groups:
+                union = kept[order[:groups * b]].reshape(groups, b, -1).any(1)
+                self.union_sum[b] += float(union.float().mean(1).sum())
+                self.union_groups[b] += groups
 
     def summary(self) -> dict:
         return {
@@ -123,4 +139,6 @@ class SelectionCounts:
             "realised_sparsity": 1.0 - self.kept / self.neurons if self.neurons else float("nan"),
             "precision": self.both / self.kept if self.kept else float("nan"),
             "recall": self.both / self.oracle_kept if self.oracle_kept else float("nan"),
+            "union_by_batch": {str(b): self.union_sum[b] / self.union_groups[b]
+                               for b in UNION_BATCHES if self.union_groups[b]},
         }
