@@ -145,12 +145,16 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           f"(random weights, {dtype}), context {context}, "
           f"{new} new tokens, prefill dense and untimed",
           "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
-          "fraction with union = 1 - s, KV cache)", "",
-          "| variant | batch | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
-          "|---|---|---|---|---|---|"]
+          "fraction with union = 1 - s, KV cache)",
+          "- union: fraction of FFN neurons a step of this batch reads (union of its tokens' masks), as measured "
+          "by calibration on its own tokens (`Calibration.union_by_batch`)", "",
+          "| variant | batch | union | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
+          "|---|---|---|---|---|---|---|"]
     for r in rows:
         frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
-        md.append(f"| {r['variant']} | {r['batch']} | {r['tps']:.1f} | {r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
+        union = "-" if r["union"] != r["union"] else f"{r['union']:.2f}"
+        md.append(f"| {r['variant']} | {r['batch']} | {union} | {r['tps']:.1f} | "
+                  f"{r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
                   f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
     text = "\n".join(md)
     with open(os.path.join(args.out, "speed_decode_e2e.md"), "w") as f:
@@ -213,7 +217,9 @@ def main():
             sites = counters["sites_rewritten"] - before
             if variant != "dense" and sites < layers:
                 raise RuntimeError(f"{variant}: only {sites} FFN sites rewritten for {layers} layers")
-            rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan")))
+            union = cal.union_by_batch().get(b, float("nan")) if variant != "dense" else float("nan")
+            rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan"),
+                             union=union))
             print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile; "
                   f"{sites} sites rewritten)", flush=True)
             write_table(rows, args, device, dtype, layers, context, new)
