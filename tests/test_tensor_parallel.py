@@ -194,6 +194,16 @@ def _dtensor_bias_worker(rank, port):
             torch._dynamo.reset()
             out = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
             assert torch.isfinite(out).all() and 1e-4 < (out - dense).abs().max() < dense.abs().max()
+
+            # a gate bias replicated instead of sharded with its rows: not this layout, so not rewritten
+            # (each rank would otherwise read the first half of the full bias)
+            from torch.distributed.tensor import Replicate, distribute_tensor
+
+            model.w1.bias = nn.Parameter(distribute_tensor(full["w1.bias"], model.w1.weight.device_mesh, [Replicate()]))
+            assert countdown_fx.find_sites(model, x) == []
+            torch._dynamo.reset()
+            out = torch.compile(model, backend="countdown", options={"sparsity": 0.6})(x)
+            torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
 

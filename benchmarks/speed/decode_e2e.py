@@ -120,7 +120,9 @@ def step_bytes(model, batch: int, context: int, variant: str) -> float:
         c = variant_config(variant)
         u = 1 - c.sparsity
         if c.method == "d-countdown":
-            rank = 512
+            from countdown_fx.passes.predictor import default_rank
+
+            rank = c.predictor_rank or default_rank(cfg.hidden_size, cfg.intermediate_size)
             frac = u + rank * (cfg.hidden_size + cfg.intermediate_size) / (3 * cfg.hidden_size * cfg.intermediate_size)
         else:
             frac = (1 + 2 * u) / 3

@@ -378,8 +378,11 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
         return None
     output, shard, group = down, _tensor_parallel_shard(down), None
     if _is_dtensor(wg):
-        bd = weight_value(gm, b_down, example_inputs) if b_down is not None else None
-        tp = _dtensor_tensor_parallel(down, wg, wu, wd, fused, bd)
+        biases = [weight_value(gm, b, example_inputs) if b is not None else None for b in (b_gate, b_up, b_down)]
+        if any(b is not None and v is None for b, v in zip((b_gate, b_up, b_down), biases)):
+            log.info("countdown: skipping the DTensor FFN at %s: a bias of unknown layout", down.name)
+            return None
+        tp = _dtensor_tensor_parallel(down, wg, wu, wd, fused, *biases)
         if tp is None:
             return None
         output, shard, group = tp
@@ -433,11 +436,12 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bd):
+def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
     """(output node, shard, group name) of a DTensor column/row-parallel FFN, or None (logged) when the
-    layout is another one: gate/up weights Shard(0), down weight Shard(1), a down bias replicated (the
-    rewrite adds it once, after the all-reduce), output redistributed, no fusion (a fused gate_up weight
-    split by rows would put all gate rows on one rank and all up rows on the other)."""
+    layout is another one: gate/up weights and biases Shard(0) (each rank holds its neurons' biases), down
+    weight Shard(1), a down bias replicated (the rewrite adds it once, after the all-reduce), output
+    redistributed, no fusion (a fused gate_up weight split by rows would put all gate rows on one rank and
+    all up rows on the other)."""
     from torch.distributed.tensor import Replicate, Shard
 
     placements = [w.placements for w in (wg, wu, wd)]
@@ -449,6 +453,8 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bd):
         reason = f"placements {placements} are not column-parallel gate/up and row-parallel down"
     elif fused:
         reason = "a fused gate_up weight under DTensor TP is not supported"
+    elif any(b is not None and not (_is_dtensor(b) and tuple(b.placements) == (Shard(0),)) for b in (bg, bu)):
+        reason = "a gate/up bias is not sharded with its rows (Shard(0))"
     elif bd is not None and not (_is_dtensor(bd) and tuple(bd.placements) == (Replicate(),)):
         reason = "its down bias is not a replicated DTensor"
     elif not _is_method(to_local, "to_local"):

@@ -69,9 +69,10 @@ def test_auto_side_splits_blocks_between_the_kernels(mode):
     config = {**SMALL_BLOCKS, "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)}
     y, a = run_kernel(c, config={**config, "sparse_side": "auto", "handoff_fraction": 0.25})
     check(c, y, a)
-    y_masked, a_masked = run_kernel(c, config={**config, "sparse_side": "masked"})
-    torch.testing.assert_close(a, a_masked, rtol=0, atol=0)
-    torch.testing.assert_close(y, y_masked, rtol=0, atol=0)
+    for side in ("masked", "gather"):
+        y_side, a_side = run_kernel(c, config={**config, "sparse_side": side})
+        torch.testing.assert_close(a, a_side, rtol=0, atol=0)
+        torch.testing.assert_close(y, y_side, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["up", "pred"])
