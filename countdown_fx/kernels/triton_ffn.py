@@ -436,6 +436,19 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(-1) == 1 else w.contiguous()
 
 
+def _check_shapes(D, N, w_gate, w_up, w_down_t, b_gate, b_up, b_down, pred_v, pred_u) -> None:
+    """The kernels index every tensor by (neuron, d_model) without bounds of their own: a mismatched shape
+    would read the wrong rows silently, so refuse it here (shapes are known while tracing: no sync)."""
+    want = {"w_gate": (w_gate, (N, D)), "w_up": (w_up, (N, D)), "w_down_t": (w_down_t, (N, D)),
+            "b_gate": (b_gate, (N,)), "b_up": (b_up, (N,)), "b_down": (b_down, (D,))}
+    if pred_v is not None:
+        want.update(pred_v=(pred_v, (D, pred_v.shape[-1])), pred_u=(pred_u, (N, pred_v.shape[-1])))
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"countdown kernels: {name} has shape {tuple(t.shape)}, expected {shape} for "
+                             f"d_model={D}, d_inter={N}")
+
+
 def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation: str,
                mode: int, thr: torch.Tensor, pred_v=None, pred_u=None, config=None, return_coef=False):
     """The decode FFN for x2d [M <= 16, d_model]; returns y [M, d_model] in x's dtype (and the masked
@@ -450,6 +463,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     M, D = x2d.shape
     N = w_gate.shape[0]
     assert 1 <= M <= MAX_TOKENS, M
+    _check_shapes(D, N, w_gate, w_up, w_down_t, b_gate, b_up, b_down, pred_v, pred_u)
     x2d = _rows(x2d)
     w_gate, w_up, w_down_t = _rows(w_gate), _rows(w_up), _rows(w_down_t)
     dtype = x2d.dtype

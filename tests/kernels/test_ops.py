@@ -150,3 +150,18 @@ def test_tiny_llama_reduce_overhead(method):
     for g_, w_, d_ in zip(got, want, dense):
         assert not torch.allclose(w_, d_, rtol=1e-3, atol=1e-3)  # sparsity changed the output
         torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_launcher_refuses_mismatched_shapes():
+    """The kernels have no bounds checks of their own: a bias or weight of the wrong size is refused before
+    launch, naming the tensor (checked without launching anything, so it runs on CPU)."""
+    from countdown_fx.kernels import triton_ffn
+
+    D, N = 8, 12
+    w = torch.randn(N, D)
+    x = torch.randn(2, D)
+    thr = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"b_gate has shape \(24,\), expected \(12,\)"):
+        triton_ffn.sparse_ffn(x, w, w, w, torch.zeros(2 * N), None, None, "silu", triton_ffn.MODE_UP, thr)
+    with pytest.raises(ValueError, match=r"w_down_t has shape \(8, 12\)"):
+        triton_ffn.sparse_ffn(x, w, w, w.t(), None, None, None, "silu", triton_ffn.MODE_UP, thr)
