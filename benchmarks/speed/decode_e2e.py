@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import time
 
@@ -23,6 +22,9 @@ import torch
 
 import countdown_fx
 from countdown_fx.calibration import calibrate_sweep
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ffn_decode import copy_bandwidth, git_commit  # noqa: E402
 
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False)
@@ -135,11 +137,7 @@ def step_bytes(model, batch: int, context: int, variant: str) -> float:
 def write_table(rows, args, device, dtype, layers, context, new) -> str:
     """The markdown table of the rows so far (written after every row: a timed-out run keeps its rows)."""
     dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
-    try:
-        commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                               text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = args.commit or git_commit()
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     md = ["# End-to-end greedy decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
           f"- device: {dev}; commit {commit}; command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
@@ -164,16 +162,41 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
     return text
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def decode_arg_parser(description: str, layers: int, variants: str, tiny_help: str) -> argparse.ArgumentParser:
+    """The flags decode_e2e and decode_tp share."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=layers)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--variants", default="dense,m0.7,m0.9,d0.7,d0.9")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, no CUDA graphs")
+    ap.add_argument("--variants", default=variants)
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
     ap.add_argument("--commit", default=None)
+    return ap
+
+
+def calibrate_variants(model, variants, device) -> dict:
+    """Calibrations of every sparse variant from one sweep (shared passes: device time is scarce), on random
+    token ids; Dynamo is reset afterwards so no calibration graph is reused by a decode step."""
+    sparse = [v for v in variants if v != "dense"]
+    if not sparse:
+        return {}
+    ids = [torch.randint(0, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(s))
+           .to(device) for s in range(2)]
+    calibrations = dict(zip(sparse, calibrate_sweep(model, ids, [variant_config(v) for v in sparse],
+                                                    progress=False)))
+    torch._dynamo.reset()
+    return calibrations
+
+
+def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
+    if variant != "dense" and rewritten < layers:
+        raise RuntimeError(f"{variant}: only {rewritten} FFN sites rewritten for {layers} layers")
+
+
+def main():
+    ap = decode_arg_parser(__doc__, 8, "dense,m0.7,m0.9,d0.7,d0.9", "CPU smoke test: tiny model, no CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -187,25 +210,14 @@ def main():
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     variants = args.variants.split(",")
-    bw = None
-    if device.type == "cuda":
-        sys.path.insert(0, os.path.dirname(__file__))
-        from ffn_decode import copy_bandwidth
-
-        bw = copy_bandwidth()
-    calib_ids = [torch.randint(0, shape["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(s)).to(device)
-                 for s in range(2)]
+    bw = copy_bandwidth() if device.type == "cuda" else None
 
     from countdown_fx.passes.rewrite import counters
 
     layers = 2 if args.tiny else args.layers
     rows, outputs = [], {}
     plain = model.forward
-    # one calibration sweep for all variants: the model's passes are shared (device time is scarce)
-    sparse_variants = [v for v in variants if v != "dense"]
-    calibrations = dict(zip(sparse_variants, calibrate_sweep(
-        model, calib_ids, [variant_config(v) for v in sparse_variants], progress=False))) if sparse_variants else {}
-    torch._dynamo.reset()  # calibration's own compiled graphs must not be reused by the decode steps
+    calibrations = calibrate_variants(model, variants, device)
     for variant in variants:
         torch._dynamo.reset()
         before = counters["sites_rewritten"]
@@ -221,8 +233,7 @@ def main():
             outputs[(variant, b)] = toks
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
-            if variant != "dense" and sites < layers:
-                raise RuntimeError(f"{variant}: only {sites} FFN sites rewritten for {layers} layers")
+            check_sites_rewritten(variant, sites, layers)
             union = cal.union_by_batch().get(b, float("nan")) if variant != "dense" else float("nan")
             rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan"),
                              union=union))

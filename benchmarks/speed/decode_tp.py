@@ -12,7 +12,6 @@ Every rank runs the same steps; rank 0 writes the table. The decode loop is deco
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_e2e import LLAMA8B, TINY, build, decode_tokens_per_s, variant_config  # noqa: E402
-
-from countdown_fx.calibration import calibrate  # noqa: E402
+from decode_e2e import (LLAMA8B, TINY, build, calibrate_variants, check_sites_rewritten,  # noqa: E402
+                        decode_arg_parser, decode_tokens_per_s)
+from ffn_decode import git_commit  # noqa: E402
 
 
 def shard(model, mesh) -> None:
@@ -38,15 +37,7 @@ def shard(model, mesh) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--variants", default="dense,m0.7,d0.9")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on gloo: tiny model, no CUDA graphs")
-    ap.add_argument("--commit", default=None)
+    ap = decode_arg_parser(__doc__, 32, "dense,m0.7,d0.9", "CPU smoke test on gloo: tiny model, no CUDA graphs")
     args = ap.parse_args()
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (device README)
@@ -67,26 +58,23 @@ def main() -> None:
         model = build(shape, layers, context + new + 8, device, dtype)  # same seed: same weights on every rank
         shard(model, init_device_mesh(device.type, (world,)))
         mode = "reduce-overhead" if cuda else None
-        calib_ids = [torch.randint(0, shape["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(s))
-                     .to(device) for s in range(2)]
+        variants = args.variants.split(",")
+        calibrations = calibrate_variants(model, variants, device)
         rows, tokens = [], {}
-        for variant in args.variants.split(","):
+        for variant in variants:
             torch._dynamo.reset()
             before = counters["sites_rewritten"]
             if variant == "dense":
                 step = torch.compile(model.forward, mode=mode)
             else:
-                cal = calibrate(model, calib_ids, variant_config(variant), progress=False)
+                cal = calibrations[variant]
                 assert all(key.endswith(f"@tp{rank}of{world}") for key in cal.state), list(cal.state)[:2]
-                torch._dynamo.reset()
                 step = torch.compile(model.forward, backend="countdown",
                                      options={"calibration": cal, "apply_to": "decode", "mode": mode})
             for b in (int(b) for b in args.batches.split(",")):
                 t0 = time.time()
                 tps, toks = decode_tokens_per_s(model, step, b, context, new, device)
-                if variant != "dense" and counters["sites_rewritten"] - before < layers:
-                    raise RuntimeError(f"{variant}: {counters['sites_rewritten'] - before} FFN sites rewritten "
-                                       f"for {layers} layers")
+                check_sites_rewritten(variant, counters["sites_rewritten"] - before, layers)
                 same = [None] * world
                 dist.all_gather_object(same, toks.cpu())
                 assert all(torch.equal(t, same[0]) for t in same), "ranks decoded different tokens"
@@ -102,10 +90,7 @@ def main() -> None:
 
 
 def write_table(rows, args, device, dtype, layers, context, new, world) -> str:
-    import subprocess
-
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip()
+    commit = args.commit or git_commit()
     dev = f"{world} x {torch.cuda.get_device_name()}" if device.type == "cuda" else f"{world} CPU processes (gloo)"
     dense = {b: tps for v, b, tps in rows if v == "dense"}
     md = ["# Tensor-parallel greedy decode, static KV cache" + (", CUDA graphs" if device.type == "cuda" else ""), "",
