@@ -57,6 +57,12 @@ def _shard_local_topk(x, w1, w3, w2, sparsity):
     return out
 
 
+def _countdown(model, **options):
+    """A fresh countdown compile of `model` (Dynamo reset: no graph of an earlier option set is reused)."""
+    torch._dynamo.reset()
+    return torch.compile(model, backend="countdown", options=options)
+
+
 def _worker(rank, port, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -72,11 +78,9 @@ def _worker(rank, port, tmp):
                                                                   D_INTER // WORLD)]
         with torch.no_grad():
             dense = F.linear(F.silu(x @ w1.t()) * (x @ w3.t()), w2)
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"sparsity": 0.0})(x)
+            out = _countdown(model, sparsity=0.0)(x)
             torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"sparsity": 0.6})(x)
+            out = _countdown(model, sparsity=0.6)(x)
             torch.testing.assert_close(out, _shard_local_topk(x, w1, w3, w2, 0.6), rtol=1e-5, atol=1e-5)
             # per-shard calibration: keyed by rank, and refused by an unsharded model
             batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -84,8 +88,7 @@ def _worker(rank, port, tmp):
                                          progress=False)
             assert list(cal.state) == [f"<root>@tp{rank}of{WORLD}"]
             cal.save(os.path.join(tmp, f"rank{rank}.safetensors"))
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"calibration": cal})(x)
+            out = _countdown(model, calibration=cal)(x)
             assert (out - dense).abs().max() > 1e-4
     finally:
         dist.destroy_process_group()
@@ -115,8 +118,7 @@ def _dtensor_worker(rank, port):
         with torch.no_grad():
             dense = F.linear(F.silu(x @ w1.t()) * (x @ w3.t()), w2)
             for sparsity, want in ((0.0, dense), (0.6, _shard_local_topk(x, w1, w3, w2, 0.6))):
-                torch._dynamo.reset()
-                out = torch.compile(model, backend="countdown", options={"sparsity": sparsity})(x)
+                out = _countdown(model, sparsity=sparsity)(x)
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
             # calibration on the DTensor model: one threshold per shard, applied shard-locally
             batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -125,8 +127,7 @@ def _dtensor_worker(rank, port):
             assert list(cal.state) == [f"<root>@tp{rank}of{WORLD}"]
             thresholds = [None] * WORLD
             dist.all_gather_object(thresholds, float(cal.state[f"<root>@tp{rank}of{WORLD}"]["threshold"]))
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
+            out = _countdown(model, calibration=cal, apply_to="all")(x)
             n = D_INTER // WORLD
             want = 0
             for r, t in enumerate(thresholds):
@@ -185,14 +186,12 @@ def _dtensor_bias_worker(rank, port):
         with torch.no_grad():
             dense = model(x)
             for sparsity, expected in ((0.0, dense), (0.6, want)):
-                torch._dynamo.reset()
-                out = torch.compile(model, backend="countdown", options={"sparsity": sparsity})(x)
+                out = _countdown(model, sparsity=sparsity)(x)
                 torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
             batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
             cal = countdown_fx.calibrate(model, batches, countdown_fx.CountDownConfig(sparsity=0.5, regime="prac"),
                                          progress=False)
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
+            out = _countdown(model, calibration=cal, apply_to="all")(x)
             assert torch.isfinite(out).all() and 1e-4 < (out - dense).abs().max() < dense.abs().max()
 
             # a gate bias replicated instead of sharded with its rows: not this layout, so not rewritten
@@ -201,8 +200,7 @@ def _dtensor_bias_worker(rank, port):
 
             model.w1.bias = nn.Parameter(distribute_tensor(full["w1.bias"], model.w1.weight.device_mesh, [Replicate()]))
             assert countdown_fx.find_sites(model, x) == []
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"sparsity": 0.6})(x)
+            out = _countdown(model, sparsity=0.6)(x)
             torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
@@ -263,8 +261,7 @@ def _bf16_worker(rank, port, device_type):
         x = torch.randn(3, 1, d_model, generator=torch.Generator().manual_seed(1)).to(dev, bf16)
         with torch.no_grad():
             dense = F.linear(F.silu(x.float() @ w1.float().t()) * (x.float() @ w3.float().t()), w2.float())
-            torch._dynamo.reset()
-            out = torch.compile(model, backend="countdown", options={"sparsity": 0.0})(x)
+            out = _countdown(model, sparsity=0.0)(x)
             torch.testing.assert_close(out.float(), dense, rtol=2e-2, atol=2e-2)
 
             batches = [torch.randn(4, 16, d_model, generator=torch.Generator().manual_seed(i)).to(dev, bf16)
@@ -273,8 +270,7 @@ def _bf16_worker(rank, port, device_type):
                                          progress=False)
             thresholds = [None] * WORLD
             dist.all_gather_object(thresholds, float(cal.state[f"<root>@tp{rank}of{WORLD}"]["threshold"]))
-            torch._dynamo.reset()
-            step = torch.compile(model, backend="countdown", options={"calibration": cal, "mode": "reduce-overhead" if cuda else None})
+            step = _countdown(model, calibration=cal, mode="reduce-overhead" if cuda else None)
             for _ in range(3):  # warm-up, record, replay
                 out = step(x).clone()
             n = d_inter // WORLD
