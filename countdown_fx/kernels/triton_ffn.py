@@ -199,12 +199,9 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
     if SIDE == 0 or MODE == 2:
         tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
     else:
-        # does this block's union go to _gather_kernel? (as a row vector: masks must be tensors of int1)
+        # as a row vector: store masks must be tensors of int1
         n_row = tl.zeros((BLOCK_N,), dtype=tl.int32) + n_used
-        if SIDE == 1:
-            handed = n_row >= 0
-        else:
-            handed = n_row <= HANDOFF_ROWS
+        handed = _handed_off(n_row, SIDE, HANDOFF_ROWS)
         tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid & handed[None, :])
         tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a,
                  mask=valid & ((used == 0) | (handed == 0))[None, :])
@@ -216,16 +213,22 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
 
 @triton.jit
+def _handed_off(n_used, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
+    """Does a block whose union has n_used rows leave its sparse side to _gather_kernel? Never ("masked"),
+    always ("gather"), or when the union is small ("auto")."""
+    if SIDE == 0:
+        return n_used < 0
+    elif SIDE == 1:
+        return n_used >= 0
+    else:
+        return n_used <= HANDOFF_ROWS
+
+
+@triton.jit
 def _sparse_k_end(union, D, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
     """How far the coef kernel's own sparse loop runs: D, or 0 when the union is empty or handed off."""
     n_used = tl.sum(union.to(tl.int32), axis=0)
-    if SIDE == 0:
-        here = n_used > 0
-    elif SIDE == 1:
-        here = n_used < 0  # never
-    else:
-        here = n_used > HANDOFF_ROWS
-    return tl.where(here, D, 0)
+    return tl.where(_handed_off(n_used, SIDE, HANDOFF_ROWS), 0, tl.where(n_used > 0, D, 0))
 
 
 @triton.jit
