@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import CountDownConfig
-from .kernels import reference
+from .kernels import ops, reference
 from .passes.observe import ObserveSession, run_pass
 from .passes.predictor import PredictorTrainer, default_rank, oracle_mask, predictor_fraction
 from .passes.thresholds import MeanKth, SelectionCounts, StreamingQuantile, drop_count
@@ -136,7 +136,7 @@ class Calibration:
         state = {k: {**v, "tau": torch.tensor(float(tau), dtype=torch.float32)} for k, v in self.state.items()}
         stats = {k: {**v, "tau": float(tau)} for k, v in self.stats.items()}  # measured numbers no longer apply
         for v in stats.values():
-            for name in ("realised_sparsity", "precision", "recall"):
+            for name in ("realised_sparsity", "precision", "recall", "union_by_batch"):
                 v.pop(name, None)
         return Calibration(self.config.replace(tau=float(tau)), self.sites, state, stats, self.meta, self.source)
 
@@ -221,21 +221,47 @@ class Calibration:
             lines.append("neurons a decode step of B tokens reads (union of their masks, random calibration tokens): "
                          + ", ".join(f"B={b} {_pct(u)}" for b, u in union.items())
                          + "; sparse kernels pay off while this stays well below 100%")
+        lines.append(self._plan_summary())
         return "\n".join(lines)
 
+    def site_union_by_batch(self, key: str) -> dict[int, float]:
+        """Expected fraction of site `key`'s neurons a decode step of B tokens reads: B = 1 (1 - realised
+        sparsity) and the batch sizes calibration measured; empty when nothing was measured (with_tau)."""
+        st = self.stats.get(key, {})
+        per_batch = {int(b): u for b, u in st.get("union_by_batch", {}).items()}
+        if "realised_sparsity" in st and not math.isnan(st["realised_sparsity"]):
+            per_batch[1] = 1.0 - st["realised_sparsity"]
+        return dict(sorted(per_batch.items()))
+
     def union_by_batch(self) -> dict[int, float]:
-        """Expected fraction of neurons a decode step of B tokens reads, over all sites (weighted by d_inter),
-        B = 1 (1 - realised sparsity) and the batch sizes calibration measured."""
+        """site_union_by_batch over all sites, weighted by d_inter."""
         num, den = {}, {}
-        for key, st in self.stats.items():
+        for key in self.stats:
             d_inter = self.sites[key]["d_inter"]
-            per_batch = dict(st.get("union_by_batch", {}))
-            if "realised_sparsity" in st and not math.isnan(st["realised_sparsity"]):
-                per_batch["1"] = 1.0 - st["realised_sparsity"]
-            for b, u in per_batch.items():
-                num[int(b)] = num.get(int(b), 0.0) + u * d_inter
-                den[int(b)] = den.get(int(b), 0) + d_inter
+            for b, u in self.site_union_by_batch(key).items():
+                num[b] = num.get(b, 0.0) + u * d_inter
+                den[b] = den.get(b, 0) + d_inter
         return {b: num[b] / den[b] for b in sorted(num)}
+
+    def decode_plan(self, site) -> ops.DecodePlan:
+        """How the op of `site` runs decode steps of each batch size (gather side, or dense for
+        D-CountDown at nearly full unions), from the union measured at calibration."""
+        key = site if isinstance(site, str) else site.key
+        return ops.decode_plan(ops.op_kind(self.method), self.site_union_by_batch(key))
+
+    def _plan_summary(self) -> str:
+        plans = [self.decode_plan(key) for key in self.sites]
+        parts = []
+        gather = sorted({p.gather_max_tokens for p in plans if p.gather_max_tokens})
+        if gather:
+            parts.append(f"{sum(p.gather_max_tokens > 0 for p in plans)} of {len(plans)} site(s) read gate/up "
+                         f"through the gather kernel in steps of up to {'/'.join(map(str, gather))} tokens")
+        dense = sorted({p.dense_min_tokens for p in plans if p.dense_min_tokens})
+        if dense:
+            parts.append(f"{sum(p.dense_min_tokens > 0 for p in plans)} of {len(plans)} site(s) run the DENSE FFN "
+                         f"(no predictor, no sparsity) in steps of at least {'/'.join(map(str, dense))} tokens, "
+                         "where their union is so full that sparse decode would be slower")
+        return "decode plan: " + ("; ".join(parts) if parts else "sparse kernels (masked side) at every batch size")
 
     def __repr__(self) -> str:
         return (f"Calibration(method={self.method!r}, sparsity={self.sparsity}, sites={len(self.sites)}, "

@@ -22,35 +22,38 @@ from .kernels import ops, reference
 
 class SparsityMeter(TorchDispatchMode):
     """Counts kept and total neurons of every countdown op call made while it is active, by d_inter
-    and overall (a prefill step under apply_to="decode" counts as dense: it is)."""
+    and overall (a prefill step under apply_to="decode", and a D-CountDown decode step of a batch size
+    its calibration sends to the dense FFN (ops.DecodePlan), count as dense: they are)."""
 
     def __init__(self):
         super().__init__()
         self.kept = 0
         self.total = 0
         self.calls = defaultdict(int)  # "decode" / "prefill" -> number of op calls
+        self.dense_calls = defaultdict(int)  # of those, calls that ran the dense FFN
         self.kept_by_step = defaultdict(int)  # "decode" / "prefill" -> neurons kept
         self.total_by_step = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in ops.COUNTDOWN_OPS:
-            self._count(func, args)
+            self._count(func, ops.bound_args(func, args, kwargs))
         return func(*args, **(kwargs or {}))
 
-    def _count(self, func, args) -> None:
-        x, w_gate, w_up, _, b_gate, b_up, _, act = args[: ops.N_FFN_TENSORS + 1]
-        decode_only = args[-1]
+    def _count(self, func, a: dict) -> None:
+        x, w_gate = a["x"], a["w_gate"]
         tokens, d_inter = x.numel() // x.shape[-1], w_gate.shape[0]
         step = "decode" if ops.is_decode_step(x) else "prefill"
-        if decode_only and step == "prefill":
-            kept = tokens * d_inter
+        ffn = (x, w_gate, a["w_up"], a["b_gate"], a["b_up"], a["activation"])
+        if (a["decode_only"] and step == "prefill") or ops.runs_dense(x, a.get("dense_min_tokens", 0)):
+            kept = tokens * d_inter  # the op runs the dense FFN here
+            self.dense_calls[step] += 1
         elif func is torch.ops.countdown.topk_ffn.default:
-            kept = tokens * reference.keep_count(d_inter, args[9])
+            kept = tokens * reference.keep_count(d_inter, a["sparsity"])
         elif func is torch.ops.countdown.predictor_ffn.default:
-            kept = int(reference.selection_mask(x, w_gate, w_up, b_gate, b_up, act, "coef", pred_v=args[8],
-                                                pred_u=args[9], tau=args[10]).sum())
+            kept = int(reference.selection_mask(*ffn, "coef", pred_v=a["pred_v"], pred_u=a["pred_u"],
+                                                tau=a["tau"]).sum())
         else:
-            kept = int(reference.selection_mask(x, w_gate, w_up, b_gate, b_up, act, args[8], threshold=args[9]).sum())
+            kept = int(reference.selection_mask(*ffn, a["score"], threshold=a["threshold"]).sum())
         self.calls[step] += 1
         self.kept += kept
         self.total += tokens * d_inter
@@ -68,7 +71,8 @@ class SparsityMeter(TorchDispatchMode):
         return 1.0 - self.kept_by_step[step] / total if total else float("nan")
 
     def report(self) -> str:
-        parts = [f"{step} {self.step_sparsity(step):.1%} ({self.calls[step]} op calls)"
+        parts = [f"{step} {self.step_sparsity(step):.1%} ({self.calls[step]} op calls"
+                 + (f", {self.dense_calls[step]} of them dense" if self.dense_calls[step] else "") + ")"
                  for step in ("decode", "prefill") if self.calls[step]]
         return f"realised FFN sparsity {self.sparsity:.1%} overall; " + ", ".join(parts or ["no countdown op ran"])
 

@@ -13,6 +13,7 @@ keep compile time inside a device call (the table says how many). lm_head (12825
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import sys
@@ -147,13 +148,15 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
           "fraction with union = 1 - s, KV cache)",
           "- union: fraction of FFN neurons a step of this batch reads (union of its tokens' masks), as measured "
-          "by calibration on its own tokens (`Calibration.union_by_batch`)", "",
-          "| variant | batch | union | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
-          "|---|---|---|---|---|---|---|"]
+          "by calibration on its own tokens (`Calibration.union_by_batch`)",
+          "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
+          "(`Calibration.decode_plan`, from that union)", "",
+          "| variant | batch | union | sites run | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
         union = "-" if r["union"] != r["union"] else f"{r['union']:.2f}"
-        md.append(f"| {r['variant']} | {r['batch']} | {union} | {r['tps']:.1f} | "
+        md.append(f"| {r['variant']} | {r['batch']} | {union} | {r['plan']} | {r['tps']:.1f} | "
                   f"{r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
                   f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
     text = "\n".join(md)
@@ -188,6 +191,12 @@ def calibrate_variants(model, variants, device) -> dict:
                                                     progress=False)))
     torch._dynamo.reset()
     return calibrations
+
+
+def plan_at(cal, batch: int) -> str:
+    """What the sites run in a decode step of `batch` tokens (Calibration.decode_plan), e.g. "gather 32"."""
+    paths = collections.Counter(cal.decode_plan(key).path(batch) for key in cal.sites)
+    return ", ".join(f"{path} {n}" for path, n in sorted(paths.items()))
 
 
 def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
@@ -236,7 +245,7 @@ def main():
             check_sites_rewritten(variant, sites, layers)
             union = cal.union_by_batch().get(b, float("nan")) if variant != "dense" else float("nan")
             rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan"),
-                             union=union))
+                             union=union, plan=plan_at(cal, b) if variant != "dense" else "-"))
             print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile; "
                   f"{sites} sites rewritten)", flush=True)
             write_table(rows, args, device, dtype, layers, context, new)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from countdown_fx.kernels import triton_ffn
+from countdown_fx.kernels import ops, triton_ffn
 
 SHAPES = {"llama-3.1-8b": (4096, 14336), "qwen2.5-14b": (5120, 13824), "gemma-2-9b": (3584, 14336)}
 ROT = 8  # token sets per graph replay
@@ -193,8 +193,7 @@ def crossover(L, log, batches):
 
 def compare_sides(L, log, batches, sps):
     """The sparse side of gate/up: masked row loads inside _coef_kernel vs _gather_kernel over the
-    compacted union vs the per-block choice between the two (CONFIG['sparse_side'] masked/gather/auto);
-    for D-CountDown also the predictor's h = x V split over d_model (CONFIG['predictor_k_split'])."""
+    compacted union (CONFIG['sparse_side']); where one wins sets ops.GATHER_MAX_UNION."""
     calib = L.tokens(256)
     for B in batches:
         xs = [L.tokens(B) for _ in range(ROT)]
@@ -202,10 +201,7 @@ def compare_sides(L, log, batches, sps):
             for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
                 thr = L.threshold(name, s, calib)
                 union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
-                variants = {side: {"sparse_side": side} for side in ("masked", "gather", "auto")}
-                if name == "d":  # the predictor's h = x V split over d_model
-                    variants.update({f"{side}+ksplit": {"sparse_side": side, "predictor_k_split": "auto"}
-                                     for side in ("masked", "auto")})
+                variants = {side: {"sparse_side": side} for side in ("masked", "gather")}
                 times = {}
                 for label, config in variants.items():
                     check_once(L, xs[0], thr, mode, config)
@@ -269,16 +265,24 @@ def main():
                     keep = sc > thr
                     union = keep.any(1).float().mean().item()
                     density = keep.float().mean().item()
+                    # what the op does at this B given this union as calibrated (ops.decode_plan)
+                    plan = ops.decode_plan(ops.op_kind("d-countdown" if name == "d" else "m-countdown"), {B: union})
+                    path = plan.path(B)
+                    config = {"sparse_side": "gather" if path == "gather" else "masked"}
                     if B == batches[0] or s == 0.9:
-                        check_once(L, xs[0], thr, mode)
-                    t = graph_time_us(run_sparse(L, xs, thr, mode))
-                    nbytes = L.bytes(name, union)
-                    row.update({f"{name}_us": t, f"{name}_union": union, f"{name}_density": density,
+                        check_once(L, xs[0], thr, mode, config)
+                    t_kernels = graph_time_us(run_sparse(L, xs, thr, mode, config))
+                    dense = path == "dense"
+                    t = t_dense if dense else t_kernels
+                    nbytes = L.bytes("dense", 1) if dense else L.bytes(name, union)
+                    row.update({f"{name}_us": t, f"{name}_kernels_us": t_kernels, f"{name}_union": union,
+                                f"{name}_density": density, f"{name}_side": path,
                                 f"{name}_ceil_us": nbytes / bw * 1e6, f"{name}_gbs": nbytes / t / 1e3})
                 rows.append(row)
                 log(f"{shape} B={B:2d} s={s:.1f} dense {t_dense:6.1f} compact {t_compact:6.1f} | "
-                    f"M {row['m_us']:6.1f} (ceil {row['m_ceil_us']:5.1f}, union {row['m_union']:.2f}) | "
-                    f"D {row['d_us']:6.1f} (ceil {row['d_ceil_us']:5.1f}, union {row['d_union']:.2f})  "
+                    f"M {row['m_us']:6.1f} {row['m_side']} (ceil {row['m_ceil_us']:5.1f}, union {row['m_union']:.2f}) | "
+                    f"D {row['d_us']:6.1f} {row['d_side']} (kernels {row['d_kernels_us']:6.1f}, ceil "
+                    f"{row['d_ceil_us']:5.1f}, union {row['d_union']:.2f})  "
                     f"[{time.time() - t0:.0f}s]")
         del L
         torch.cuda.empty_cache()
@@ -292,19 +296,23 @@ def main():
           f"- measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write); ceiling = bytes needed / that",
           f"- M = M-CountDown (dense up, sparse gate/down), D = D-CountDown (rank-{RANK} predictor included)",
           "- union: fraction of neurons active for at least one token of the step (measured on these inputs)",
-          "- frac = ceiling time / measured time; speedup = dense Inductor (CUDA graph) time / variant time", ""]
+          "- frac = ceiling time / measured time; speedup = dense Inductor (CUDA graph) time / variant time",
+          "- side: what the op runs at this batch size given this union as calibrated (`ops.decode_plan`): the "
+          "masked or gather sparse side, or for D the dense FFN where its union is so full that the sparse "
+          "kernels lose (D µs is then the dense time; `D kernels µs` is what the sparse kernels would take)", ""]
     for shape in shapes:
         md += [f"## {shape} (d_model {SHAPES[shape][0]}, d_inter {SHAPES[shape][1]})", "",
-               "| B | s | dense µs | compact µs | M µs | M union | M GB/s | M frac | M speedup | D µs | D union "
-               "| D GB/s | D frac | D speedup |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| B | s | dense µs | compact µs | M µs | M side | M union | M GB/s | M frac | M speedup | D µs | D side "
+               "| D kernels µs | D union | D GB/s | D frac | D speedup |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["shape"] != shape:
                 continue
             md.append(f"| {r['B']} | {r['s']:.1f} | {r['dense_us']:.1f} | {r['compact_us']:.1f} | {r['m_us']:.1f} | "
-                      f"{r['m_union']:.2f} | {r['m_gbs']:.0f} | {r['m_ceil_us'] / r['m_us']:.2f} | "
-                      f"{r['dense_us'] / r['m_us']:.2f}x | {r['d_us']:.1f} | {r['d_union']:.2f} | {r['d_gbs']:.0f} | "
-                      f"{r['d_ceil_us'] / r['d_us']:.2f} | {r['dense_us'] / r['d_us']:.2f}x |")
+                      f"{r['m_side']} | {r['m_union']:.2f} | {r['m_gbs']:.0f} | {r['m_ceil_us'] / r['m_us']:.2f} | "
+                      f"{r['dense_us'] / r['m_us']:.2f}x | {r['d_us']:.1f} | {r['d_side']} | {r['d_kernels_us']:.1f} | "
+                      f"{r['d_union']:.2f} | {r['d_gbs']:.0f} | {r['d_ceil_us'] / r['d_us']:.2f} | "
+                      f"{r['dense_us'] / r['d_us']:.2f}x |")
         md.append("")
     text = "\n".join(md)
     with open(os.path.join(args.out, "speed_ffn_decode.md"), "w") as f:

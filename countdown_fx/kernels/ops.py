@@ -17,7 +17,8 @@ topk_ffn (SP-Ideal) is an accuracy oracle with no speed path: a plain custom op 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -39,6 +40,54 @@ SPARSE_MAX_TOKENS = 16
 # The three ops share their leading tensor arguments: x, w_gate, w_up, w_down_t, b_gate, b_up, b_down.
 N_FFN_TENSORS = 7
 
+# Per-call choices of threshold_ffn / predictor_ffn in a decode step, made on the host from the step's
+# token count and the site's calibrated union of masks (Calibration.union_by_batch), measured on the H100
+# (benchmarks/speed/NOTES.md, "sides" and "crossover"):
+# - the gather sparse side beats the masked one up to a union of ~0.2 (M-CountDown / CATS: one gathered
+#   projection) and ~0.35 (D-CountDown: two); it gives the same output bit for bit, so this is speed only.
+# - D-CountDown is slower than the dense FFN from a union of ~0.75 on (the predictor's bytes and compute
+#   come on top of a nearly dense read): such steps run the dense FFN. This changes the output (to the
+#   dense one) for those batch sizes; Calibration.report() and SparsityMeter say where it happens.
+#   M-CountDown and CATS are never slower than dense up to 16 tokens, so they have no such rule.
+GATHER_MAX_UNION = {"threshold": 0.2, "predictor": 0.35}
+DENSE_MIN_UNION = {"threshold": None, "predictor": 0.75}
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What a site's op does in a decode step of T tokens: gather sparse side for T <= gather_max_tokens,
+    the dense FFN for T >= dense_min_tokens (0: never)."""
+
+    gather_max_tokens: int = 0
+    dense_min_tokens: int = 0
+
+    def path(self, tokens: int) -> str:
+        """What a decode step of `tokens` tokens runs: "dense", "gather" or "masked" (sparse side)."""
+        if 0 < self.dense_min_tokens <= tokens:
+            return "dense"
+        return "gather" if tokens <= self.gather_max_tokens else "masked"
+
+
+def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan:
+    """The plan for a site of `op_kind` ("threshold" | "predictor") whose calibrated union of the masks of
+    B tokens is union_by_batch[B]. Between measured batch sizes the plan stays on the safe side: gather up
+    to the largest measured B under the bound, dense from the smallest measured B over it."""
+    sizes = sorted(union_by_batch)
+    gather = 0
+    for b in sizes:  # the union grows with B; stop at the first size over the bound
+        if union_by_batch[b] > GATHER_MAX_UNION[op_kind]:
+            break
+        gather = b
+    dense_union = DENSE_MIN_UNION[op_kind]
+    dense = next((b for b in sizes if dense_union is not None and union_by_batch[b] >= dense_union), 0)
+    return DecodePlan(gather_max_tokens=gather, dense_min_tokens=dense)
+
+
+def runs_dense(x: Tensor, dense_min_tokens: int) -> bool:
+    """A decode step of at least dense_min_tokens tokens runs the dense FFN (see DENSE_MIN_UNION)."""
+    tokens = x.numel() // x.shape[-1]
+    return is_decode_step(x) and DecodePlan(dense_min_tokens=dense_min_tokens).path(tokens) == "dense"
+
 
 def is_decode_step(x: Tensor) -> bool:
     """A decode step has one token per sequence: [batch, 1, d_model]. A 2-D input is taken as a batch of
@@ -56,9 +105,11 @@ def _use_kernels(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.is_cuda and t.dtype == x.dtype) for t in tensors)
 
 
-def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mode, thr, pred_v=None, pred_u=None):
+def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mode, thr, gather_max_tokens,
+                 pred_v=None, pred_u=None):
+    side = DecodePlan(gather_max_tokens=gather_max_tokens).path(x.numel() // x.shape[-1])
     y = triton_ffn.sparse_ffn(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down_t, b_gate, b_up, b_down,
-                              activation, mode, thr, pred_v, pred_u)
+                              activation, mode, thr, pred_v, pred_u, config={"sparse_side": side})
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
 
 
@@ -70,23 +121,23 @@ def _topk_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, scor
 
 
 def _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only,
-                    kernels=True):
-    if decode_only and not is_decode_step(x):
+                    gather_max_tokens=0, dense_min_tokens=0, kernels=True):
+    if (decode_only and not is_decode_step(x)) or runs_dense(x, dense_min_tokens):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
     if kernels and _use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and threshold.device == x.device:
         return _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation,
-                            triton_ffn.MODE_OF_SCORE[score], threshold)
+                            triton_ffn.MODE_OF_SCORE[score], threshold, gather_max_tokens)
     return reference.threshold_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold)
 
 
 def _predictor_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau, decode_only,
-                    kernels=True):
-    if decode_only and not is_decode_step(x):
+                    gather_max_tokens=0, dense_min_tokens=0, kernels=True):
+    if (decode_only and not is_decode_step(x)) or runs_dense(x, dense_min_tokens):
         return reference.dense_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation)
     if kernels and (_use_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down) and tau.device == x.device
             and pred_v.is_cuda and pred_u.is_cuda):
         return _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation,
-                            triton_ffn.MODE_PRED, tau, pred_v, pred_u)
+                            triton_ffn.MODE_PRED, tau, gather_max_tokens, pred_v, pred_u)
     return reference.predictor_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau)
 
 
@@ -104,8 +155,10 @@ def threshold_ffn(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
     activation: str, score: str, threshold: Tensor, decode_only: bool,
+    gather_max_tokens: int = 0, dense_min_tokens: int = 0,
 ) -> Tensor:
-    return _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only)
+    return _threshold_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, score, threshold, decode_only,
+                           gather_max_tokens, dense_min_tokens)
 
 
 @torch.library.triton_op("countdown::predictor_ffn", mutates_args=())
@@ -113,8 +166,10 @@ def predictor_ffn(
     x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     b_gate: Optional[Tensor], b_up: Optional[Tensor], b_down: Optional[Tensor],
     activation: str, pred_v: Tensor, pred_u: Tensor, tau: Tensor, decode_only: bool,
+    gather_max_tokens: int = 0, dense_min_tokens: int = 0,
 ) -> Tensor:
-    return _predictor_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau, decode_only)
+    return _predictor_impl(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, pred_v, pred_u, tau, decode_only,
+                           gather_max_tokens, dense_min_tokens)
 
 
 def _fake(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, *rest) -> Tensor:
@@ -145,6 +200,25 @@ for _op, _impl in IMPLS.items():
         return tuple(next(grads) if w else None for w in wants)
 
     _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bound_args(func, args, kwargs=None) -> dict:
+    """A countdown op call's arguments by name, defaults filled in (for code that inspects calls)."""
+    kwargs = kwargs or {}
+    bound = {}
+    for i, arg in enumerate(func._schema.arguments):
+        if i < len(args):
+            bound[arg.name] = args[i]
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        else:
+            bound[arg.name] = arg.default_value
+    return bound
+
+
+def op_kind(method: str) -> str:
+    """Which SP-Prac op a method uses: "predictor" (D-CountDown) or "threshold" (CATS, M-CountDown)."""
+    return "predictor" if method == "d-countdown" else "threshold"
 
 
 def op_for(regime: str, method: str):

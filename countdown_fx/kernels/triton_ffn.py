@@ -1,8 +1,7 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
 Three launches per FFN call (four with the predictor's h = x V, `_lowrank_kernel`; one more with the
-opt-in "gather" or "auto" sparse side, `_gather_kernel`), all with grids known on the host, so a CUDA graph
-captures them:
+"gather" sparse side, `_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
 
 1. `_coef_kernel`, one program per block of BLOCK_N neurons and all tokens of the step:
    the dense side (up for M-CountDown, gate for CATS, both for the "coef" score, the low-rank predictor
@@ -37,7 +36,7 @@ MAX_TOKENS = 16  # tokens per decode step the kernels handle (tl.dot pads the to
 ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 MODE_GATE, MODE_UP, MODE_COEF, MODE_PRED = 0, 1, 2, 3  # which side is dense / what the mask is
 MODE_OF_SCORE = {"gate": MODE_GATE, "up": MODE_UP, "coef": MODE_COEF}
-SIDES = {"masked": 0, "gather": 1, "auto": 2}  # where the sparse side of gate/up runs (CONFIG["sparse_side"])
+SIDES = {"masked": 0, "gather": 1}  # where the sparse side of gate/up runs (CONFIG["sparse_side"])
 
 
 @triton.jit
@@ -104,17 +103,14 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
-def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, cntg_ptr, dv_ptr,
-                 M, D, N, R, n_hsplit, stride_xm, stride_wg, stride_wu, stride_h, stride_hs, stride_pu, stride_am,
-                 stride_dv,
+def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
+                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
-    _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv, zeros in a outside the union,
-    and the union's size in cntg (the gather kernel's work list). SIDE 2 ("auto"): per block, on the device:
-    a union of at most HANDOFF_ROWS rows is handed to _gather_kernel as in SIDE 1 (a few active rows make
-    latency-bound masked tiles here), a larger one is done here as in SIDE 0 (cntg = 0)."""
+    _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
+    union; the gather kernel walks the compacted union rows."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,22 +128,20 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         bu = tl.load(bu_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
     if MODE == 3:
-        # D-CountDown: logits = h @ U^T with h = x V (fp32 partials from _lowrank_kernel); dense, fp32.
+        # D-CountDown: logits = h @ U^T with h = x V (fp32, from _lowrank_kernel); dense, fp32.
         logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for r in range(0, R, BLOCK_R):
             offs_r = r + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            ht = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-            for hs in range(0, n_hsplit):  # h = sum of _lowrank_kernel's partials, in a fixed order
-                ht += tl.load(h_ptr + hs * stride_hs + offs_b[:, None] * stride_h + offs_r[None, :],
-                              mask=b_mask[:, None] & r_mask[None, :], other=0.0)
+            ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
+                         mask=b_mask[:, None] & r_mask[None, :], other=0.0)
             ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             logits += _dot_f32(ht, tl.trans(ut), UPCAST)
         keep = (logits > thr) & valid
         dv = logits
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = _sparse_k_end(union, D, SIDE, HANDOFF_ROWS)
+        k_end = _sparse_k_end(union, D, SIDE)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
@@ -173,7 +167,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (tl.abs(u) > thr) & valid
         dv = u
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = _sparse_k_end(union, D, SIDE, HANDOFF_ROWS)
+        k_end = _sparse_k_end(union, D, SIDE)
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -187,7 +181,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (tl.abs(ag) > thr) & valid
         dv = ag
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = _sparse_k_end(union, D, SIDE, HANDOFF_ROWS)
+        k_end = _sparse_k_end(union, D, SIDE)
         u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -198,14 +192,9 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
     n_used = tl.sum(used, axis=0)
     if SIDE == 0 or MODE == 2:
         tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid)
-    else:
-        # as a row vector: store masks must be tensors of int1
-        n_row = tl.zeros((BLOCK_N,), dtype=tl.int32) + n_used
-        handed = _handed_off(n_row, SIDE, HANDOFF_ROWS)
-        tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid & handed[None, :])
-        tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a,
-                 mask=valid & ((used == 0) | (handed == 0))[None, :])
-        tl.store(cntg_ptr + pid, tl.max(tl.where(handed, n_row, 0), axis=0))
+    else:  # the gather kernel writes a for the union's rows; zeros elsewhere
+        tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid)
+        tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid & (used == 0)[None, :])
     # The union, compacted per block: the gather and down kernels walk only these rows.
     pos = tl.cumsum(used, axis=0) - 1
     tl.store(idx_ptr + pid * BLOCK_N + pos, offs_n, mask=used > 0)
@@ -213,22 +202,13 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
 
 @triton.jit
-def _handed_off(n_used, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
-    """Does a block whose union has n_used rows leave its sparse side to _gather_kernel? Never ("masked"),
-    always ("gather"), or when the union is small ("auto")."""
-    if SIDE == 0:
-        return n_used < 0
-    elif SIDE == 1:
-        return n_used >= 0
-    else:
-        return n_used <= HANDOFF_ROWS
-
-
-@triton.jit
-def _sparse_k_end(union, D, SIDE: tl.constexpr, HANDOFF_ROWS: tl.constexpr):
-    """How far the coef kernel's own sparse loop runs: D, or 0 when the union is empty or handed off."""
+def _sparse_k_end(union, D, SIDE: tl.constexpr):
+    """How far the coef kernel's own sparse loop runs: D, or 0 when the union is empty or the gather
+    kernel does the sparse side."""
+    if SIDE == 1:
+        return 0
     n_used = tl.sum(union.to(tl.int32), axis=0)
-    return tl.where(_handed_off(n_used, SIDE, HANDOFF_ROWS), 0, tl.where(n_used > 0, D, 0))
+    return tl.where(n_used > 0, D, 0)
 
 
 @triton.jit
@@ -246,9 +226,9 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The sparse side over the compacted union rows handed over by _coef_kernel (cnt_ptr: its per-block
-    counts of handed-over rows, 0 for blocks it did itself): each step takes BLOCK_RG active rows (full
-    tiles, no masked-off rows) and all of d_model, then forms a = act(g) * u * keep for every token."""
+    """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
+    each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
+    a = act(g) * u * keep for every token."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -291,24 +271,20 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
 
 
 @triton.jit
-def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, k_share, stride_xm, stride_v, stride_h, stride_hs,
+def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     NATIVE: tl.constexpr, UPCAST: tl.constexpr):
-    """h_part[split] = x[:, share] V[share, :] in fp32 over one share of d_model (the predictor's first
-    factor). V is small (d_model x r) but one program per 32 columns would leave most SMs idle, so d_model
-    is split too; _coef_kernel sums the partials in a fixed order (deterministic, no atomics)."""
+    """h = x V in fp32 (the predictor's first factor), one program per BLOCK_R columns of V. Splitting
+    d_model over more programs was measured and gained nothing (NOTES.md)."""
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     b_mask = offs_b < M
     r_mask = offs_r < R
-    k_start = pid_k * k_share
-    k_stop = tl.minimum(k_start + k_share, D)
     acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-    for k in range(k_start, k_stop, BLOCK_K):
+    for k in range(0, D, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_stop
+        k_mask = offs_k < D
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         vt = tl.load(v_ptr + offs_k[:, None] * stride_v + offs_r[None, :],
@@ -317,7 +293,7 @@ def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, k_share, stride_xm, stride_v, 
             acc += _dot(xt, vt, "tf32", UPCAST)
         else:
             acc += _dot_f32(xt.to(tl.float32), vt.to(tl.float32), UPCAST)
-    tl.store(h_ptr + pid_k * stride_hs + offs_b[:, None] * stride_h + offs_r[None, :], acc,
+    tl.store(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :], acc,
              mask=b_mask[:, None] & r_mask[None, :])
 
 
@@ -420,16 +396,11 @@ CONFIG = {
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
     "compact_max_density": 0.15,
-    # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block),
-    # "gather" (_gather_kernel over the compacted union: full tiles of active rows), or "auto" (per neuron
-    # block, on the device: a union of at most handoff_fraction * BLOCK_N rows goes to _gather_kernel, a
-    # larger one stays masked). "auto" is not yet measured on a GPU (NOTES.md); "masked" stays the default.
+    # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
+    # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same output bit for
+    # bit; gather is faster only for small unions, which the ops choose per call from the calibrated
+    # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
-    "handoff_fraction": 0.25,
-    # h = x V of the predictor: split over d_model into this many shares ("auto": ~2 programs per SM), the
-    # partials summed in a fixed order by _coef_kernel. 1 (one program per 32 of the rank's columns, 16
-    # programs at r=512) is what the tables were measured with; "auto" is not yet measured (NOTES.md).
-    "predictor_k_split": 1,
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
 }
 
@@ -477,26 +448,19 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
     h = dummy
-    R = n_hsplit = 0
-    stride_h = stride_hs = stride_pu = 0
+    R = 0
+    stride_h = stride_pu = 0
     if mode == MODE_PRED:
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
         BLOCK_RV, BLOCK_KV = 32, 128
-        r_blocks = triton.cdiv(R, BLOCK_RV)
-        want = cfg["predictor_k_split"]
-        if want == "auto":  # ~2 programs per SM
-            want = 2 * _sm_count(x2d.device) // r_blocks
-        n_hsplit = max(1, min(triton.cdiv(D, BLOCK_KV), int(want)))
-        k_share = triton.cdiv(triton.cdiv(D, n_hsplit), BLOCK_KV) * BLOCK_KV
-        n_hsplit = triton.cdiv(D, k_share)
-        h = torch.empty((n_hsplit, M, R), dtype=torch.float32, device=x2d.device)
+        h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
         native = pred_v.dtype == dtype and dtype != torch.float32
-        wrap_triton(_lowrank_kernel)[(r_blocks, n_hsplit)](
-            x2d, pred_v, h, M, D, R, k_share, x2d.stride(0), pred_v.stride(0), h.stride(1), h.stride(0),
+        wrap_triton(_lowrank_kernel)[(triton.cdiv(R, BLOCK_RV),)](
+            x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(0), h.stride(0),
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KV, BLOCK_R=BLOCK_RV, NATIVE=native, UPCAST=upcast, num_warps=4,
             num_stages=3)
-        stride_h, stride_hs, stride_pu = h.stride(1), h.stride(0), pred_u.stride(0)
+        stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     c = cfg["coef"]
     block_k = c["BLOCK_K"] if dtype != torch.float32 else min(c["BLOCK_K"], 128)
@@ -507,19 +471,18 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     if cfg["sparse_side"] not in SIDES:
         raise ValueError(f"sparse_side={cfg['sparse_side']!r}: expected one of {sorted(SIDES)}")
     side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
-    gather = side != SIDES["masked"]
+    gather = side == SIDES["gather"]
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
-    cnt_g = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device) if gather else cnt
     nb_p2 = triton.next_power_of_2(n_blocks)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, cnt_g, dv,
-        M, D, N, R, n_hsplit, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_hs, stride_pu,
+        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
+        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
-        SIDE=side, HANDOFF_ROWS=int(cfg["handoff_fraction"] * block_n),
+        SIDE=side,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     if gather:
@@ -527,7 +490,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
         wrap_triton(_gather_kernel)[(grid,)](
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-            dv, thr, a, idx, cnt_g, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0),
+            dv, thr, a, idx, cnt, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0),
             a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
             BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if dtype != torch.float32 else 128,
             BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,

@@ -43,8 +43,8 @@ def rewrite_sites(
 ) -> fx.GraphModule:
     """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
 
-    regime "ideal" needs no state; regime "prac" takes each site's state from `calibration`
-    (an object with `check_sites(sites)` and `state_for(site) -> dict[str, Tensor]`).
+    regime "ideal" needs no state; regime "prac" takes each site's state from `calibration` (an object
+    with `check_sites(sites)`, `state_for(site) -> dict[str, Tensor]` and `decode_plan(site)`).
     """
     if config.regime == "prac":
         if calibration is None:
@@ -68,10 +68,10 @@ def rewrite_sites(
             else:
                 device = _device(gm, site, example_inputs)
                 state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(site).items()}
-                if config.method == "d-countdown":
-                    args = (*ffn, state["pred_v"], state["pred_u"], state["tau"], decode_only)
-                else:
-                    args = (*ffn, config.score, state["threshold"], decode_only)
+                plan = calibration.decode_plan(site)
+                rule = ((state["pred_v"], state["pred_u"], state["tau"]) if config.method == "d-countdown"
+                        else (config.score, state["threshold"]))
+                args = (*ffn, *rule, decode_only, plan.gather_max_tokens, plan.dense_min_tokens)
             new = graph.call_function(op, args)
             replace_site(gm, site, new)
         new.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})

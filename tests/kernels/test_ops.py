@@ -56,12 +56,13 @@ def test_opcheck_cuda(op, dtype, seq):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["threshold", "predictor"])
 @pytest.mark.parametrize("M,seq", [(1, 1), (4, 1), (16, None), (17, None), (2, 7)])
-def test_cuda_op_matches_reference(op, M, seq):
+@pytest.mark.parametrize("gather_max_tokens", [0, 16])
+def test_cuda_op_matches_reference(op, M, seq, gather_max_tokens):
     """fp32 (IEEE dots: no borderline flips at this size): the op equals the reference for decode with
-    the kernels, decode batches over the kernel limit, and prefill (dense)."""
+    the kernels (either sparse side), decode batches over the kernel limit, and prefill (dense)."""
     ffn = _ffn(M, 384, 1000, device="cuda", bias=True, seq=seq, seed=M)
     args = _args(op, ffn, "cuda")
-    got = OPS[op](*args)
+    got = OPS[op](*args, gather_max_tokens, 0)
     if seq is not None and seq > 1:
         want = reference.dense_ffn(*ffn, "silu")
     else:

@@ -1,0 +1,111 @@
+"""The per-site decode plan: which sparse side a decode step uses, and when D-CountDown runs dense.
+
+The plan comes from the union of masks measured at calibration (Calibration.site_union_by_batch) and
+travels as two int arguments of the countdown op, so it is fixed at rewrite time and needs no sync.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from countdown_fx.calibration import calibrate
+from countdown_fx.config import CountDownConfig
+from countdown_fx.kernels import ops, reference
+from countdown_fx.meter import SparsityMeter, metered
+from tiny_models import GptFastFeedForward, Stack
+
+BATCHES = [1, 2, 4, 8, 16]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=5, max_size=5), st.sampled_from(["threshold", "predictor"]))
+def test_plan_stays_on_the_safe_side_of_both_bounds(steps, kind):
+    union = dict(zip(BATCHES, sorted(steps)))  # the union of B tokens' masks grows with B
+    plan = ops.decode_plan(kind, union)
+    gather_bound, dense_bound = ops.GATHER_MAX_UNION[kind], ops.DENSE_MIN_UNION[kind]
+    gathered = [b for b in BATCHES if b <= plan.gather_max_tokens]
+    assert all(union[b] <= gather_bound for b in gathered)
+    assert all(union[b] > gather_bound for b in BATCHES if b > plan.gather_max_tokens)
+    if dense_bound is None:
+        assert plan.dense_min_tokens == 0
+    elif plan.dense_min_tokens:
+        assert union[plan.dense_min_tokens] >= dense_bound
+        assert all(union[b] < dense_bound for b in BATCHES if b < plan.dense_min_tokens)
+    else:
+        assert all(union[b] < dense_bound for b in BATCHES)
+
+
+def test_plan_of_typical_unions():
+    # D-CountDown at s=0.9 on the benchmark layer: union 0.10 / 0.35 / 0.82 at B = 1 / 4 / 16
+    union = {1: 0.10, 2: 0.19, 4: 0.35, 8: 0.6, 16: 0.82}
+    assert ops.decode_plan("predictor", union) == ops.DecodePlan(gather_max_tokens=4, dense_min_tokens=16)
+    assert ops.decode_plan("threshold", union) == ops.DecodePlan(gather_max_tokens=2, dense_min_tokens=0)
+    assert ops.decode_plan("predictor", {}) == ops.DecodePlan()  # nothing measured: masked side, never dense
+
+
+def _site(D=24, N=40, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    ffn = (r(N, D, scale=D ** -0.5), r(N, D, scale=D ** -0.5), r(N, D, scale=N ** -0.5),
+           r(N, scale=0.1) if bias else None, r(N, scale=0.1) if bias else None, r(D, scale=0.1) if bias else None)
+    rule = {"threshold": ("silu", "up", torch.tensor([0.5])),
+            "predictor": ("silu", r(D, 8, scale=D ** -0.5), r(N, 8), torch.tensor([0.3]))}
+    return ffn, rule
+
+
+@pytest.mark.parametrize("kind", ["threshold", "predictor"])
+def test_steps_of_dense_min_tokens_or_more_run_the_dense_ffn(kind):
+    ffn, rule = _site()
+    op = getattr(torch.ops.countdown, f"{kind}_ffn").default
+    sparse_ref = getattr(reference, f"{kind}_ffn")
+    for tokens, seq, decode_only, dense in [(3, 1, True, False), (4, 1, True, True), (6, None, True, True),
+                                            (4, 5, False, False)]:  # a 5-token prefill under apply_to="all"
+        x = torch.randn(tokens, seq, 24) if seq else torch.randn(tokens, 24)
+        got = op(x, *ffn, *rule[kind], decode_only, 2, 4)
+        want = reference.dense_ffn(x, *ffn, "silu") if dense else sparse_ref(x, *ffn, *rule[kind])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert dense or (got - reference.dense_ffn(x, *ffn, "silu")).abs().max() > 1e-3  # really sparse there
+        torch.library.opcheck(op, (x, *ffn, *rule[kind], decode_only, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def d_calibration():
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(3)]
+    cfg = CountDownConfig(method="d-countdown", sparsity=0.7, regime="prac", predictor_steps=5,
+                          predictor_batch_tokens=64)
+    return model, calibrate(model, batches, cfg, progress=False)
+
+
+def test_rewrite_carries_the_calibrated_plan_and_the_meter_counts_dense_steps(d_calibration):
+    model, cal = d_calibration
+    assert cal.decode_plan(next(iter(cal.sites))) == ops.decode_plan("predictor", cal.site_union_by_batch(
+        next(iter(cal.sites))))
+    for key in cal.sites:  # as if calibration had seen nearly full unions from 4 tokens on
+        cal.stats[key]["union_by_batch"] = {"2": 0.5, "4": 0.8, "8": 0.9, "16": 0.95}
+        cal.stats[key]["realised_sparsity"] = 0.8
+    assert {cal.decode_plan(key) for key in cal.sites} == {ops.DecodePlan(gather_max_tokens=1, dense_min_tokens=4)}
+    assert "DENSE FFN" in cal.report() and "at least 4 tokens" in cal.report()
+
+    meter = SparsityMeter()
+    net = metered(model, {"calibration": cal}, meter)
+    with torch.no_grad():
+        small, large = torch.randn(2, 1, 32), torch.randn(4, 1, 32)
+        sparse_out = net(small)
+        assert meter.dense_calls["decode"] == 0 and meter.sparsity > 0.3
+        assert (sparse_out - model(small)).abs().max() > 1e-3
+        kept_small = meter.kept
+        dense_out = net(large)  # 4 tokens: both sites run the dense FFN, and the meter says so
+        torch.testing.assert_close(dense_out, model(large), rtol=1e-5, atol=1e-5)
+    assert meter.dense_calls["decode"] == 2 and "2 of them dense" in meter.report()
+    assert meter.kept == kept_small + 2 * 4 * 72 and meter.total == 2 * 6 * 72
+
+
+def test_a_shifted_tau_forgets_the_measured_unions(d_calibration):
+    _, cal = d_calibration
+    shifted = cal.with_tau(0.0)
+    assert all(shifted.site_union_by_batch(key) == {} for key in shifted.sites)
+    assert {shifted.decode_plan(key) for key in shifted.sites} == {ops.DecodePlan()}
+    assert "masked side) at every batch size" in shifted.report()
