@@ -49,13 +49,16 @@ def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=
     if ep.example_inputs is None:
         raise ValueError("this ExportedProgram carries no example inputs; export it with torch.export.export "
                          "(which records them) before calling sparsify")
-    gm = transform(ep.module(), None, config, calibration)  # warns when there is nothing to rewrite
-    if not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
-        return ep
     args, kwargs = ep.example_inputs
     dyn_args, dyn_kwargs = _dynamic_shapes(ep)
+    is_dynamic = any(d is not None for d in torch.utils._pytree.tree_leaves((dyn_args, dyn_kwargs),
+                                                                        is_leaf=lambda x: x is None))
+    # warns when there is nothing to rewrite; a dynamic program cannot switch to dense by batch size
+    gm = transform(ep.module(), None, config, calibration, dense_fallback=not is_dynamic)
+    if not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
+        return ep
     dynamic = None
-    if any(d is not None for d in torch.utils._pytree.tree_leaves((dyn_args, dyn_kwargs), is_leaf=lambda x: x is None)):
+    if is_dynamic:
         dynamic = {**dict(zip(_arg_names(gm, len(args)), dyn_args)), **dyn_kwargs}
     return torch.export.export(gm, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
 

@@ -4,11 +4,15 @@ The plan comes from the union of masks measured at calibration (Calibration.site
 travels as two int arguments of the countdown op, so it is fixed at rewrite time and needs no sync.
 """
 
+import copy
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import countdown_fx
 from countdown_fx.calibration import calibrate
 from countdown_fx.config import CountDownConfig
 from countdown_fx.kernels import ops, reference
@@ -79,13 +83,20 @@ def d_calibration():
     return model, calibrate(model, batches, cfg, progress=False)
 
 
-def test_rewrite_carries_the_calibrated_plan_and_the_meter_counts_dense_steps(d_calibration):
-    model, cal = d_calibration
-    assert cal.decode_plan(next(iter(cal.sites))) == ops.decode_plan("predictor", cal.site_union_by_batch(
-        next(iter(cal.sites))))
-    for key in cal.sites:  # as if calibration had seen nearly full unions from 4 tokens on
+def _nearly_full_from_4_tokens(cal):
+    """A copy of `cal` as if calibration had seen nearly full unions from 4 tokens on."""
+    cal = copy.deepcopy(cal)
+    for key in cal.sites:
         cal.stats[key]["union_by_batch"] = {"2": 0.5, "4": 0.8, "8": 0.9, "16": 0.95}
         cal.stats[key]["realised_sparsity"] = 0.8
+    return cal
+
+
+def test_rewrite_carries_the_calibrated_plan_and_the_meter_counts_dense_steps(d_calibration):
+    model, cal = d_calibration
+    key = next(iter(cal.sites))
+    assert cal.decode_plan(key) == ops.decode_plan("predictor", cal.site_union_by_batch(key))
+    cal = _nearly_full_from_4_tokens(cal)
     assert {cal.decode_plan(key) for key in cal.sites} == {ops.DecodePlan(gather_max_tokens=1, dense_min_tokens=4)}
     assert "DENSE FFN" in cal.report() and "at least 4 tokens" in cal.report()
 
@@ -109,3 +120,31 @@ def test_a_shifted_tau_forgets_the_measured_unions(d_calibration):
     assert all(shifted.site_union_by_batch(key) == {} for key in shifted.sites)
     assert {shifted.decode_plan(key) for key in shifted.sites} == {ops.DecodePlan()}
     assert "masked side) at every batch size" in shifted.report()
+
+
+def _plans_in(program):
+    calls = [ops.bound_args(n.target, n.args, n.kwargs) for n in program.graph.nodes if n.target in ops.COUNTDOWN_OPS]
+    return {(a["gather_max_tokens"], a["dense_min_tokens"]) for a in calls}
+
+
+def test_export_keeps_the_dense_rule_only_with_a_fixed_batch(d_calibration):
+    """A program exported with a dynamic batch cannot branch on the batch size when it runs, so sparsify
+    drops the dense rule there (with a warning) and keeps it when the batch is fixed."""
+    from torch.export import Dim
+
+    model, cal = d_calibration
+    cal = _nearly_full_from_4_tokens(cal)
+    x = torch.randn(4, 1, 32)
+    fixed = countdown_fx.sparsify(torch.export.export(model, (x,)), cal)
+    assert _plans_in(fixed) == {(1, 4)}
+    torch.testing.assert_close(fixed.module()(x), model(x), rtol=1e-5, atol=1e-5)  # 4 tokens: dense
+    with pytest.warns(UserWarning, match="batch dim is dynamic"):
+        dynamic = countdown_fx.sparsify(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},)), cal)
+    assert _plans_in(dynamic) == {(1, 0)}
+    for batch in (2, 5):  # every batch size runs sparse, as the eager reference with no dense rule does
+        other = torch.randn(batch, 1, 32)
+        assert (dynamic.module()(other) - model(other)).abs().max() > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about where no site has a dense rule
+        countdown_fx.sparsify(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},)),
+                              d_calibration[1].with_tau(0.0))

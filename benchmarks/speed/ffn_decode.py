@@ -222,6 +222,9 @@ def main():
                     help="only compare the two sparse-side implementations (Llama shape), no table")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    # the dense baselines compile once per (batch, neuron count): past Dynamo's default limit of 8 they
+    # would silently run eagerly
+    torch._dynamo.config.recompile_limit = 256
     logf = open(os.path.join(args.out, "ffn_decode.log"), "w")
 
     def log(msg):

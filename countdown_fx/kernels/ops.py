@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import reference
 
@@ -45,12 +46,12 @@ N_FFN_TENSORS = 7
 # (benchmarks/speed/NOTES.md, "sides" and "crossover"):
 # - the gather sparse side beats the masked one up to a union of ~0.2 (M-CountDown / CATS: one gathered
 #   projection) and ~0.35 (D-CountDown: two); it gives the same output bit for bit, so this is speed only.
-# - D-CountDown is slower than the dense FFN from a union of ~0.75 on (the predictor's bytes and compute
+# - D-CountDown is slower than the dense FFN from a union of ~0.8 on (the predictor's bytes and compute
 #   come on top of a nearly dense read): such steps run the dense FFN. This changes the output (to the
 #   dense one) for those batch sizes; Calibration.report() and SparsityMeter say where it happens.
 #   M-CountDown and CATS are never slower than dense up to 16 tokens, so they have no such rule.
 GATHER_MAX_UNION = {"threshold": 0.2, "predictor": 0.35}
-DENSE_MIN_UNION = {"threshold": None, "predictor": 0.75}
+DENSE_MIN_UNION = {"threshold": None, "predictor": 0.8}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ def _use_kernels(x: Tensor, *tensors: Optional[Tensor]) -> bool:
 
 def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mode, thr, gather_max_tokens,
                  pred_v=None, pred_u=None):
-    side = DecodePlan(gather_max_tokens=gather_max_tokens).path(x.numel() // x.shape[-1])
+    # Speed only (both sides give the same output bit for bit): never add a guard on a dynamic batch for
+    # it, so a graph compiled or exported for a range of batch sizes stays valid for all of them.
+    side = "gather" if guard_or_false(x.numel() // x.shape[-1] <= gather_max_tokens) else "masked"
     y = triton_ffn.sparse_ffn(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down_t, b_gate, b_up, b_down,
                               activation, mode, thr, pred_v, pred_u, config={"sparse_side": side})
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])

@@ -196,6 +196,16 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         tl.store(dv_ptr + offs_b[:, None] * stride_dv + offs_n[None, :], dv, mask=valid)
         tl.store(a_ptr + offs_b[:, None] * stride_am + offs_n[None, :], a, mask=valid & (used == 0)[None, :])
     # The union, compacted per block: the gather and down kernels walk only these rows.
+    # `used` first takes a round trip through this block's own idx slots. torch.export / AOTInductor find
+    # what a kernel writes by walking back from each store's address through everything it depends on,
+    # and through a helper call (_gemv) into all of the helper's pointers: scattering at positions that
+    # depend on _gemv's output would mark x and the weights as written (inputs the program mutates). A
+    # load ends that walk. (tests/kernels/test_kernel_writes.py checks every kernel's written arguments.)
+    slots = idx_ptr + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(slots, used)
+    tl.debug_barrier()
+    used = tl.load(slots)
+    tl.debug_barrier()
     pos = tl.cumsum(used, axis=0) - 1
     tl.store(idx_ptr + pid * BLOCK_N + pos, offs_n, mask=used > 0)
     tl.store(cnt_ptr + pid, n_used)

@@ -8,8 +8,10 @@ not constants baked into it, and it travels with the graph into export.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -40,11 +42,14 @@ def rewrite_sites(
     config: CountDownConfig,
     calibration=None,
     example_inputs: Sequence | None = None,
+    dense_fallback: bool = True,
 ) -> fx.GraphModule:
     """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
 
     regime "ideal" needs no state; regime "prac" takes each site's state from `calibration` (an object
     with `check_sites(sites)`, `state_for(site) -> dict[str, Tensor]` and `decode_plan(site)`).
+    dense_fallback=False drops the plan's dense rule (D-CountDown steps of many tokens running the dense
+    FFN): a program exported with a dynamic batch dim cannot branch on the batch size at run time.
     """
     if config.regime == "prac":
         if calibration is None:
@@ -56,6 +61,7 @@ def rewrite_sites(
             )
         calibration.check_sites(sites)
     op = ops.op_for(config.regime, config.method)
+    dropped_dense = []
     decode_only = config.apply_to == "decode"
     graph = gm.graph
     for site in sites:
@@ -69,6 +75,9 @@ def rewrite_sites(
                 device = _device(gm, site, example_inputs)
                 state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(site).items()}
                 plan = calibration.decode_plan(site)
+                if not dense_fallback and plan.dense_min_tokens:
+                    dropped_dense.append((site.key, plan.dense_min_tokens))
+                    plan = dataclasses.replace(plan, dense_min_tokens=0)
                 rule = ((state["pred_v"], state["pred_u"], state["tau"]) if config.method == "d-countdown"
                         else (config.score, state["threshold"]))
                 args = (*ffn, *rule, decode_only, plan.gather_max_tokens, plan.dense_min_tokens)
@@ -80,6 +89,13 @@ def rewrite_sites(
         counters["sites_rewritten"] += 1
         log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
                  site.d_model, site.d_inter, site.layout, op)
+    if dropped_dense:
+        warnings.warn(
+            f"countdown: {len(dropped_dense)} D-CountDown site(s) would run the dense FFN in decode steps of at "
+            f"least {min(b for _, b in dropped_dense)} tokens (their calibrated union is nearly full there), "
+            "but this program's batch dim is dynamic, so it runs them sparse at every batch size: same "
+            "quality as calibrated, slower than dense at those sizes. Export with a fixed decode batch to keep "
+            "the dense rule.", stacklevel=3)
     graph.lint()
     gm.recompile()
     return gm

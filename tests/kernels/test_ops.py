@@ -124,6 +124,9 @@ class _FixedCalibration:
         return {"pred_v": torch.randn(site.d_model, 8, generator=g) / site.d_model ** 0.5,
                 "pred_u": torch.randn(site.d_inter, 8, generator=g), "tau": torch.tensor(0.0)}
 
+    def decode_plan(self, site):
+        return ops.DecodePlan(gather_max_tokens=2)  # the 2-token steps below read gate/up by gather
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["m-countdown", "d-countdown"])

@@ -1,0 +1,86 @@
+"""Every kernel launch writes only buffers the launcher made, never x, a weight, a bias or calibration state.
+
+torch.export and AOTInductor decide what a user Triton kernel writes by analysing its TTIR (walking back
+from each store's address). A false "write" to an input makes the exported program treat that input as
+mutated: the AOTInductor package then returns it as an extra output. That analysis needs no GPU, so it
+runs here on CPU, on TTIR generated for an H100 target, for every mode and both sparse sides.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from torch._higher_order_ops import triton_kernel_wrap  # noqa: E402
+
+from countdown_fx.kernels import triton_ffn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ffn_cases import make_case  # noqa: E402
+
+MODES = {"gate": triton_ffn.MODE_GATE, "up": triton_ffn.MODE_UP, "coef": triton_ffn.MODE_COEF,
+         "pred": triton_ffn.MODE_PRED}
+
+
+class _HopperTarget:
+    """The driver triton asks for the compile target: TTIR for sm_90 needs no GPU."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+
+def _launches(monkeypatch, case, mode, side):
+    """Run the launcher with wrap_triton replaced by a recorder: (kernel, arguments by name) per launch."""
+    launches = []
+
+    def record(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((kernel, {**dict(zip(kernel.arg_names, args)), **kwargs}))
+                return launch
+        return Grid()
+
+    monkeypatch.setattr(triton_ffn, "wrap_triton", record)
+    c = case
+    triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
+                          "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
+                          config={"sparse_side": side})
+    return launches
+
+
+def _written(kernel, arguments) -> list[str]:
+    tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in arguments.items() if not isinstance(v, torch.Tensor)
+                 and k not in ("num_warps", "num_stages")}
+    table = triton_kernel_wrap.kernel_side_table
+    return triton_kernel_wrap.get_mutated_tensors(table.add_kernel(kernel), table.add_constant_args(constants),
+                                                  tensors, {})
+
+
+@pytest.mark.parametrize("side", ["masked", "gather"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side):
+    case = make_case(3, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
+    inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
+    input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
+    # set_active / reset_active would leave triton without a driver on a machine with no GPU: patch the
+    # slot itself, which monkeypatch puts back
+    monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
+    launches = _launches(monkeypatch, case, mode, side)
+    assert len(launches) >= 3
+    for kernel, arguments in launches:
+        written = _written(kernel, arguments)
+        assert written, f"{kernel.fn.__name__}: the analysis found no output at all"
+        for name in written:
+            storage = arguments[name].untyped_storage().data_ptr()
+            assert storage not in input_storages, (
+                f"{kernel.fn.__name__} is seen to write its argument {name}, which is the input "
+                f"{input_storages[storage]!r}: an exported program would treat that input as mutated")
