@@ -228,15 +228,17 @@ def main():
     plain = model.forward
     calibrations = calibrate_variants(model, variants, device)
     for variant in variants:
-        torch._dynamo.reset()
-        before = counters["sites_rewritten"]
-        if variant == "dense":
-            step = torch.compile(plain, mode=mode)
-        else:
-            cal = calibrations[variant]
-            step = torch.compile(plain, backend="countdown", options={"calibration": cal, "apply_to": "decode",
-                                                                          "mode": mode})
         for b in batches:
+            # one static-shape compile per batch size, as servers capture one CUDA graph per batch size: a
+            # second batch size in the same compiled function would make Dynamo mark the batch dim dynamic
+            torch._dynamo.reset()
+            before = counters["sites_rewritten"]
+            if variant == "dense":
+                step = torch.compile(plain, mode=mode, dynamic=False)
+            else:
+                cal = calibrations[variant]
+                step = torch.compile(plain, backend="countdown", dynamic=False,
+                                     options={"calibration": cal, "apply_to": "decode", "mode": mode})
             t0 = time.time()
             tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.profile)
             outputs[(variant, b)] = toks

@@ -185,10 +185,18 @@ def _device(gm, site: Site, example_inputs) -> torch.device:
     return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
 
 
+# Predictor factors are stored in the site's dtype when that is 16-bit: calibration keeps them in fp32,
+# but fp32 factors double the predictor's bytes and make the kernels compute x V in 3xTF32 (measured in
+# the end-to-end benchmark: ~30 us more per layer at s=0.9). The reference reads the same rounded factors.
+LOW_PRECISION_STATE = ("pred_v", "pred_u")
+
+
 def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
     """Scalars (thresholds, tau) are stored with shape [1]: Inductor lowers a 0-d constant of a graph to an
     inline immediate, which a Triton kernel cannot take as its pointer argument (AOTInductor failed so)."""
     tensor = tensor.detach().to(device)
+    if name in LOW_PRECISION_STATE and site.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.to(site.dtype)
     return _register_state(gm, state_attr(site.key, name), tensor.reshape(1) if tensor.dim() == 0 else tensor)
 
 
