@@ -214,8 +214,11 @@ class Calibration:
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
         lines = head + [fmt(cols), "-" * len(fmt(cols))] + [fmt(r) for r in rows]
+        held_out = any(st.get("measured_on_held_out") for st in self.stats.values())
         lines.append(f"overall realised sparsity {_pct(self.overall_sparsity())} (target {cfg.sparsity:.1%}); "
-                     "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on calibration data")
+                     "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on "
+                     + ("held-out calibration batches (not used to train the predictor)" if held_out
+                        else "calibration data"))
         union = self.union_by_batch()
         if union:
             lines.append("neurons a decode step of B tokens reads (union of their masks, random calibration tokens): "
@@ -259,7 +262,7 @@ class Calibration:
         dense = sorted({p.dense_min_tokens for p in plans if p.dense_min_tokens})
         if dense:
             parts.append(f"{sum(p.dense_min_tokens > 0 for p in plans)} of {len(plans)} site(s) run the DENSE FFN "
-                         f"(no predictor, no sparsity) in steps of at least {'/'.join(map(str, dense))} tokens, "
+                         f"(no sparsity) in steps of at least {'/'.join(map(str, dense))} tokens, "
                          "where their union is so full that sparse decode would be slower")
         return "decode plan: " + ("; ".join(parts) if parts else "sparse kernels (masked side) at every batch size")
 
@@ -359,18 +362,35 @@ class _Sweep:
         self.taus = [dict() for _ in configs]
         self.counts = [dict() for _ in configs]
         self.passes = 0
+        self.pass_tokens: dict[str, int] = {}  # tokens per site seen by the latest pass
+        # D-CountDown: the predictor learns on the first batches; tau and every reported number come from
+        # held-out batches, which the predictor has not seen (in-sample logits overstate the sparsity a
+        # trained predictor reaches on new text, by a lot when calibration data is small).
+        self.train_batches, self.measure_batches = batches, batches
+        if any(c.method == "d-countdown" for c in configs):
+            if len(batches) >= 2:
+                held_out = max(1, len(batches) // 5)
+                self.train_batches, self.measure_batches = batches[:-held_out], batches[-held_out:]
+            else:
+                warnings.warn(
+                    "countdown: D-CountDown calibration got one batch, so tau and the reported sparsity come "
+                    "from the tokens its predictor was trained on and overstate what it reaches on new text; "
+                    "pass at least 2 batches (the last fifth is held out).", stacklevel=4)
 
     # one pass over the data; the first pass of any kind also counts tokens and checks them
-    def _pass(self, callback, desc: str) -> None:
+    def _pass(self, callback, desc: str, batches=None) -> None:
         first = self.passes == 0
+        batches = self.batches if batches is None else batches
+        self.pass_tokens = {}
 
         def cb(key, x, act_g, u):
             _check_finite(key, x=x, act_g=act_g, u=u)
             if first:
                 self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
+            self.pass_tokens[key] = self.pass_tokens.get(key, 0) + x.shape[0]
             callback(key, x, act_g, u)
 
-        run_pass(self.session, self.batches, cb, desc, self.progress, total=len(self.batches))
+        run_pass(self.session, batches, cb, desc, self.progress, total=len(batches))
         self.passes += 1
         if first:
             self._check_tokens()
@@ -442,13 +462,13 @@ class _Sweep:
         epoch = 0
         limit = None
         while True:
-            self._pass(cb, f"calibrate: train predictors (epoch {epoch + 1})")
+            self._pass(cb, f"calibrate: train predictors (epoch {epoch + 1})", self.train_batches)
             epoch += 1
             trainers = [t for i in which for t in self.trainers[i].values()]
             if all(t.done for t in trainers):
                 break
             if limit is None:  # after one epoch we know how many tokens an epoch gives
-                per_epoch = min(self.tokens.values())
+                per_epoch = min(self.pass_tokens.values())
                 need = max(self.configs[i].predictor_steps * self.configs[i].predictor_batch_tokens for i in which)
                 limit = math.ceil(need / per_epoch) + 1
                 if limit > 20:
@@ -469,7 +489,7 @@ class _Sweep:
                 with torch.no_grad():
                     q.update(reference.predictor_logits(x, t.pred_v, t.pred_u))
 
-        self._pass(cb, "calibrate: choose tau")
+        self._pass(cb, "calibrate: choose tau (held-out batches)", self.measure_batches)
 
     def _tau(self, i: int, key: str) -> float:
         cfg = self.configs[i]
@@ -497,7 +517,7 @@ class _Sweep:
                     oracles[cfg.sparsity] = oracle_mask(act_g, u, cfg.sparsity)
                 self.counts[i].setdefault(key, SelectionCounts()).update(kept, oracles[cfg.sparsity])
 
-        self._pass(cb, "calibrate: measure")
+        self._pass(cb, "calibrate: measure", self.measure_batches)
         self._taus = taus
 
     def _result(self, i: int) -> Calibration:
@@ -515,5 +535,6 @@ class _Sweep:
                 thr = self.thresholds[i][key]
                 state[key] = {"threshold": torch.tensor(thr, dtype=torch.float32)}
                 st["threshold"] = thr
+            st["measured_on_held_out"] = self.measure_batches is not self.batches
             stats[key] = st
         return Calibration(cfg, self._sites(), state, stats)

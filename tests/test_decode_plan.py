@@ -31,9 +31,7 @@ def test_plan_stays_on_the_safe_side_of_both_bounds(steps, kind):
     gathered = [b for b in BATCHES if b <= plan.gather_max_tokens]
     assert all(union[b] <= gather_bound for b in gathered)
     assert all(union[b] > gather_bound for b in BATCHES if b > plan.gather_max_tokens)
-    if dense_bound is None:
-        assert plan.dense_min_tokens == 0
-    elif plan.dense_min_tokens:
+    if plan.dense_min_tokens:
         assert union[plan.dense_min_tokens] >= dense_bound
         assert all(union[b] < dense_bound for b in BATCHES if b < plan.dense_min_tokens)
     else:
@@ -148,3 +146,24 @@ def test_export_keeps_the_dense_rule_only_with_a_fixed_batch(d_calibration):
         warnings.simplefilter("error")  # nothing to warn about where no site has a dense rule
         countdown_fx.sparsify(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},)),
                               d_calibration[1].with_tau(0.0))
+
+
+def test_d_countdown_reports_what_its_predictor_reaches_on_tokens_it_never_saw():
+    """The predictor trains on the first batches; tau and the report come from held-out batches. Here the
+    predictor (trained far too briefly on few tokens) overfits: on held-out tokens the realised sparsity
+    must be what the calibrated tau gives there, which a fresh evaluation reproduces exactly (one layer:
+    calibration observes the dense model, so deeper sites would see other inputs once sparse)."""
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward, n=1).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(5)]
+    cfg = CountDownConfig(method="d-countdown", sparsity=0.7, regime="prac", predictor_steps=5,
+                          predictor_batch_tokens=64)
+    cal = calibrate(model, batches, cfg, progress=False)
+    assert all(st["measured_on_held_out"] and st["tokens"] == 64 for st in cal.stats.values())
+    assert "held-out calibration batches" in cal.report()
+    meter = SparsityMeter()
+    with torch.no_grad():  # every token of the held-out batch, as single-token decode steps
+        metered(model, {"calibration": cal, "apply_to": "all"}, meter)(batches[-1])
+    assert meter.sparsity == pytest.approx(cal.overall_sparsity(), abs=1e-9)
+    with pytest.warns(UserWarning, match="one batch"):
+        calibrate(model, batches[:1], cfg, progress=False)

@@ -85,7 +85,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def batches():
-    return random_batches(8, batch=4, seq=64, seed=11)
+    return random_batches(10, batch=4, seq=64, seed=11)  # the predictor trains on 8, the last 2 are held out
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +99,16 @@ def trained(model, batches):
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.8])
 def test_predictor_on_a_tiny_model_beats_chance_and_meets_the_target(model, batches, trained, sparsity):
+    """Recall and sparsity are measured on the held-out batches, which the predictor never trained on."""
     cal = trained[sparsity]
     chance = 1 - sparsity  # a random mask of the same density recalls this fraction of the oracle
     for key, stats in cal.stats.items():
         assert stats["steps"] == 150 and stats["rank"] == 32
-        assert stats["recall"] > chance + 0.15, (key, stats)
-        assert stats["realised_sparsity"] == pytest.approx(sparsity, abs=0.01)  # tau chosen on this data
+        assert stats["measured_on_held_out"] and stats["tokens"] == 2 * 4 * 64
+        assert stats["recall"] > chance + 0.1, (key, stats)
+        assert stats["realised_sparsity"] == pytest.approx(sparsity, abs=0.01)  # tau chosen on these batches
     # independent check of one site's stats, from hooks rather than the graph path
-    acts = dense_activations(model, batches)
+    acts = dense_activations(model, batches[-2:])
     key = "model.layers.1.mlp"
     x, act_g, u = acts[key]
     st_ = cal.state[key]

@@ -289,8 +289,16 @@ def main():
                     f"[{time.time() - t0:.0f}s]")
         del L
         torch.cuda.empty_cache()
+        write_results(rows, list(shapes)[:si + 1], dev, commit, cmd, bw, args.out)
 
-    with open(os.path.join(args.out, "ffn_decode.json"), "w") as f:
+    print(write_results(rows, [sh for sh in shapes if any(r["shape"] == sh for r in rows)], dev, commit, cmd, bw,
+                        args.out))
+
+
+def write_results(rows, shapes, dev, commit, cmd, bw, out) -> str:
+    """ffn_decode.json and speed_ffn_decode.md from the rows so far (after every shape: a run cut at its
+    time limit keeps the shapes it finished)."""
+    with open(os.path.join(out, "ffn_decode.json"), "w") as f:
         json.dump(dict(device=dev, commit=commit, command=cmd, copy_bw=bw, config=triton_ffn.CONFIG, rows=rows), f,
                   indent=1)
     md = ["# FFN decode layer: CountDown kernels vs dense (bf16)", "",
@@ -318,9 +326,11 @@ def main():
                       f"{r['dense_us'] / r['d_us']:.2f}x |")
         md.append("")
     text = "\n".join(md)
-    with open(os.path.join(args.out, "speed_ffn_decode.md"), "w") as f:
+    with open(os.path.join(out, "speed_ffn_decode.md"), "w") as f:
         f.write(text + "\n")
-    print(text)
+    return text
+
+
 
 
 if __name__ == "__main__":

@@ -47,11 +47,11 @@ N_FFN_TENSORS = 7
 # - the gather sparse side beats the masked one up to a union of ~0.2 (M-CountDown / CATS: one gathered
 #   projection) and ~0.35 (D-CountDown: two); it gives the same output bit for bit, so this is speed only.
 # - D-CountDown is slower than the dense FFN from a union of ~0.8 on (the predictor's bytes and compute
-#   come on top of a nearly dense read): such steps run the dense FFN. This changes the output (to the
-#   dense one) for those batch sizes; Calibration.report() and SparsityMeter say where it happens.
-#   M-CountDown and CATS are never slower than dense up to 16 tokens, so they have no such rule.
+#   come on top of a nearly dense read), M-CountDown / CATS by ~2% at a full union (B=16, union 0.99-1.0:
+#   136.3-136.8 vs 134.3 us): such steps run the dense FFN. This changes the output (to the dense one) for
+#   those batch sizes; Calibration.report() and SparsityMeter say where it happens.
 GATHER_MAX_UNION = {"threshold": 0.2, "predictor": 0.35}
-DENSE_MIN_UNION = {"threshold": None, "predictor": 0.8}
+DENSE_MIN_UNION = {"threshold": 0.99, "predictor": 0.8}
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,7 @@ def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan
         if union_by_batch[b] > GATHER_MAX_UNION[op_kind]:
             break
         gather = b
-    dense_union = DENSE_MIN_UNION[op_kind]
-    dense = next((b for b in sizes if dense_union is not None and union_by_batch[b] >= dense_union), 0)
+    dense = next((b for b in sizes if union_by_batch[b] >= DENSE_MIN_UNION[op_kind]), 0)
     return DecodePlan(gather_max_tokens=gather, dense_min_tokens=dense)
 
 

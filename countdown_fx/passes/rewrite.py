@@ -48,8 +48,8 @@ def rewrite_sites(
 
     regime "ideal" needs no state; regime "prac" takes each site's state from `calibration` (an object
     with `check_sites(sites)`, `state_for(site) -> dict[str, Tensor]` and `decode_plan(site)`).
-    dense_fallback=False drops the plan's dense rule (D-CountDown steps of many tokens running the dense
-    FFN): a program exported with a dynamic batch dim cannot branch on the batch size at run time.
+    dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN): a
+    program exported with a dynamic batch dim cannot branch on the batch size at run time.
     """
     if config.regime == "prac":
         if calibration is None:
@@ -91,7 +91,7 @@ def rewrite_sites(
                  site.d_model, site.d_inter, site.layout, op)
     if dropped_dense:
         warnings.warn(
-            f"countdown: {len(dropped_dense)} D-CountDown site(s) would run the dense FFN in decode steps of at "
+            f"countdown: {len(dropped_dense)} site(s) would run the dense FFN in decode steps of at "
             f"least {min(b for _, b in dropped_dense)} tokens (their calibrated union is nearly full there), "
             "but this program's batch dim is dynamic, so it runs them sparse at every batch size: same "
             "quality as calibrated, slower than dense at those sizes. Export with a fixed decode batch to keep "
