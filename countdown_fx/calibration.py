@@ -136,7 +136,7 @@ class Calibration:
         state = {k: {**v, "tau": torch.tensor(float(tau), dtype=torch.float32)} for k, v in self.state.items()}
         stats = {k: {**v, "tau": float(tau)} for k, v in self.stats.items()}  # measured numbers no longer apply
         for v in stats.values():
-            for name in ("realised_sparsity", "precision", "recall", "union_by_batch"):
+            for name in ("realised_sparsity", "precision", "recall", "union_by_batch", "measured_on_held_out"):
                 v.pop(name, None)
         return Calibration(self.config.replace(tau=float(tau)), self.sites, state, stats, self.meta, self.source)
 
@@ -247,8 +247,8 @@ class Calibration:
         return {b: num[b] / den[b] for b in sorted(num)}
 
     def decode_plan(self, site) -> ops.DecodePlan:
-        """How the op of `site` runs decode steps of each batch size (gather side, or dense for
-        D-CountDown at nearly full unions), from the union measured at calibration."""
+        """How the op of `site` runs decode steps of each batch size (gather side, or the dense FFN at
+        nearly full unions), from the union measured at calibration."""
         key = site if isinstance(site, str) else site.key
         return ops.decode_plan(ops.op_kind(self.method), self.site_union_by_batch(key))
 
@@ -375,7 +375,7 @@ class _Sweep:
                 warnings.warn(
                     "countdown: D-CountDown calibration got one batch, so tau and the reported sparsity come "
                     "from the tokens its predictor was trained on and overstate what it reaches on new text; "
-                    "pass at least 2 batches (the last fifth is held out).", stacklevel=4)
+                    "pass at least 2 batches (the last max(1, n // 5) are held out).", stacklevel=3)
 
     # one pass over the data; the first pass of any kind also counts tokens and checks them
     def _pass(self, callback, desc: str, batches=None) -> None:
@@ -473,7 +473,7 @@ class _Sweep:
                 limit = math.ceil(need / per_epoch) + 1
                 if limit > 20:
                     warnings.warn(
-                        f"countdown: predictor training needs {need} tokens per site but the calibration data has "
+                        f"countdown: predictor training needs {need} tokens per site but the training batches have "
                         f"{per_epoch}; it will take {limit - 1} epochs over the same tokens (risk of overfitting, "
                         "and slow). Give more calibration data or fewer predictor_steps.", stacklevel=3)
             if epoch >= limit:
@@ -490,6 +490,8 @@ class _Sweep:
                     q.update(reference.predictor_logits(x, t.pred_v, t.pred_u))
 
         self._pass(cb, "calibrate: choose tau (held-out batches)", self.measure_batches)
+        if self.measure_batches is not self.batches:
+            self._check_held_out_tokens()
 
     def _tau(self, i: int, key: str) -> float:
         cfg = self.configs[i]
@@ -499,9 +501,32 @@ class _Sweep:
             return -math.inf
         return self.taus[i][key].quantile(cfg.sparsity)
 
+    def _held_out(self, i: int) -> bool:
+        """Config i is measured on held-out batches: D-CountDown, when there were batches to hold out."""
+        return self.configs[i].method == "d-countdown" and self.measure_batches is not self.batches
+
     def _measure(self, which: list[int]) -> None:
-        taus = {(i, key): self._tau(i, key) for i in which if self.configs[i].method == "d-countdown"
-                for key in self.trainers[i]}
+        """CATS / M-CountDown on all batches, D-CountDown on the held-out ones (two passes when mixed)."""
+        self._taus = {(i, key): self._tau(i, key) for i in which if self.configs[i].method == "d-countdown"
+                      for key in self.trainers[i]}
+        held_out = [i for i in which if self._held_out(i)]
+        rest = [i for i in which if not self._held_out(i)]
+        if rest:
+            self._measure_on(rest, self.batches, "calibrate: measure")
+        if held_out:
+            self._measure_on(held_out, self.measure_batches, "calibrate: measure (held-out batches)")
+            self._check_held_out_tokens()
+
+    def _check_held_out_tokens(self) -> None:
+        for key, n in self.pass_tokens.items():
+            if n < MIN_CALIBRATION_TOKENS:
+                raise ValueError(
+                    f"calibration data too short: the held-out batches (the last {len(self.measure_batches)} of "
+                    f"{len(self.batches)}), on which D-CountDown chooses tau and measures its predictor, gave site "
+                    f"{key!r} {n} token(s), fewer than {MIN_CALIBRATION_TOKENS}; pass more or larger batches")
+
+    def _measure_on(self, which: list[int], batches, desc: str) -> None:
+        taus = self._taus
 
         def cb(key, x, act_g, u):
             oracles = {}
@@ -517,8 +542,7 @@ class _Sweep:
                     oracles[cfg.sparsity] = oracle_mask(act_g, u, cfg.sparsity)
                 self.counts[i].setdefault(key, SelectionCounts()).update(kept, oracles[cfg.sparsity])
 
-        self._pass(cb, "calibrate: measure", self.measure_batches)
-        self._taus = taus
+        self._pass(cb, desc, batches)
 
     def _result(self, i: int) -> Calibration:
         cfg = self.configs[i]
@@ -535,6 +559,6 @@ class _Sweep:
                 thr = self.thresholds[i][key]
                 state[key] = {"threshold": torch.tensor(thr, dtype=torch.float32)}
                 st["threshold"] = thr
-            st["measured_on_held_out"] = self.measure_batches is not self.batches
+            st["measured_on_held_out"] = self._held_out(i)
             stats[key] = st
         return Calibration(cfg, self._sites(), state, stats)

@@ -22,8 +22,8 @@ from .kernels import ops, reference
 
 class SparsityMeter(TorchDispatchMode):
     """Counts kept and total neurons of every countdown op call made while it is active, by d_inter
-    and overall (a prefill step under apply_to="decode", and a D-CountDown decode step of a batch size
-    its calibration sends to the dense FFN (ops.DecodePlan), count as dense: they are)."""
+    and overall (a prefill step under apply_to="decode", and a decode step of a batch size its
+    calibration sends to the dense FFN (ops.DecodePlan), count as dense: they are)."""
 
     def __init__(self):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The per-site decode plan: which sparse side a decode step uses, and when D-CountDown runs dense.
+"""The per-site decode plan: which sparse side a decode step uses, and when a site runs the dense FFN.
 
 The plan comes from the union of masks measured at calibration (Calibration.site_union_by_batch) and
 travels as two int arguments of the countdown op, so it is fixed at rewrite time and needs no sync.
@@ -136,7 +136,7 @@ def test_export_keeps_the_dense_rule_only_with_a_fixed_batch(d_calibration):
     fixed = countdown_fx.sparsify(torch.export.export(model, (x,)), cal)
     assert _plans_in(fixed) == {(1, 4)}
     torch.testing.assert_close(fixed.module()(x), model(x), rtol=1e-5, atol=1e-5)  # 4 tokens: dense
-    with pytest.warns(UserWarning, match="batch dim is dynamic"):
+    with pytest.warns(UserWarning, match="dynamic dims"):
         dynamic = countdown_fx.sparsify(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},)), cal)
     assert _plans_in(dynamic) == {(1, 0)}
     for batch in (2, 5):  # every batch size runs sparse, as the eager reference with no dense rule does
@@ -167,3 +167,29 @@ def test_d_countdown_reports_what_its_predictor_reaches_on_tokens_it_never_saw()
     assert meter.sparsity == pytest.approx(cal.overall_sparsity(), abs=1e-9)
     with pytest.warns(UserWarning, match="one batch"):
         calibrate(model, batches[:1], cfg, progress=False)
+
+
+def test_a_sweep_measures_thresholds_on_all_batches_and_predictors_on_held_out_ones():
+    """Mixing methods in one sweep must not change what M-CountDown reports (it has nothing to hold out)."""
+    from countdown_fx.calibration import calibrate_sweep
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward, n=1).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(5)]
+    m_cfg = CountDownConfig(method="m-countdown", sparsity=0.7, regime="prac")
+    d_cfg = CountDownConfig(method="d-countdown", sparsity=0.7, regime="prac", predictor_steps=5,
+                            predictor_batch_tokens=64)
+    alone = calibrate(model, batches, m_cfg, progress=False)
+    m_swept, d_swept = calibrate_sweep(model, batches, [m_cfg, d_cfg], progress=False)
+    assert m_swept.stats == alone.stats and all(st["tokens"] == 320 for st in alone.stats.values())
+    assert not any(st["measured_on_held_out"] for st in alone.stats.values())
+    assert all(st["measured_on_held_out"] and st["tokens"] == 64 for st in d_swept.stats.values())
+
+
+def test_a_held_out_batch_too_small_for_tau_is_refused():
+    model = Stack(GptFastFeedForward, n=1).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(4)] + [torch.randn(1, 3, 32)]
+    cfg = CountDownConfig(method="d-countdown", sparsity=0.7, regime="prac", predictor_steps=5,
+                          predictor_batch_tokens=64)
+    with pytest.raises(ValueError, match="held-out batches"):
+        calibrate(model, batches, cfg, progress=False)

@@ -149,7 +149,7 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
           "fraction with union = 1 - s, KV cache)",
           "- union: fraction of FFN neurons a step of this batch reads (union of its tokens' masks), as measured "
-          "by calibration on its own tokens (`Calibration.union_by_batch`)",
+          "by calibration on its own random tokens (held-out batches for D; `Calibration.union_by_batch`)",
           "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
           "(`Calibration.decode_plan`, from that union)", "",
           "| variant | batch | union | sites run | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",

@@ -309,8 +309,9 @@ def write_results(rows, shapes, dev, commit, cmd, bw, out) -> str:
           "- union: fraction of neurons active for at least one token of the step (measured on these inputs)",
           "- frac = ceiling time / measured time; speedup = dense Inductor (CUDA graph) time / variant time",
           "- side: what the op runs at this batch size given this union as calibrated (`ops.decode_plan`): the "
-          "masked or gather sparse side, or for D the dense FFN where its union is so full that the sparse "
-          "kernels lose (D µs is then the dense time; `D kernels µs` is what the sparse kernels would take)", ""]
+          "masked or gather sparse side, or the dense FFN where the union is so full that the sparse kernels "
+          "lose (the µs column is then the dense baseline's time, not the op's dense path timed on its own; "
+          "`D kernels µs` is what the sparse kernels would take)", ""]
     for shape in shapes:
         md += [f"## {shape} (d_model {SHAPES[shape][0]}, d_inter {SHAPES[shape][1]})", "",
                "| B | s | dense µs | compact µs | M µs | M side | M union | M GB/s | M frac | M speedup | D µs | D side "

@@ -66,7 +66,10 @@ class DecodePlan:
         """What a decode step of `tokens` tokens runs: "dense", "gather" or "masked" (sparse side)."""
         if 0 < self.dense_min_tokens <= tokens:
             return "dense"
-        return "gather" if tokens <= self.gather_max_tokens else "masked"
+        # Speed only (both sides give the same output bit for bit): never add a guard on a dynamic batch for
+        # it, so a graph compiled or exported for a range of batch sizes stays valid for all of them; such a
+        # graph runs the masked side.
+        return "gather" if guard_or_false(tokens <= self.gather_max_tokens) else "masked"
 
 
 def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan:
@@ -85,8 +88,7 @@ def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan
 
 def runs_dense(x: Tensor, dense_min_tokens: int) -> bool:
     """A decode step of at least dense_min_tokens tokens runs the dense FFN (see DENSE_MIN_UNION)."""
-    tokens = x.numel() // x.shape[-1]
-    return is_decode_step(x) and DecodePlan(dense_min_tokens=dense_min_tokens).path(tokens) == "dense"
+    return is_decode_step(x) and 0 < dense_min_tokens <= x.numel() // x.shape[-1]
 
 
 def is_decode_step(x: Tensor) -> bool:
@@ -107,9 +109,7 @@ def _use_kernels(x: Tensor, *tensors: Optional[Tensor]) -> bool:
 
 def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mode, thr, gather_max_tokens,
                  pred_v=None, pred_u=None):
-    # Speed only (both sides give the same output bit for bit): never add a guard on a dynamic batch for
-    # it, so a graph compiled or exported for a range of batch sizes stays valid for all of them.
-    side = "gather" if guard_or_false(x.numel() // x.shape[-1] <= gather_max_tokens) else "masked"
+    side = DecodePlan(gather_max_tokens=gather_max_tokens).path(x.numel() // x.shape[-1])
     y = triton_ffn.sparse_ffn(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down_t, b_gate, b_up, b_down,
                               activation, mode, thr, pred_v, pred_u, config={"sparse_side": side})
     return y.reshape(*x.shape[:-1], w_down_t.shape[1])
