@@ -393,13 +393,15 @@ class _Sweep:
         run_pass(self.session, batches, cb, desc, self.progress, total=len(batches))
         self.passes += 1
         if first:
-            self._check_tokens()
+            self._check_tokens(self.tokens, "")
 
-    def _check_tokens(self) -> None:
-        for key, n in self.tokens.items():
+    @staticmethod
+    def _check_tokens(tokens: dict[str, int], which_data: str) -> None:
+        """Refuse a pass that gave some site too few tokens for a meaningful threshold / tau."""
+        for key, n in tokens.items():
             if n < MIN_CALIBRATION_TOKENS:
                 raise ValueError(
-                    f"calibration data too short: site {key!r} saw {n} token(s), fewer than the "
+                    f"calibration data too short: {which_data}site {key!r} saw {n} token(s), fewer than the "
                     f"{MIN_CALIBRATION_TOKENS} needed for a meaningful threshold; use thousands of tokens")
 
     def _sites(self):
@@ -490,8 +492,6 @@ class _Sweep:
                     q.update(reference.predictor_logits(x, t.pred_v, t.pred_u))
 
         self._pass(cb, "calibrate: choose tau (held-out batches)", self.measure_batches)
-        if self.measure_batches is not self.batches:
-            self._check_held_out_tokens()
 
     def _tau(self, i: int, key: str) -> float:
         cfg = self.configs[i]
@@ -515,15 +515,8 @@ class _Sweep:
             self._measure_on(rest, self.batches, "calibrate: measure")
         if held_out:
             self._measure_on(held_out, self.measure_batches, "calibrate: measure (held-out batches)")
-            self._check_held_out_tokens()
-
-    def _check_held_out_tokens(self) -> None:
-        for key, n in self.pass_tokens.items():
-            if n < MIN_CALIBRATION_TOKENS:
-                raise ValueError(
-                    f"calibration data too short: the held-out batches (the last {len(self.measure_batches)} of "
-                    f"{len(self.batches)}), on which D-CountDown chooses tau and measures its predictor, gave site "
-                    f"{key!r} {n} token(s), fewer than {MIN_CALIBRATION_TOKENS}; pass more or larger batches")
+            self._check_tokens(self.pass_tokens, f"in the held-out batches (the last {len(self.measure_batches)} "
+                               f"of {len(self.batches)}, where D-CountDown chooses tau and measures its predictor) ")
 
     def _measure_on(self, which: list[int], batches, desc: str) -> None:
         taus = self._taus

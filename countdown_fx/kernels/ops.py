@@ -62,9 +62,12 @@ class DecodePlan:
     gather_max_tokens: int = 0
     dense_min_tokens: int = 0
 
+    def runs_dense(self, tokens: int) -> bool:
+        return 0 < self.dense_min_tokens <= tokens
+
     def path(self, tokens: int) -> str:
         """What a decode step of `tokens` tokens runs: "dense", "gather" or "masked" (sparse side)."""
-        if 0 < self.dense_min_tokens <= tokens:
+        if self.runs_dense(tokens):
             return "dense"
         # Speed only (both sides give the same output bit for bit): never add a guard on a dynamic batch for
         # it, so a graph compiled or exported for a range of batch sizes stays valid for all of them; such a
@@ -88,7 +91,7 @@ def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan
 
 def runs_dense(x: Tensor, dense_min_tokens: int) -> bool:
     """A decode step of at least dense_min_tokens tokens runs the dense FFN (see DENSE_MIN_UNION)."""
-    return is_decode_step(x) and 0 < dense_min_tokens <= x.numel() // x.shape[-1]
+    return is_decode_step(x) and DecodePlan(dense_min_tokens=dense_min_tokens).runs_dense(x.numel() // x.shape[-1])
 
 
 def is_decode_step(x: Tensor) -> bool:
