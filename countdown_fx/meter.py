@@ -33,6 +33,9 @@ class SparsityMeter(TorchDispatchMode):
         self.dense_calls = defaultdict(int)  # of those, calls that ran the dense FFN
         self.kept_by_step = defaultdict(int)  # "decode" / "prefill" -> neurons kept
         self.total_by_step = defaultdict(int)
+        # a batched decode step reads every neuron some token of the step keeps: the union of their masks
+        self.union_by_step = defaultdict(int)  # "decode" / "prefill" -> neurons in the union, summed over calls
+        self.neurons_by_step = defaultdict(int)  # d_inter summed over calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in ops.COUNTDOWN_OPS:
@@ -45,20 +48,25 @@ class SparsityMeter(TorchDispatchMode):
         step = "decode" if ops.is_decode_step(x) else "prefill"
         ffn = (x, w_gate, a["w_up"], a["b_gate"], a["b_up"], a["activation"])
         if (a["decode_only"] and step == "prefill") or ops.runs_dense(x, a.get("dense_min_tokens", 0)):
-            kept = tokens * d_inter  # the op runs the dense FFN here
+            mask = None  # the op runs the dense FFN here
             self.dense_calls[step] += 1
-        elif func is torch.ops.countdown.topk_ffn.default:
-            kept = tokens * reference.keep_count(d_inter, a["sparsity"])
         elif func is torch.ops.countdown.predictor_ffn.default:
-            kept = int(reference.selection_mask(*ffn, "coef", pred_v=a["pred_v"], pred_u=a["pred_u"],
-                                                tau=a["tau"]).sum())
+            mask = reference.selection_mask(*ffn, "coef", pred_v=a["pred_v"], pred_u=a["pred_u"], tau=a["tau"])
+        elif func is torch.ops.countdown.topk_ffn.default:
+            mask = reference.selection_mask(*ffn, a["score"], sparsity=a["sparsity"])
         else:
-            kept = int(reference.selection_mask(*ffn, a["score"], threshold=a["threshold"]).sum())
+            mask = reference.selection_mask(*ffn, a["score"], threshold=a["threshold"])
+        if mask is None:
+            kept, union = tokens * d_inter, d_inter
+        else:
+            kept, union = int(mask.sum()), int(mask.reshape(-1, d_inter).any(0).sum())
         self.calls[step] += 1
         self.kept += kept
         self.total += tokens * d_inter
         self.kept_by_step[step] += kept
         self.total_by_step[step] += tokens * d_inter
+        self.union_by_step[step] += union
+        self.neurons_by_step[step] += d_inter
 
     @property
     def sparsity(self) -> float:
@@ -70,9 +78,16 @@ class SparsityMeter(TorchDispatchMode):
         total = self.total_by_step[step]
         return 1.0 - self.kept_by_step[step] / total if total else float("nan")
 
+    def step_union(self, step: str) -> float:
+        """Mean fraction of neurons a "decode" or "prefill" call reads: the union of its tokens' masks (the
+        kernels read a neuron's rows once for all tokens of a step); nan before any such call."""
+        neurons = self.neurons_by_step[step]
+        return self.union_by_step[step] / neurons if neurons else float("nan")
+
     def report(self) -> str:
         parts = [f"{step} {self.step_sparsity(step):.1%} ({self.calls[step]} op calls"
-                 + (f", {self.dense_calls[step]} of them dense" if self.dense_calls[step] else "") + ")"
+                 + (f", {self.dense_calls[step]} of them dense" if self.dense_calls[step] else "")
+                 + f", union of a call's tokens {self.step_union(step):.1%} of neurons)"
                  for step in ("decode", "prefill") if self.calls[step]]
         return f"realised FFN sparsity {self.sparsity:.1%} overall; " + ", ".join(parts or ["no countdown op ran"])
 

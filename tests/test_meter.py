@@ -20,3 +20,21 @@ def test_meter_counts_exactly_what_the_selection_keeps():
     assert meter.step_sparsity("prefill") == 0.0
     assert meter.step_sparsity("decode") == 1 - reference.keep_count(72, 0.75) / 72
     assert "decode 75.0%" in meter.report()
+
+
+def test_meter_union_is_what_a_batched_step_reads():
+    """The union counts a neuron once per call however many tokens keep it: three copies of one token read
+    exactly one token's neurons, three different tokens read more than one token's and at most three's."""
+    torch.manual_seed(1)
+    model = Stack(GptFastFeedForward).eval()
+    keep = reference.keep_count(72, 0.75)
+    token = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        net = metered(model, {"sparsity": 0.75, "apply_to": "decode"}, same := SparsityMeter())
+        net(token.expand(3, 1, 32).contiguous())
+        net = metered(model, {"sparsity": 0.75, "apply_to": "decode"}, different := SparsityMeter())
+        net(torch.randn(3, 1, 32))
+    assert same.step_union("decode") == keep / 72
+    assert keep / 72 < different.step_union("decode") <= min(1.0, 3 * keep / 72)
+    assert f"union of a call's tokens {same.step_union('decode'):.1%}" in same.report()
+    assert different.step_union("prefill") != different.step_union("prefill")  # nan: no prefill call

@@ -61,17 +61,12 @@ def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
     profile: also print where a decode step's time goes (GPU kernel time vs wall time, top kernels)."""
     from transformers import StaticCache
 
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
     cache = StaticCache(config=model.config, max_cache_len=context + new)
     positions = [torch.tensor([context + i], device=device) for i in range(new)]
     result = None
     for run in range(3 if profile else 2):
-        cache.reset()
         with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=device),
-                           use_cache=True).logits
-            tok = logits[:, -1:].argmax(-1)
+            tok = prefill(model, cache, batch, context, device)
             out = [tok]
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -91,6 +86,38 @@ def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
         elif run == 1:
             result = (batch * (new - 1) / elapsed, torch.cat(out, 1))
     return result
+
+
+def prefill(model, cache, batch: int, context: int, device) -> torch.Tensor:
+    """Reset `cache`, fill it with `context` random tokens (the same for a batch size in every run, eager
+    and dense), and return the first greedy token [batch, 1]."""
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    cache.reset()
+    logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=device),
+                   use_cache=True).logits
+    return logits[:, -1:].argmax(-1)
+
+
+def measured_decode_sparsity(model, cal, batch: int, context: int, steps: int, device) -> tuple[float, float]:
+    """(sparsity, union) the decode steps really reach, counted by SparsityMeter on `steps` greedy steps of
+    the same context as the timed run, run eagerly: the table's calibrated union is only a prediction of
+    the second number, and the plan (sides, dense rule) was chosen from that prediction."""
+    from transformers import StaticCache
+
+    from countdown_fx.meter import SparsityMeter, metered
+
+    torch._dynamo.reset()
+    meter = SparsityMeter()
+    step = metered(model, {"calibration": cal, "apply_to": "decode"}, meter)
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
+    with torch.no_grad():
+        tok = prefill(model, cache, batch, context, device)
+        for i in range(steps):
+            logits = step(input_ids=tok, past_key_values=cache,
+                          cache_position=torch.tensor([context + i], device=device), use_cache=True).logits
+            tok = logits[:, -1:].argmax(-1)
+    return meter.step_sparsity("decode"), meter.step_union("decode")
 
 
 def _profiler():
@@ -148,16 +175,20 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           f"{new} new tokens, prefill dense and untimed",
           "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
           "fraction with union = 1 - s, KV cache)",
-          "- union: fraction of FFN neurons a step of this batch reads (union of its tokens' masks), as measured "
-          "by calibration on its own random tokens (held-out batches for D; `Calibration.union_by_batch`)",
+          "- union (calibrated): fraction of FFN neurons a step of this batch reads (union of its tokens' masks) "
+          "as calibration predicted it on its own random tokens (held-out batches for D; "
+          "`Calibration.union_by_batch`); the plan below was chosen from it",
+          "- sparsity / union (decode): what the timed decode steps really reach, counted by `SparsityMeter` "
+          "over the first steps of the same generation run eagerly",
           "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
           "(`Calibration.decode_plan`, from that union)", "",
-          "| variant | batch | union | sites run | tokens/s | speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| variant | batch | union (calibrated) | sites run | sparsity (decode) | union (decode) | tokens/s | "
+          "speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
-        union = "-" if r["union"] != r["union"] else f"{r['union']:.2f}"
-        md.append(f"| {r['variant']} | {r['batch']} | {union} | {r['plan']} | {r['tps']:.1f} | "
+        union, sparsity, used = (("-" if v != v else f"{v:.2f}") for v in (r["union"], r["sparsity"], r["used"]))
+        md.append(f"| {r['variant']} | {r['batch']} | {union} | {r['plan']} | {sparsity} | {used} | {r['tps']:.1f} | "
                   f"{r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
                   f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
     text = "\n".join(md)
@@ -209,6 +240,8 @@ def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
 def main():
     ap = decode_arg_parser(__doc__, 8, "dense,m0.7,m0.9,d0.7,d0.9", "CPU smoke test: tiny model, no CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
+    ap.add_argument("--metered-steps", type=int, default=8,
+                    help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -247,11 +280,16 @@ def main():
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
             check_sites_rewritten(variant, sites, layers)
-            union = cal.union_by_batch().get(b, float("nan")) if variant != "dense" else float("nan")
-            rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else float("nan"),
-                             union=union, plan=plan_at(cal, b) if variant != "dense" else "-"))
-            print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile; "
-                  f"{sites} sites rewritten)", flush=True)
+            nan = float("nan")
+            union = cal.union_by_batch().get(b, nan) if variant != "dense" else nan
+            sparsity, used = (measured_decode_sparsity(model, cal, b, context, args.metered_steps, device)
+                              if variant != "dense" else (nan, nan))
+            rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else nan,
+                             union=union, plan=plan_at(cal, b) if variant != "dense" else "-",
+                             sparsity=sparsity, used=used))
+            print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile and meter; "
+                  f"{sites} sites rewritten; decode sparsity {sparsity:.3f}, union {used:.3f} vs calibrated "
+                  f"{union:.3f})", flush=True)
             write_table(rows, args, device, dtype, layers, context, new)
 
     print(write_table(rows, args, device, dtype, layers, context, new))

@@ -210,6 +210,67 @@ def compare_sides(L, log, batches, sps):
                     + ", ".join(f"{label} {t:.1f} us" for label, t in times.items()))
 
 
+KERNELS = ("_lowrank_kernel", "_coef_kernel", "_gather_kernel", "_down_kernel", "_reduce_kernel")
+
+
+def kernel_bytes(L, name, side, union) -> dict:
+    """Weight bytes each launch must read (what the ceiling counts), by kernel: the dense side and, on the
+    masked side, the union's sparse rows in _coef_kernel; the union's rows in _gather_kernel and
+    _down_kernel; the predictor's V in _lowrank_kernel and its U in _coef_kernel."""
+    row = L.D * L.w_gate.element_size()
+    sparse_rows = (1 if name == "m" else 2) * union * L.N * row
+    pred = L.pred_u.element_size()
+    coef = L.N * row if name == "m" else L.N * RANK * pred
+    out = {"_coef_kernel": coef + (sparse_rows if side == "masked" else 0), "_down_kernel": union * L.N * row}
+    if side == "gather":
+        out["_gather_kernel"] = sparse_rows
+    if name == "d":
+        out["_lowrank_kernel"] = L.D * RANK * pred
+    return out
+
+
+def profile_kernels(L, log, batches, sps, bw, out):
+    """Where one FFN call's time goes: each launch's GPU time (torch.profiler, 64 eager calls over the
+    rotating token sets) against the bytes it must read, and the sum of the launches against the
+    CUDA-graph time per call (the difference is launch gaps and tails between kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calib = L.tokens(256)
+    lines = ["| method | B | s | side | union | graph µs/call | kernels µs | gaps µs | "
+             + " | ".join(k.strip("_").replace("_kernel", "") + " µs (GB/s)" for k in KERNELS) + " |",
+             "|---" * (9 + len(KERNELS) - 1) + "|"]
+    for B in batches:
+        xs = [L.tokens(B) for _ in range(ROT)]
+        for s in sps:
+            for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
+                thr = L.threshold(name, s, calib)
+                union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
+                plan = ops.decode_plan(ops.op_kind("d-countdown" if name == "d" else "m-countdown"), {B: union})
+                side = "gather" if plan.path(B) == "gather" else "masked"
+                fn = run_sparse(L, xs, thr, mode, {"sparse_side": side})
+                t_graph = graph_time_us(fn)
+                calls = 64
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for i in range(calls):
+                        fn(i % ROT)
+                    torch.cuda.synchronize()
+                us = {k: 0.0 for k in KERNELS}
+                for e in prof.key_averages():
+                    for k in KERNELS:
+                        if k in e.key:
+                            us[k] += e.self_device_time_total / calls
+                nbytes = kernel_bytes(L, name, side, union)
+                total = sum(us.values())
+                cells = [f"{us[k]:.1f} ({nbytes.get(k, 0) / (us[k] * 1e3):.0f})" if us[k] else "-" for k in KERNELS]
+                lines.append(f"| {name.upper()} | {B} | {s} | {side} | {union:.2f} | {t_graph:.1f} | {total:.1f} | "
+                             f"{t_graph - total:.1f} | " + " | ".join(cells) + " |")
+                log(lines[-1])
+    text = "\n".join([f"Per-launch GPU time, {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s "
+                      f"(GB/s = bytes the launch must read / its time)", ""] + lines)
+    with open(os.path.join(out, "ffn_profile.md"), "w") as f:
+        f.write(text + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".", help="folder for the .md / .json results")
@@ -220,6 +281,8 @@ def main():
     ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9", help="comma-separated target sparsities")
     ap.add_argument("--compare-sides", action="store_true",
                     help="only compare the two sparse-side implementations (Llama shape), no table")
+    ap.add_argument("--profile", action="store_true",
+                    help="only time each launch against its bytes (Llama shape, torch.profiler), no table")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     # the dense baselines compile once per (batch, neuron count): past Dynamo's default limit of 8 they
@@ -242,6 +305,9 @@ def main():
     shapes = {"llama-3.1-8b": SHAPES["llama-3.1-8b"]} if args.quick else SHAPES
     if args.compare_sides:
         compare_sides(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
+        return
+    if args.profile:
+        profile_kernels(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps, bw, args.out)
         return
     rows = []
     t0 = time.time()
