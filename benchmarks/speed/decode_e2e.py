@@ -53,24 +53,29 @@ def variant_config(name: str):
                                         predictor_steps=200)
 
 
-def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
-                        profile: bool = False) -> tuple[float, torch.Tensor]:
-    """Prefill `context` random tokens eagerly, then `new` greedy steps through `step`; the second of two
-    runs is timed (the first compiles and records the CUDA graphs). One cache serves both runs (reset in
-    between): a new cache would be new static addresses, re-recorded graphs inside the timed run.
+def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device, prompts: int = 1,
+                        greedy: bool = True, profile: bool = False) -> tuple[float, list[torch.Tensor]]:
+    """Prefill `context` random tokens eagerly, then `new` greedy steps through `step`, for each of
+    `prompts` prompts; tokens/s over all of them (a first, untimed run compiles and records the CUDA
+    graphs). Several prompts, because the neurons a step keeps vary with the context: one prompt can sit
+    far from the calibrated sparsity. One cache serves every run (reset by prefill): a new cache would be
+    new static addresses, re-recorded graphs inside the timed runs.
+    greedy=False feeds random tokens instead of the argmax (see forced_tokens); the work is the same.
     profile: also print where a decode step's time goes (GPU kernel time vs wall time, top kernels)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context + new)
     positions = [torch.tensor([context + i], device=device) for i in range(new)]
-    result = None
-    for run in range(3 if profile else 2):
+    elapsed, outputs = 0.0, []
+    runs = [("warm-up", 0)] + [("timed", p) for p in range(prompts)] + ([("profile", 0)] if profile else [])
+    for kind, prompt in runs:
         with torch.no_grad():
-            tok = prefill(model, cache, batch, context, device)
+            tok = prefill(model, cache, batch, context, device, prompt)
+            forced = None if greedy else forced_tokens(model, batch, new, prompt, device)
             out = [tok]
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            prof = _profiler() if run == 2 else contextlib.nullcontext()
+            prof = _profiler() if kind == "profile" else contextlib.nullcontext()
             with prof:
                 start = time.perf_counter()
                 for i in range(new - 1):
@@ -78,20 +83,23 @@ def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
                                   use_cache=True).logits
                     tok = logits[:, -1:].argmax(-1)
                     out.append(tok)
+                    if forced is not None:
+                        tok = forced[i]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-        if run == 2:
-            _print_profile(prof, new - 1, elapsed)
-        elif run == 1:
-            result = (batch * (new - 1) / elapsed, torch.cat(out, 1))
-    return result
+                took = time.perf_counter() - start
+        if kind == "profile":
+            _print_profile(prof, new - 1, took)
+        elif kind == "timed":
+            elapsed += took
+            outputs.append(torch.cat(out, 1))
+    return batch * (new - 1) * prompts / elapsed, outputs
 
 
-def prefill(model, cache, batch: int, context: int, device) -> torch.Tensor:
-    """Reset `cache`, fill it with `context` random tokens (the same for a batch size in every run, eager
-    and dense), and return the first greedy token [batch, 1]."""
-    gen = torch.Generator().manual_seed(batch)
+def prefill(model, cache, batch: int, context: int, device, prompt: int = 0) -> torch.Tensor:
+    """Reset `cache`, fill it with `context` random tokens (prompt number `prompt` of this batch size: the
+    same in every run, eager and dense), and return the first greedy token [batch, 1]."""
+    gen = torch.Generator().manual_seed(1000 * batch + prompt)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
     cache.reset()
     logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=device),
@@ -99,25 +107,47 @@ def prefill(model, cache, batch: int, context: int, device) -> torch.Tensor:
     return logits[:, -1:].argmax(-1)
 
 
-def measured_decode_sparsity(model, cal, batch: int, context: int, steps: int, device) -> tuple[float, float]:
-    """(sparsity, union) the decode steps really reach, counted by SparsityMeter on `steps` greedy steps of
-    the same context as the timed run, run eagerly: the table's calibrated union is only a prediction of
-    the second number, and the plan (sides, dense rule) was chosen from that prediction."""
+def forced_tokens(model, batch: int, new: int, prompt: int, device) -> torch.Tensor:
+    """[new, batch, 1] random token ids to feed as decode inputs (teacher forcing). A random-weight model's
+    greedy tokens are atypical: on them D-CountDown's predictor kept no neuron at all (session 5), far
+    from the random-token calibration; random inputs keep decode in the calibrated regime, as text the
+    model was calibrated on would in a trained model."""
+    gen = torch.Generator().manual_seed(7919 * batch + prompt)
+    return torch.randint(0, model.config.vocab_size, (new, batch, 1), generator=gen).to(device)
+
+
+def measured_decode_sparsity(model, cal, batch: int, context: int, steps: int, device, prompts: int = 1,
+                             greedy: bool = True) -> tuple[list[float], list[float]]:
+    """Per prompt, the (sparsity, union) its decode steps really reach, counted by SparsityMeter over
+    `steps` greedy steps of the same prompts as the timed runs, run eagerly: the calibrated union is only
+    a prediction of the second number, and the plan (sides, dense rule) was chosen from that prediction."""
     from transformers import StaticCache
 
     from countdown_fx.meter import SparsityMeter, metered
 
-    torch._dynamo.reset()
-    meter = SparsityMeter()
-    step = metered(model, {"calibration": cal, "apply_to": "decode"}, meter)
+    sparsity, union = [], []
     cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
-    with torch.no_grad():
-        tok = prefill(model, cache, batch, context, device)
-        for i in range(steps):
-            logits = step(input_ids=tok, past_key_values=cache,
-                          cache_position=torch.tensor([context + i], device=device), use_cache=True).logits
-            tok = logits[:, -1:].argmax(-1)
-    return meter.step_sparsity("decode"), meter.step_union("decode")
+    torch._dynamo.reset()
+    meters = [SparsityMeter() for _ in range(prompts)]
+    current = [meters[0]]  # the meter of the prompt running now: one trace serves every prompt
+
+    class Current(SparsityMeter):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return current[0].__torch_dispatch__(func, types, args, kwargs)
+
+    step = metered(model, {"calibration": cal, "apply_to": "decode"}, Current())
+    for prompt in range(prompts):
+        current[0] = meters[prompt]
+        with torch.no_grad():
+            tok = prefill(model, cache, batch, context, device, prompt)
+            forced = None if greedy else forced_tokens(model, batch, steps, prompt, device)
+            for i in range(steps):
+                logits = step(input_ids=tok, past_key_values=cache,
+                              cache_position=torch.tensor([context + i], device=device), use_cache=True).logits
+                tok = logits[:, -1:].argmax(-1) if forced is None else forced[i]
+        sparsity.append(meters[prompt].step_sparsity("decode"))
+        union.append(meters[prompt].step_union("decode"))
+    return sparsity, union
 
 
 def _profiler():
@@ -163,6 +193,14 @@ def step_bytes(model, batch: int, context: int, variant: str) -> float:
     return total + kv
 
 
+def spread(values: list[float]) -> str:
+    """"0.91 (0.85-1.00)": the mean over prompts and its range; "-" for none."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def write_table(rows, args, device, dtype, layers, context, new) -> str:
     """The markdown table of the rows so far (written after every row: a timed-out run keeps its rows)."""
     dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
@@ -178,8 +216,13 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           "- union (calibrated): fraction of FFN neurons a step of this batch reads (union of its tokens' masks) "
           "as calibration predicted it on its own random tokens (held-out batches for D; "
           "`Calibration.union_by_batch`); the plan below was chosen from it",
+          f"- tokens/s over {args.prompts} prompt(s) of random tokens per row (the same prompts for every variant); "
+          + ("each step fed the greedy token" if args.greedy else
+             "each step fed a random token (teacher forcing; a random-weight model's greedy tokens are atypical, "
+             "see `forced_tokens`), the same work as greedy decode"),
           "- sparsity / union (decode): what the timed decode steps really reach, counted by `SparsityMeter` "
-          "over the first steps of the same generation run eagerly",
+          f"over the first {args.metered_steps} steps of the same prompts run eagerly: mean over prompts "
+          "(range)",
           "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
           "(`Calibration.decode_plan`, from that union)", "",
           "| variant | batch | union (calibrated) | sites run | sparsity (decode) | union (decode) | tokens/s | "
@@ -187,7 +230,8 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frac = r["tps"] / r["ceil_tps"] if r["ceil_tps"] == r["ceil_tps"] else float("nan")
-        union, sparsity, used = (("-" if v != v else f"{v:.2f}") for v in (r["union"], r["sparsity"], r["used"]))
+        union = "-" if r["union"] != r["union"] else f"{r['union']:.2f}"
+        sparsity, used = spread(r["sparsity"]), spread(r["used"])
         md.append(f"| {r['variant']} | {r['batch']} | {union} | {r['plan']} | {sparsity} | {used} | {r['tps']:.1f} | "
                   f"{r['tps'] / dense.get(r['batch'], float('nan')):.2f}x"
                   f" | {r['ceil_tps']:.1f} | {frac:.2f} |")
@@ -240,6 +284,10 @@ def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
 def main():
     ap = decode_arg_parser(__doc__, 8, "dense,m0.7,m0.9,d0.7,d0.9", "CPU smoke test: tiny model, no CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
+    ap.add_argument("--greedy", action="store_true",
+                    help="feed each step the argmax token (default: random tokens, see forced_tokens)")
+    ap.add_argument("--prompts", type=int, default=4,
+                    help="prompts timed per row: what a step keeps varies with the context")
     ap.add_argument("--metered-steps", type=int, default=8,
                     help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()
@@ -259,7 +307,7 @@ def main():
     from countdown_fx.passes.rewrite import counters
 
     layers = 2 if args.tiny else args.layers
-    rows, outputs = [], {}
+    rows = []
     plain = model.forward
     calibrations = calibrate_variants(model, variants, device)
     for variant in variants:
@@ -275,21 +323,21 @@ def main():
                 step = torch.compile(plain, backend="countdown", dynamic=False,
                                      options={"calibration": cal, "apply_to": "decode", "mode": mode})
             t0 = time.time()
-            tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.profile)
-            outputs[(variant, b)] = toks
+            tps, _ = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
+                                         args.profile)
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
             check_sites_rewritten(variant, sites, layers)
             nan = float("nan")
             union = cal.union_by_batch().get(b, nan) if variant != "dense" else nan
-            sparsity, used = (measured_decode_sparsity(model, cal, b, context, args.metered_steps, device)
-                              if variant != "dense" else (nan, nan))
+            sparsity, used = (measured_decode_sparsity(model, cal, b, context, args.metered_steps, device,
+                                                       args.prompts, args.greedy) if variant != "dense" else ([], []))
             rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else nan,
                              union=union, plan=plan_at(cal, b) if variant != "dense" else "-",
                              sparsity=sparsity, used=used))
             print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile and meter; "
-                  f"{sites} sites rewritten; decode sparsity {sparsity:.3f}, union {used:.3f} vs calibrated "
-                  f"{union:.3f})", flush=True)
+                  f"{sites} sites rewritten; decode sparsity {spread(sparsity)}, union {spread(used)} vs "
+                  f"calibrated {union:.3f})", flush=True)
             write_table(rows, args, device, dtype, layers, context, new)
 
     print(write_table(rows, args, device, dtype, layers, context, new))

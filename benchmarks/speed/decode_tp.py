@@ -76,9 +76,9 @@ def main() -> None:
                 tps, toks = decode_tokens_per_s(model, step, b, context, new, device)
                 check_sites_rewritten(variant, counters["sites_rewritten"] - before, layers)
                 same = [None] * world
-                dist.all_gather_object(same, toks.cpu())
+                dist.all_gather_object(same, toks[0].cpu())
                 assert all(torch.equal(t, same[0]) for t in same), "ranks decoded different tokens"
-                tokens[(variant, b)] = toks
+                tokens[(variant, b)] = toks[0]
                 rows.append((variant, b, tps))
                 if rank == 0:  # the table so far after every row: a run cut off by a time limit keeps its rows
                     print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s ({time.time() - t0:.0f}s incl. compile)", flush=True)

@@ -191,9 +191,22 @@ def crossover(L, log, batches):
                 log(f"crossover B={B} s={s} {name} union {union:.2f}: compacted {t_c:.1f} us, direct {t_d:.1f} us")
 
 
-def compare_sides(L, log, batches, sps):
-    """The sparse side of gate/up: masked row loads inside _coef_kernel vs _gather_kernel over the
-    compacted union (CONFIG['sparse_side']); where one wins sets ops.GATHER_MAX_UNION."""
+# Launch-config variants timed against the defaults by --compare (the defaults are the empty override;
+# each variant runs the sparse side the plan picks unless it names one). Session 5: the predictor's h = x V
+# split over d_model (default) against one chunk (the session-4 kernel: 16 programs), more down-kernel
+# programs, longer gather tiles.
+COMPARE = {
+    "default": {},
+    "h one chunk": {"lowrank": dict(BLOCK_R=32, K_CHUNK=1 << 20)},
+    "down 8/SM": {"down": dict(programs_per_sm=8)},
+    "gather K512 w8": {"gather": dict(BLOCK_K=512, num_warps=8, num_stages=3)},
+    "masked side": {"sparse_side": "masked"},
+}
+
+
+def compare_configs(L, log, batches, sps):
+    """Every COMPARE variant at each (batch, sparsity), M and D, each checked against the fp32 reference
+    first: which launch configs (and sparse side) win, from one call."""
     calib = L.tokens(256)
     for B in batches:
         xs = [L.tokens(B) for _ in range(ROT)]
@@ -201,13 +214,15 @@ def compare_sides(L, log, batches, sps):
             for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
                 thr = L.threshold(name, s, calib)
                 union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
-                variants = {side: {"sparse_side": side} for side in ("masked", "gather")}
+                plan = ops.decode_plan(ops.op_kind("d-countdown" if name == "d" else "m-countdown"), {B: union})
+                side = "gather" if plan.path(B) == "gather" else "masked"
                 times = {}
-                for label, config in variants.items():
+                for label, override in COMPARE.items():
+                    config = {"sparse_side": side, **override}
                     check_once(L, xs[0], thr, mode, config)
                     times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
-                log(f"sides B={B} s={s} {name} union {union:.2f}: "
-                    + ", ".join(f"{label} {t:.1f} us" for label, t in times.items()))
+                log(f"compare B={B} s={s} {name} union {union:.2f} (plan: {side}): "
+                    + ", ".join(f"{label} {t:.1f}" for label, t in times.items()) + " us")
 
 
 KERNELS = ("_lowrank_kernel", "_coef_kernel", "_gather_kernel", "_down_kernel", "_reduce_kernel")
@@ -279,8 +294,8 @@ def main():
     ap.add_argument("--commit", default=None, help="commit named in the table header (default: git rev-parse)")
     ap.add_argument("--batches", default="1,2,4,8,16", help="comma-separated decode batch sizes (tokens per step)")
     ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9", help="comma-separated target sparsities")
-    ap.add_argument("--compare-sides", action="store_true",
-                    help="only compare the two sparse-side implementations (Llama shape), no table")
+    ap.add_argument("--compare", action="store_true",
+                    help="only time the COMPARE launch-config variants against the defaults (Llama shape), no table")
     ap.add_argument("--profile", action="store_true",
                     help="only time each launch against its bytes (Llama shape, torch.profiler), no table")
     args = ap.parse_args()
@@ -303,8 +318,8 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
     shapes = {"llama-3.1-8b": SHAPES["llama-3.1-8b"]} if args.quick else SHAPES
-    if args.compare_sides:
-        compare_sides(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
+    if args.compare:
+        compare_configs(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
         return
     if args.profile:
         profile_kernels(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps, bw, args.out)

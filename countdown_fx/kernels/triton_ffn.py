@@ -281,20 +281,24 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
 
 
 @triton.jit
-def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
+def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_v, stride_split, stride_om,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     NATIVE: tl.constexpr, UPCAST: tl.constexpr):
-    """h = x V in fp32 (the predictor's first factor), one program per BLOCK_R columns of V. Splitting
-    d_model over more programs was measured and gained nothing (NOTES.md)."""
-    pid = tl.program_id(0)
+    """out[split] = x[:, chunk] V[chunk, :] in fp32 for one chunk of k_chunk rows of d_model and BLOCK_R
+    columns of V (the predictor's first factor). With one chunk out is h itself; with several,
+    _reduce_kernel sums the chunks in a fixed order: V is only r columns wide, so without the split a few
+    dozen programs would stream all of it (latency-bound: 16 programs read 4 MB at 0.29 TB/s, NOTES.md)."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
-    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     b_mask = offs_b < M
     r_mask = offs_r < R
+    k_end = tl.minimum((pid_k + 1) * k_chunk, D)
     acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
+    for k in range(pid_k * k_chunk, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
+        k_mask = offs_k < k_end
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         vt = tl.load(v_ptr + offs_k[:, None] * stride_v + offs_r[None, :],
@@ -303,7 +307,7 @@ def _lowrank_kernel(x_ptr, v_ptr, h_ptr, M, D, R, stride_xm, stride_v, stride_h,
             acc += _dot(xt, vt, "tf32", UPCAST)
         else:
             acc += _dot_f32(xt.to(tl.float32), vt.to(tl.float32), UPCAST)
-    tl.store(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :], acc,
+    tl.store(out_ptr + pid_k * stride_split + offs_b[:, None] * stride_om + offs_r[None, :], acc,
              mask=b_mask[:, None] & r_mask[None, :])
 
 
@@ -412,6 +416,9 @@ CONFIG = {
     # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
+    # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
+    # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
+    "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
 }
 
 
@@ -463,13 +470,20 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     if mode == MODE_PRED:
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
-        BLOCK_RV, BLOCK_KV = 32, 128
+        c = cfg["lowrank"]
+        k_chunk = triton.cdiv(c["K_CHUNK"], c["BLOCK_K"]) * c["BLOCK_K"]
+        n_chunks = triton.cdiv(D, k_chunk)
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
+        h_part = h if n_chunks == 1 else torch.empty((n_chunks, M, R), dtype=torch.float32, device=x2d.device)
         native = pred_v.dtype == dtype and dtype != torch.float32
-        wrap_triton(_lowrank_kernel)[(triton.cdiv(R, BLOCK_RV),)](
-            x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(0), h.stride(0),
-            BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KV, BLOCK_R=BLOCK_RV, NATIVE=native, UPCAST=upcast, num_warps=4,
-            num_stages=3)
+        wrap_triton(_lowrank_kernel)[(triton.cdiv(R, c["BLOCK_R"]), n_chunks)](
+            x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), M * R, R,
+            BLOCK_B=BLOCK_B, BLOCK_K=c["BLOCK_K"], BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+        if n_chunks > 1:
+            wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, 256))](
+                h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=256, UPCAST=upcast,
+                num_warps=4)
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     c = cfg["coef"]

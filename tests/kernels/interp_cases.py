@@ -17,7 +17,10 @@ from ffn_cases import check, make_case, run_kernel, scores64  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
-SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16)}
+# several chunks of d_model for the predictor's h = x V (summed by _reduce_kernel); the default chunk
+# covers these small d_model in one, the other path
+SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
+                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(

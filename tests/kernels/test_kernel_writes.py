@@ -52,7 +52,7 @@ def _launches(monkeypatch, case, mode, side):
     c = case
     triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
-                          config={"sparse_side": side})
+                          config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32}})  # h = x V: 2 chunks
     return launches
 
 
@@ -76,6 +76,8 @@ def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side):
     monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
     launches = _launches(monkeypatch, case, mode, side)
     assert len(launches) >= 3
+    if mode == "pred":  # the chunks of h = x V are summed by a reduce launch of their own
+        assert [k.fn.__name__ for k, _ in launches].count("_reduce_kernel") == 2
     for kernel, arguments in launches:
         written = _written(kernel, arguments)
         assert written, f"{kernel.fn.__name__}: the analysis found no output at all"
