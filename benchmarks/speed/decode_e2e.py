@@ -309,9 +309,11 @@ def main():
     layers = 2 if args.tiny else args.layers
     rows = []
     plain = model.forward
+    t_start = time.time()
     calibrations = calibrate_variants(model, variants, device)
-    for variant in variants:
-        for b in batches:
+    print(f"calibration: {time.time() - t_start:.0f}s", flush=True)
+    for b in batches:  # batch sizes outer: a run cut at its time limit has every variant at the first one
+        for variant in variants:
             # one static-shape compile per batch size, as servers capture one CUDA graph per batch size: a
             # second batch size in the same compiled function would make Dynamo mark the batch dim dynamic
             torch._dynamo.reset()
@@ -336,6 +338,7 @@ def main():
                              union=union, plan=plan_at(cal, b) if variant != "dense" else "-",
                              sparsity=sparsity, used=used))
             print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile and meter; "
+                  f"{time.time() - t_start:.0f}s since start; "
                   f"{sites} sites rewritten; decode sparsity {spread(sparsity)}, union {spread(used)} vs "
                   f"calibrated {union:.3f})", flush=True)
             write_table(rows, args, device, dtype, layers, context, new)
