@@ -206,7 +206,7 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
     dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
     commit = args.commit or git_commit()
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    md = ["# End-to-end greedy decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
+    md = ["# End-to-end decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
           f"- device: {dev}; commit {commit}; command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
           f"- model: {'tiny Llama (smoke test)' if args.tiny else 'Llama-3.1-8B shapes'} with {layers} layers "
           f"(random weights, {dtype}), context {context}, "
