@@ -244,7 +244,7 @@ def kernel_bytes(L, name, side, union) -> dict:
     return out
 
 
-def profile_kernels(L, log, batches, sps, bw, out):
+def profile_kernels(L, log, batches, sps, bw, out, header):
     """Where one FFN call's time goes: each launch's GPU time (torch.profiler, 64 eager calls over the
     rotating token sets) against the bytes it must read, and the sum of the launches against the
     CUDA-graph time per call (the difference is launch gaps and tails between kernels)."""
@@ -276,12 +276,14 @@ def profile_kernels(L, log, batches, sps, bw, out):
                             us[k] += e.self_device_time_total / calls
                 nbytes = kernel_bytes(L, name, side, union)
                 total = sum(us.values())
-                cells = [f"{us[k]:.1f} ({nbytes.get(k, 0) / (us[k] * 1e3):.0f})" if us[k] else "-" for k in KERNELS]
+                cells = [("-" if not us[k] else f"{us[k]:.1f} ({nbytes[k] / (us[k] * 1e3):.0f})" if k in nbytes
+                          else f"{us[k]:.1f}") for k in KERNELS]
                 lines.append(f"| {name.upper()} | {B} | {s} | {side} | {union:.2f} | {t_graph:.1f} | {total:.1f} | "
                              f"{t_graph - total:.1f} | " + " | ".join(cells) + " |")
                 log(lines[-1])
-    text = "\n".join([f"Per-launch GPU time, {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s "
-                      f"(GB/s = bytes the launch must read / its time)", ""] + lines)
+    text = "\n".join(["# Per-launch GPU time of one FFN call (Llama-3.1-8B shape, bf16)", "", header,
+                      f"- copy bandwidth {bw / 1e12:.2f} TB/s; GB/s = weight bytes the launch must read / its time "
+                      "(the reduce launches read only fp32 partials)", ""] + lines)
     with open(os.path.join(out, "ffn_profile.md"), "w") as f:
         f.write(text + "\n")
 
@@ -322,7 +324,9 @@ def main():
         compare_configs(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
         return
     if args.profile:
-        profile_kernels(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps, bw, args.out)
+        profile_kernels(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps, bw, args.out,
+                        f"- device: {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {commit}; "
+                        f"command: `{cmd}`")
         return
     rows = []
     t0 = time.time()

@@ -1,7 +1,8 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
-Three launches per FFN call (four with the predictor's h = x V, `_lowrank_kernel`; one more with the
-"gather" sparse side, `_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
+Three launches per FFN call (two more for D-CountDown's h = x V: `_lowrank_kernel` over chunks of
+d_model, then `_reduce_kernel` to sum the chunks; one more with the "gather" sparse side,
+`_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
 
 1. `_coef_kernel`, one program per block of BLOCK_N neurons and all tokens of the step:
    the dense side (up for M-CountDown, gate for CATS, both for the "coef" score, the low-rank predictor
