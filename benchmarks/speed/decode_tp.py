@@ -1,4 +1,4 @@
-"""Tensor-parallel greedy decode: tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) sharded over
+"""Tensor-parallel decode: tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) sharded over
 the GPUs of one host, dense Inductor vs the countdown backend, both with CUDA graphs and a static KV cache.
 
     NCCL_NVLS_ENABLE=0 PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/speed/decode_tp.py --out $OUT
@@ -73,7 +73,7 @@ def main() -> None:
                                      options={"calibration": cal, "apply_to": "decode", "mode": mode})
             for b in (int(b) for b in args.batches.split(",")):
                 t0 = time.time()
-                tps, toks = decode_tokens_per_s(model, step, b, context, new, device)
+                tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy)
                 check_sites_rewritten(variant, counters["sites_rewritten"] - before, layers)
                 same = [None] * world
                 dist.all_gather_object(same, toks[0].cpu())
@@ -93,12 +93,14 @@ def write_table(rows, args, device, dtype, layers, context, new, world) -> str:
     commit = args.commit or git_commit()
     dev = f"{world} x {torch.cuda.get_device_name()}" if device.type == "cuda" else f"{world} CPU processes (gloo)"
     dense = {b: tps for v, b, tps in rows if v == "dense"}
-    md = ["# Tensor-parallel greedy decode, static KV cache" + (", CUDA graphs" if device.type == "cuda" else ""), "",
+    md = ["# Tensor-parallel decode, static KV cache" + (", CUDA graphs" if device.type == "cuda" else ""), "",
           f"- device: {dev}; torch {torch.__version__}; commit {commit}",
           f"- command: `{' '.join(sys.argv)}`",
           f"- model: {'Llama-3.1-8B shapes' if device.type == 'cuda' else 'tiny Llama (smoke test)'}, {layers} "
           f"layers, random {dtype} weights, tensor-parallel over {world} ranks (q/k/v, gate/up column-parallel; "
           f"o, down row-parallel); context {context}, {new} new tokens, prefill dense and untimed",
+          f"- tokens/s over {args.prompts} prompt(s) of random tokens per row; each step fed "
+          + ("the greedy token" if args.greedy else "a random token (decode_e2e.forced_tokens)"),
           "- countdown: shard-local thresholds (and predictors) calibrated on the sharded model", "",
           "| variant | batch | tokens/s | speed-up vs dense |", "|---|---|---|---|"]
     md += [f"| {v} | {b} | {tps:.1f} | {tps / dense.get(b, float('nan')):.2f}x |" for v, b, tps in rows]
