@@ -1,0 +1,29 @@
+"""benchmarks/speed/decode_e2e.py --tiny on CPU: the table it writes carries, for every sparse row, the
+decode sparsity and union the meter counted (not a timing test: speed is only measured on the GPU)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def test_decode_e2e_tiny_reports_the_sparsity_decode_reached(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "speed", "decode_e2e.py"), "--tiny", "--variants",
+         "dense,m0.7", "--batches", "1,2", "--prompts", "2", "--out", str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "speed_decode_e2e.md").read_text()
+    rows = {(cells[0], int(cells[1])): cells for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+             if re.match(r"\| (dense|m0\.7) \|", line))}
+    assert set(rows) == {("dense", 1), ("dense", 2), ("m0.7", 1), ("m0.7", 2)}
+    for batch in (1, 2):
+        sparsity, union = rows[("m0.7", batch)][4], rows[("m0.7", batch)][5]
+        mean = float(sparsity.split()[0])
+        assert abs(mean - 0.7) < 0.05, sparsity  # M's thresholds hold their target on these random tokens
+        assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", union), union  # mean (range) over 2 prompts
+    assert float(rows[("m0.7", 1)][5].split()[0]) <= float(rows[("m0.7", 2)][5].split()[0])  # 2 tokens read more
+    assert rows[("dense", 1)][4] == "-"
