@@ -79,8 +79,9 @@ class SparsityMeter(TorchDispatchMode):
         return 1.0 - self.kept_by_step[step] / total if total else float("nan")
 
     def step_union(self, step: str) -> float:
-        """Mean fraction of neurons a "decode" or "prefill" call reads: the union of its tokens' masks (the
-        kernels read a neuron's rows once for all tokens of a step); nan before any such call."""
+        """Mean fraction of neurons in the union of a call's token masks, over "decode" or "prefill" calls:
+        what the decode kernels read (each kept neuron's rows once for all tokens of a step); for prefill
+        and steps past the kernels' 16 tokens, which run the reference, only a statistic. nan before any call."""
         neurons = self.neurons_by_step[step]
         return self.union_by_step[step] / neurons if neurons else float("nan")
 

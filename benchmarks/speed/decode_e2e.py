@@ -1,11 +1,11 @@
-"""End-to-end greedy decode: tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights), static KV cache,
+"""End-to-end decode: tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights), static KV cache,
 CUDA graphs (mode="reduce-overhead"), dense Inductor vs the countdown backend, against the bytes ceiling.
 
     PYTHONPATH=. python3 benchmarks/speed/decode_e2e.py --out $OUT [--layers 8] [--batches 1,4]
     PYTHONPATH=. python3 benchmarks/speed/decode_e2e.py --tiny --variants dense,m0.7   # CPU smoke test
 
 Prefill (context tokens) runs eagerly and densely, once per measurement; only the decode steps are
-compiled and timed. Calibration (thresholds; predictors for D) runs on random token ids through
+compiled and timed, fed random tokens (--greedy: their own argmax; see forced_tokens). Calibration (thresholds; predictors for D) runs on random token ids through
 countdown_fx.calibrate. The full 32-layer model needs ~16 GB of weights; --layers picks fewer layers to
 keep compile time inside a device call (the table says how many). lm_head (128256 x 4096) is included.
 """
@@ -55,7 +55,7 @@ def variant_config(name: str):
 
 def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device, prompts: int = 1,
                         greedy: bool = True, profile: bool = False) -> tuple[float, list[torch.Tensor]]:
-    """Prefill `context` random tokens eagerly, then `new` greedy steps through `step`, for each of
+    """Prefill `context` random tokens eagerly, then `new` decode steps through `step`, for each of
     `prompts` prompts; tokens/s over all of them (a first, untimed run compiles and records the CUDA
     graphs). Several prompts, because the neurons a step keeps vary with the context: one prompt can sit
     far from the calibrated sparsity. One cache serves every run (reset by prefill): a new cache would be
@@ -119,7 +119,8 @@ def forced_tokens(model, batch: int, new: int, prompt: int, device) -> torch.Ten
 def measured_decode_sparsity(model, cal, batch: int, context: int, steps: int, device, prompts: int = 1,
                              greedy: bool = True) -> tuple[list[float], list[float]]:
     """Per prompt, the (sparsity, union) its decode steps really reach, counted by SparsityMeter over
-    `steps` greedy steps of the same prompts as the timed runs, run eagerly: the calibrated union is only
+    the first `steps` decode steps of the same prompts as the timed runs, run eagerly (with greedy=True
+    the eager argmax may drift from the compiled run's): the calibrated union is only
     a prediction of the second number, and the plan (sides, dense rule) was chosen from that prediction."""
     from transformers import StaticCache
 
@@ -220,9 +221,9 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           + ("each step fed the greedy token" if args.greedy else
              "each step fed a random token (teacher forcing; a random-weight model's greedy tokens are atypical, "
              "see `forced_tokens`), the same work as greedy decode"),
-          "- sparsity / union (decode): what the timed decode steps really reach, counted by `SparsityMeter` "
-          f"over the first {args.metered_steps} steps of the same prompts run eagerly: mean over prompts "
-          "(range)",
+          "- sparsity / union (decode): what decode really reaches, counted by `SparsityMeter` over the first "
+          f"{args.metered_steps} of the {new - 1} timed steps of the same prompts, run again eagerly: mean over "
+          "prompts (range)",
           "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
           "(`Calibration.decode_plan`, from that union)", "",
           "| variant | batch | union (calibrated) | sites run | sparsity (decode) | union (decode) | tokens/s | "

@@ -1,7 +1,7 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
-Three launches per FFN call (two more for D-CountDown's h = x V: `_lowrank_kernel` over chunks of
-d_model, then `_reduce_kernel` to sum the chunks; one more with the "gather" sparse side,
+Three launches per FFN call (for D-CountDown's h = x V, `_lowrank_kernel` over chunks of d_model and,
+when d_model spans more than one chunk, `_reduce_kernel` to sum them; one more with the "gather" sparse side,
 `_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
 
 1. `_coef_kernel`, one program per block of BLOCK_N neurons and all tokens of the step:
@@ -472,14 +472,15 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
         c = cfg["lowrank"]
-        k_chunk = triton.cdiv(c["K_CHUNK"], c["BLOCK_K"]) * c["BLOCK_K"]
+        block_kv = c["BLOCK_K"] if dtype != torch.float32 else min(c["BLOCK_K"], 128)
+        k_chunk = triton.cdiv(c["K_CHUNK"], block_kv) * block_kv
         n_chunks = triton.cdiv(D, k_chunk)
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
         h_part = h if n_chunks == 1 else torch.empty((n_chunks, M, R), dtype=torch.float32, device=x2d.device)
         native = pred_v.dtype == dtype and dtype != torch.float32
         wrap_triton(_lowrank_kernel)[(triton.cdiv(R, c["BLOCK_R"]), n_chunks)](
             x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), M * R, R,
-            BLOCK_B=BLOCK_B, BLOCK_K=c["BLOCK_K"], BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
+            BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
         if n_chunks > 1:
             wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, 256))](

@@ -52,7 +52,8 @@ def test_activations(act, mode):
 def test_many_blocks(mode, M, sparsity, walk, side):
     """Small blocks: several K steps, neuron blocks (some with an empty union at 0.97), column blocks,
     compacted rows spread over several down programs, split partials to reduce."""
-    c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11)
+    c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11,
+                  rank=13)  # pred: rank not a multiple of the lowrank BLOCK_R, d_model in 4 chunks
     y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk, "sparse_side": side,
                                  "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)})
     check(c, y, a)
