@@ -207,6 +207,19 @@ COMPARE = {
 def compare_configs(L, log, batches, sps):
     """Every COMPARE variant at each (batch, sparsity), M and D, each checked against the fp32 reference
     first: which launch configs (and sparse side) win, from one call."""
+    for B, s, name, mode, xs, thr, union, side in planned_cases(L, batches, sps):
+        times = {}
+        for label, override in COMPARE.items():
+            config = {"sparse_side": side, **override}
+            check_once(L, xs[0], thr, mode, config)
+            times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
+        log(f"compare B={B} s={s} {name} union {union:.2f} (plan: {side}): "
+            + ", ".join(f"{label} {t:.1f}" for label, t in times.items()) + " us")
+
+
+def planned_cases(L, batches, sps):
+    """(B, s, method name, kernel mode, ROT token sets, threshold, union, the side the plan picks) for M and
+    D at every batch size and sparsity, thresholds from separate calibration tokens."""
     calib = L.tokens(256)
     for B in batches:
         xs = [L.tokens(B) for _ in range(ROT)]
@@ -215,14 +228,7 @@ def compare_configs(L, log, batches, sps):
                 thr = L.threshold(name, s, calib)
                 union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
                 plan = ops.decode_plan(ops.op_kind("d-countdown" if name == "d" else "m-countdown"), {B: union})
-                side = "gather" if plan.path(B) == "gather" else "masked"
-                times = {}
-                for label, override in COMPARE.items():
-                    config = {"sparse_side": side, **override}
-                    check_once(L, xs[0], thr, mode, config)
-                    times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
-                log(f"compare B={B} s={s} {name} union {union:.2f} (plan: {side}): "
-                    + ", ".join(f"{label} {t:.1f}" for label, t in times.items()) + " us")
+                yield B, s, name, mode, xs, thr, union, "gather" if plan.path(B) == "gather" else "masked"
 
 
 KERNELS = ("_lowrank_kernel", "_coef_kernel", "_gather_kernel", "_down_kernel", "_reduce_kernel")
@@ -250,38 +256,30 @@ def profile_kernels(L, log, batches, sps, bw, out, header):
     CUDA-graph time per call (the difference is launch gaps and tails between kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    calib = L.tokens(256)
     lines = ["| method | B | s | side | union | graph µs/call | kernels µs | gaps µs | "
              + " | ".join(k.strip("_").replace("_kernel", "") + " µs (GB/s)" for k in KERNELS[:-1])
              + " | reduce µs (all its launches) |",
              "|---" * (9 + len(KERNELS) - 1) + "|"]
-    for B in batches:
-        xs = [L.tokens(B) for _ in range(ROT)]
-        for s in sps:
-            for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
-                thr = L.threshold(name, s, calib)
-                union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
-                plan = ops.decode_plan(ops.op_kind("d-countdown" if name == "d" else "m-countdown"), {B: union})
-                side = "gather" if plan.path(B) == "gather" else "masked"
-                fn = run_sparse(L, xs, thr, mode, {"sparse_side": side})
-                t_graph = graph_time_us(fn)
-                calls = 64
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for i in range(calls):
-                        fn(i % ROT)
-                    torch.cuda.synchronize()
-                us = {k: 0.0 for k in KERNELS}
-                for e in prof.key_averages():
-                    for k in KERNELS:
-                        if k in e.key:
-                            us[k] += e.self_device_time_total / calls
-                nbytes = kernel_bytes(L, name, side, union)
-                total = sum(us.values())
-                cells = [("-" if not us[k] else f"{us[k]:.1f} ({nbytes[k] / (us[k] * 1e3):.0f})" if k in nbytes
-                          else f"{us[k]:.1f}") for k in KERNELS]
-                lines.append(f"| {name.upper()} | {B} | {s} | {side} | {union:.2f} | {t_graph:.1f} | {total:.1f} | "
-                             f"{t_graph - total:.1f} | " + " | ".join(cells) + " |")
-                log(lines[-1])
+    for B, s, name, mode, xs, thr, union, side in planned_cases(L, batches, sps):
+        fn = run_sparse(L, xs, thr, mode, {"sparse_side": side})
+        t_graph = graph_time_us(fn)
+        calls = 64
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(calls):
+                fn(i % ROT)
+            torch.cuda.synchronize()
+        us = {k: 0.0 for k in KERNELS}
+        for e in prof.key_averages():
+            for k in KERNELS:
+                if k in e.key:
+                    us[k] += e.self_device_time_total / calls
+        nbytes = kernel_bytes(L, name, side, union)
+        total = sum(us.values())
+        cells = [("-" if not us[k] else f"{us[k]:.1f} ({nbytes[k] / (us[k] * 1e3):.0f})" if k in nbytes
+                  else f"{us[k]:.1f}") for k in KERNELS]
+        lines.append(f"| {name.upper()} | {B} | {s} | {side} | {union:.2f} | {t_graph:.1f} | {total:.1f} | "
+                     f"{t_graph - total:.1f} | " + " | ".join(cells) + " |")
+        log(lines[-1])
     text = "\n".join(["# Per-launch GPU time of one FFN call (Llama-3.1-8B shape, bf16)", "", header,
                       f"- copy bandwidth {bw / 1e12:.2f} TB/s; GB/s = weight bytes the launch must read / its time "
                       "(the reduce launches read only fp32 partials; D has two: h's chunks, the output's splits)",
