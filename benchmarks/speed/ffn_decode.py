@@ -177,18 +177,11 @@ def sweep(L, bw, log):
 def crossover(L, log, batches):
     """Both walks of the down kernel (compacted union vs direct rows) at every sparsity: where the
     compacted walk stops paying sets CONFIG['compact_max_density']."""
-    calib = L.tokens(256)
-    for B in (1, 4):
-        if B not in batches:
-            continue
-        xs = [L.tokens(B) for _ in range(ROT)]
-        for s in (0.5, 0.7, 0.8, 0.9):
-            for name, mode in (("m", triton_ffn.MODE_UP), ("d", triton_ffn.MODE_PRED)):
-                thr = L.threshold(name, s, calib)
-                union = torch.stack([L.scores(x, name) > thr for x in xs]).any(1).float().mean().item()
-                t_c = graph_time_us(run_sparse(L, xs, thr, mode, {"compact_max_density": 1.0}))
-                t_d = graph_time_us(run_sparse(L, xs, thr, mode, {"compact_max_density": 0.0}))
-                log(f"crossover B={B} s={s} {name} union {union:.2f}: compacted {t_c:.1f} us, direct {t_d:.1f} us")
+    for B, s, name, mode, xs, thr, union, _ in planned_cases(L, [b for b in (1, 4) if b in batches],
+                                                             (0.5, 0.7, 0.8, 0.9)):
+        t_c = graph_time_us(run_sparse(L, xs, thr, mode, {"compact_max_density": 1.0}))
+        t_d = graph_time_us(run_sparse(L, xs, thr, mode, {"compact_max_density": 0.0}))
+        log(f"crossover B={B} s={s} {name} union {union:.2f}: compacted {t_c:.1f} us, direct {t_d:.1f} us")
 
 
 # Launch-config variants timed against the defaults by --compare (the defaults are the empty override;

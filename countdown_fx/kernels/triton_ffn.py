@@ -423,6 +423,12 @@ CONFIG = {
 }
 
 
+def _block_k(block_k: int, dtype: torch.dtype) -> int:
+    """The d_model tile of a launch: fp32 tiles (3xTF32 dots) take twice the registers and shared memory of
+    16-bit ones, so they stop at 128 columns."""
+    return block_k if dtype != torch.float32 else min(block_k, 128)
+
+
 def _rows(w: torch.Tensor) -> torch.Tensor:
     """Kernels need unit stride along d_model; row slices of a fused gate_up weight already have it."""
     return w if w.stride(-1) == 1 else w.contiguous()
@@ -472,7 +478,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
         c = cfg["lowrank"]
-        block_kv = c["BLOCK_K"] if dtype != torch.float32 else min(c["BLOCK_K"], 128)
+        block_kv = _block_k(c["BLOCK_K"], dtype)
         k_chunk = triton.cdiv(c["K_CHUNK"], block_kv) * block_kv
         n_chunks = triton.cdiv(D, k_chunk)
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
@@ -489,7 +495,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     c = cfg["coef"]
-    block_k = c["BLOCK_K"] if dtype != torch.float32 else min(c["BLOCK_K"], 128)
+    block_k = _block_k(c["BLOCK_K"], dtype)
     block_n = c["BLOCK_N"]
     n_blocks = triton.cdiv(N, block_n)
     idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
@@ -518,7 +524,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
             dv, thr, a, idx, cnt, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0),
             a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-            BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if dtype != torch.float32 else 128,
+            BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"], BLOCK_K=_block_k(c["BLOCK_K"], dtype),
             BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
