@@ -190,12 +190,12 @@ def crossover(L, log, batches):
 # programs, longer gather tiles.
 COMPARE = {
     "default": {},
-    "h one chunk": {"lowrank": dict(BLOCK_R=32, K_CHUNK=1 << 20)},
-    "down 8/SM": {"down": dict(programs_per_sm=8)},
-    "gather K512 w8": {"gather": dict(BLOCK_K=512, num_warps=8, num_stages=3)},
+    "no k split": {"sparse_k_chunk": 1 << 20},
+    "k split 512": {"sparse_k_chunk": 512},
+    "reduce launch": {"fold_reduce_max_tokens": 0},
+    "fold all B": {"fold_reduce_max_tokens": 16},
     "masked side": {"sparse_side": "masked"},
 }
-
 
 def compare_configs(L, log, batches, sps):
     """Every COMPARE variant at each (batch, sparsity), M and D, each checked against the fp32 reference

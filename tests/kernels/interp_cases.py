@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 # several chunks of d_model for the predictor's h = x V (summed by _reduce_kernel); the default chunk
 # covers these small d_model in one, the other path
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
-                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
+                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16), "sparse_k_chunk": 16}
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
@@ -73,6 +73,38 @@ def test_sides_agree_bit_for_bit(mode):
     y_masked, a_masked = run_kernel(c, config={**config, "sparse_side": "masked"})
     torch.testing.assert_close(a, a_masked, rtol=0, atol=0)
     torch.testing.assert_close(y, y_masked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
+def test_folded_reduce_matches_reduce_launch(mode):
+    """The down kernel's last-arriving share sums the partials (tokens <= fold_reduce_max_tokens) in the
+    reduce launch's order: same bits either way."""
+    c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.6, seed=5)
+    config = {**SMALL_BLOCKS, "sparse_side": "gather", "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)}
+    y, a = run_kernel(c, config={**config, "fold_reduce_max_tokens": 16})
+    check(c, y, a)
+    y_launch, a_launch = run_kernel(c, config={**config, "fold_reduce_max_tokens": 0})
+    torch.testing.assert_close(a, a_launch, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_launch, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["masked", "gather"])
+@pytest.mark.parametrize("mode", ["up", "pred"])
+def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
+    """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that
+    reads one before writing it, or an arrival counter left unzeroed, shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 1 << 20)
+
+    c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.8, seed=9)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "sparse_side": side,
+                                 "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)})
+    monkeypatch.undo()
+    check(c, y, a)
 
 
 @pytest.mark.parametrize("mode", ["up", "pred"])
