@@ -191,9 +191,8 @@ def crossover(L, log, batches):
 COMPARE = {
     "default": {},
     "no k split": {"sparse_k_chunk": 1 << 20},
-    "k split 512": {"sparse_k_chunk": 512},
-    "reduce launch": {"fold_reduce_max_tokens": 0},
-    "fold all B": {"fold_reduce_max_tokens": 16},
+    "k split 2048": {"sparse_k_chunk": 2048},
+    "no flat rows": {"down": dict(flat_rows=False)},
     "masked side": {"sparse_side": "masked"},
 }
 

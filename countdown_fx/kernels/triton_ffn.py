@@ -88,14 +88,15 @@ def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_start, k_end,
+def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_start, k_end, D,
           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, k_start:k_end] @ w[offs_n, k_start:k_end]^T, reading only rows
-    where `rows`."""
+    where `rows`. Tiles are masked at D only: k_end - k_start must be a multiple of BLOCK_K unless k_end
+    is D (callers cut d_model into chunks of whole tiles)."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
+        k_mask = offs_k < D
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :],
@@ -105,15 +106,16 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_sta
 
 
 @triton.jit
-def _gemv_chunked(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_end, k_chunk,
+def _gemv_chunked(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_end, k_chunk, D,
                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """_gemv over [0, k_end) as a sum of per-chunk sums, in chunk order: the arithmetic of _gather_kernel,
-    which splits d_model into chunks of k_chunk, so both sparse sides give the same bits."""
+    """_gemv over [0, k_end) (k_end: 0 or D) as a sum of per-chunk sums, in chunk order: the arithmetic of
+    _gather_kernel, which splits d_model into chunks of k_chunk (a multiple of BLOCK_K), so both sparse
+    sides give the same bits."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_end, k_chunk):
         acc += _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k,
-                     tl.minimum(k + k_chunk, k_end), BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+                     tl.minimum(k + k_chunk, k_end), D, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
     return acc
 
 
@@ -172,18 +174,18 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         dv = logits
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = _sparse_k_end(union, D, SIDE)
-        g = _gemv_chunked(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, k_end, k_chunk,
+        g = _gemv_chunked(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
                           BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _gemv_chunked(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, k_end, k_chunk,
+        u = _gemv_chunked(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
                           BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, 0, D,
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, 0, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, 0, D,
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, 0, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -191,20 +193,20 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (tl.abs(a.to(tl.float32)) > thr) & valid
     elif MODE == 1:
         # M-CountDown: dense up, keep |u| > t, gather the gate rows of the union.
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, 0, D,
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, 0, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(u) > thr) & valid
         dv = u
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = _sparse_k_end(union, D, SIDE)
-        g = _gemv_chunked(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, k_end, k_chunk,
+        g = _gemv_chunked(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
                           BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     else:
         # CATS: dense gate, keep |act(g)| > t, gather the up rows of the union.
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, 0, D,
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, 0, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         ag = _cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32)
@@ -212,7 +214,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         dv = ag
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = _sparse_k_end(union, D, SIDE)
-        u = _gemv_chunked(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, k_end, k_chunk,
+        u = _gemv_chunked(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
                           BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(ag * u, out_dtype, UPCAST)
@@ -262,7 +264,7 @@ def _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
-                   gp_ptr, up_ptr, ctr_ptr, M, D, N, NB, k_chunk, n_chunks,
+                   gp_ptr, up_ptr, ctr_ptr, flat_ptr, M, D, N, NB, k_chunk, n_chunks,
                    stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -272,7 +274,8 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
     token. SPLIT: program (p, c) covers chunk c of d_model only, so a small union still spreads over many
     programs (a group streaming all of d_model alone is latency-bound); it stores its partial g / u at the
     group's compacted positions, and the group's last-arriving chunk sums the partials in chunk order
-    (the masked side's order, _gemv_chunked) and finishes the group."""
+    (the masked side's order, _gemv_chunked) and finishes the group. The finished groups also leave the
+    union's rows as one flat list (flat_ptr), so _down_kernel need not search the per-block lists."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     pid_k = tl.program_id(1)
@@ -297,10 +300,10 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         g = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
         u = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
         if GATE:
-            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, k_lo, k_hi,
+            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, k_lo, k_hi, D,
                       BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
         if UP:
-            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, k_lo, k_hi,
+            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, k_lo, k_hi, D,
                       BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
         last = True
         if SPLIT:
@@ -339,6 +342,7 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                 keep = (tl.abs(dv) > thr) & valid
             a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
             tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
+            tl.store(flat_ptr + offs_k, rows, mask=k_mask)  # the union's rows in one list, for _down_kernel
 
 
 @triton.jit
@@ -373,11 +377,10 @@ def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_v
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, ctr_ptr, bd_ptr, y_ptr, M, N, D, NB, n_split,
-                 compact_max_rows, stride_am, stride_w, stride_ym,
+def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB, n_split, compact_max_rows,
+                 stride_am, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 NB_P2: tl.constexpr, FOLD: tl.constexpr, HAS_BD: tl.constexpr, PREC: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 NB_P2: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows.
 
     Two walks, chosen on the device from the size of the union (no host sync):
@@ -387,9 +390,7 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, ctr_ptr, bd_ptr, y_pt
       holds active rows only and the work is balanced whatever the sparsity pattern;
     - dense union: a contiguous slice of rows with direct addresses; a row whose coefficients are all
       zero is masked off (no memory traffic). At full density this is a dense GEMV (the dense fallback).
-    FOLD: the last-arriving share of each column block sums the shares' partials in a fixed order (as
-    _reduce_kernel would, one launch and its gap fewer) and writes y; otherwise _reduce_kernel does.
-    Deterministic either way: the arrival counters only count.
+    No atomics: the result is deterministic.
     """
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -410,7 +411,10 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, ctr_ptr, bd_ptr, y_pt
         for k in range(k_start, k_end, BLOCK_R):
             offs_k = k + tl.arange(0, BLOCK_R)
             k_mask = offs_k < k_end
-            rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
+            if FLAT:  # _gather_kernel listed the union's rows in order
+                rows = tl.load(flat_ptr + offs_k, mask=k_mask, other=0)
+            else:
+                rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
             at = tl.load(a_ptr + offs_b[:, None] * stride_am + rows[None, :],
                          mask=b_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :],
@@ -432,37 +436,21 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, part_ptr, ctr_ptr, bd_ptr, y_pt
             acc += _dot(at, wt, PREC, UPCAST)
     tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
              mask=b_mask[:, None] & d_mask[None, :])
-    if FOLD:
-        if _last_arrival(ctr_ptr + pid_d, n_split):
-            _sum_partials(part_ptr, bd_ptr, y_ptr, offs_b, b_mask, offs_d, d_mask, M, D, n_split, stride_ym,
-                          HAS_BD, UPCAST)
-
-
-@triton.jit
-def _sum_partials(part_ptr, bd_ptr, y_ptr, offs_b, b_mask, offs_d, d_mask, M, D, n_split, stride_ym,
-                  HAS_BD: tl.constexpr, UPCAST: tl.constexpr):
-    """y[offs_b, offs_d] = sum of part[split, offs_b, offs_d] over the splits in order (+ b_down), cast to
-    y's dtype. Loads bypass L1 (.cg): other programs wrote the partials during this launch."""
-    mask = b_mask[:, None] & d_mask[None, :]
-    acc = tl.zeros((offs_b.shape[0], offs_d.shape[0]), dtype=tl.float32)
-    for s in range(0, n_split):
-        acc += tl.load(part_ptr + (s * M + offs_b[:, None]) * D + offs_d[None, :], mask=mask, other=0.0,
-                       cache_modifier=".cg")
-    if HAS_BD:
-        acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_b[:, None] * stride_ym + offs_d[None, :], _cast(acc, y_ptr.dtype.element_ty, UPCAST),
-             mask=mask)
 
 
 @triton.jit
 def _reduce_kernel(part_ptr, bd_ptr, y_ptr, M, D, n_split, stride_ym,
                    HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
-    """y[b] = sum over splits (fixed order) + b_down, cast to the output dtype; one program per token and
-    column block."""
-    offs_b = tl.program_id(0) + tl.arange(0, 1)
+    """y[b] = sum over splits (fixed order) + b_down, cast to the output dtype."""
+    pid_b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    _sum_partials(part_ptr, bd_ptr, y_ptr, offs_b, offs_b < M, offs_d, offs_d < D, M, D, n_split, stride_ym,
-                  HAS_BD, UPCAST)
+    d_mask = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for s in range(0, n_split):
+        acc += tl.load(part_ptr + (s * M + pid_b) * D + offs_d, mask=d_mask, other=0.0)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_b * stride_ym + offs_d, _cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=d_mask)
 
 
 # ------------------------------------------------------------------------------------------------ launch
@@ -485,7 +473,7 @@ def _prec(dtype: torch.dtype) -> str:
 # Launch configuration. Chosen from benchmarks/speed/ffn_decode.py sweeps on an H100 (see NOTES.md).
 CONFIG = {
     "coef": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-    "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4),
+    "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4, flat_rows=True),
     # The down kernel walks the compacted union when it holds at most this fraction of d_inter. Measured
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
@@ -500,9 +488,6 @@ CONFIG = {
     # spreads a small union over (groups x chunks) programs, and the masked side sums its chunks in the
     # same order so both sides give the same bits. A value >= d_model turns the split off.
     "sparse_k_chunk": 1024,
-    # Up to this many tokens, the down kernel's last-arriving share sums the partials itself (no reduce
-    # launch); above, the last share would sum too many rows alone and a reduce launch does it.
-    "fold_reduce_max_tokens": 4,
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
@@ -591,6 +576,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
     gather = side == SIDES["gather"]
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
+    flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
     cg = cfg["gather"]
     block_kg = _block_k(cg["BLOCK_K"], dtype)
@@ -598,12 +584,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     k_chunk = triton.cdiv(min(cfg["sparse_k_chunk"], D), k_step) * k_step
     n_chunks = triton.cdiv(D, k_chunk)
     split = gather and n_chunks > 1
-    cd = cfg["down"]
-    col_blocks = triton.cdiv(D, cd["BLOCK_D"])
-    fold = M <= cfg["fold_reduce_max_tokens"]
-    # arrival counters, zeroed by _coef_kernel: one per gather group, then one per down column block
-    n_ctr_gather = triton.cdiv(N, cg["BLOCK_RG"]) if split else 0
-    n_ctr = n_ctr_gather + (col_blocks if fold else 0)
+    # arrival counters of the split gather's groups, zeroed by _coef_kernel
+    n_ctr = triton.cdiv(N, cg["BLOCK_RG"]) if split else 0
     ctr = torch.empty((max(1, n_ctr),), dtype=torch.int32, device=x2d.device)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
@@ -623,31 +605,33 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             return dummy  # never written: the kernel has no store to it (constexpr-dead)
         gate_part = partials(mode in (MODE_PRED, MODE_UP))
         up_part = partials(mode in (MODE_PRED, MODE_GATE))
-        programs = max(1, min(triton.cdiv(N, cg["BLOCK_RG"]),
-                              cg["programs_per_sm"] * _sm_count(x2d.device) // (n_chunks if split else 1)))
+        # per chunk: as many programs as groups could be, up to programs_per_sm per SM (a larger union's
+        # groups x chunks then run in waves rather than one after another in each program)
+        programs = max(1, min(triton.cdiv(N, cg["BLOCK_RG"]), cg["programs_per_sm"] * _sm_count(x2d.device)))
         wrap_triton(_gather_kernel)[(programs, n_chunks if split else 1)](
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-            dv, thr, a, idx, cnt, gate_part, up_part, ctr, M, D, N, n_blocks, k_chunk if split else D,
+            dv, thr, a, idx, cnt, gate_part, up_part, ctr, flat, M, D, N, n_blocks, k_chunk if split else D,
             n_chunks if split else 1, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0), a.stride(0),
             MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
             BLOCK_B=BLOCK_B, BLOCK_RG=cg["BLOCK_RG"], BLOCK_K=block_kg,
             BLOCK_N=block_n, NB_P2=nb_p2, SPLIT=split, PREC=prec, UPCAST=upcast,
             num_warps=cg["num_warps"], num_stages=cg["num_stages"])
 
-    want_splits = max(1, cd["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
-    n_split = max(1, min(want_splits, triton.cdiv(N, cd["BLOCK_R"])))
+    c = cfg["down"]
+    col_blocks = triton.cdiv(D, c["BLOCK_D"])
+    want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
+    n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
     part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
-    y = torch.empty((M, D), dtype=dtype, device=x2d.device)
-    bd = b_down if b_down is not None else dummy
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, idx, cnt, part, ctr[n_ctr_gather:], bd, y, M, N, D, n_blocks, n_split,
-        int(cfg["compact_max_density"] * N), a.stride(0), w_down_t.stride(0), y.stride(0),
-        BLOCK_B=BLOCK_B, BLOCK_R=cd["BLOCK_R"], BLOCK_D=cd["BLOCK_D"], BLOCK_N=block_n,
-        NB_P2=nb_p2, FOLD=fold, HAS_BD=b_down is not None, PREC=prec, UPCAST=upcast,
-        num_warps=cd["num_warps"], num_stages=cd["num_stages"])
-    if not fold:
-        BLOCK_DR = 256
-        wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, BLOCK_DR))](
-            part, bd, y, M, D, n_split, y.stride(0),
-            HAS_BD=b_down is not None, BLOCK_D=BLOCK_DR, UPCAST=upcast, num_warps=4)
+        a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
+        a.stride(0), w_down_t.stride(0),
+        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
+        NB_P2=nb_p2, FLAT=gather and c["flat_rows"], PREC=prec, UPCAST=upcast,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    y = torch.empty((M, D), dtype=dtype, device=x2d.device)
+    BLOCK_DR = 256
+    wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, BLOCK_DR))](
+        part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
+        HAS_BD=b_down is not None, BLOCK_D=BLOCK_DR, UPCAST=upcast, num_warps=4)
     return (y, a) if return_coef else y

@@ -75,19 +75,6 @@ def test_sides_agree_bit_for_bit(mode):
     torch.testing.assert_close(y, y_masked, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
-def test_folded_reduce_matches_reduce_launch(mode):
-    """The down kernel's last-arriving share sums the partials (tokens <= fold_reduce_max_tokens) in the
-    reduce launch's order: same bits either way."""
-    c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.6, seed=5)
-    config = {**SMALL_BLOCKS, "sparse_side": "gather", "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)}
-    y, a = run_kernel(c, config={**config, "fold_reduce_max_tokens": 16})
-    check(c, y, a)
-    y_launch, a_launch = run_kernel(c, config={**config, "fold_reduce_max_tokens": 0})
-    torch.testing.assert_close(a, a_launch, rtol=0, atol=0)
-    torch.testing.assert_close(y, y_launch, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
 def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):

@@ -36,7 +36,7 @@ class _HopperTarget:
         return 0
 
 
-def _launches(monkeypatch, case, mode, side, fold_max):
+def _launches(monkeypatch, case, mode, side):
     """Run the launcher with wrap_triton replaced by a recorder: (kernel, arguments by name) per launch."""
     launches = []
 
@@ -53,8 +53,8 @@ def _launches(monkeypatch, case, mode, side, fold_max):
     triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
                           config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
-                                  "coef": {"BLOCK_K": 32}, "gather": {"BLOCK_K": 32}, "sparse_k_chunk": 32,
-                                  "fold_reduce_max_tokens": fold_max})  # gather split in 2 chunks
+                                  "coef": {"BLOCK_K": 32}, "gather": {"BLOCK_K": 32},
+                                  "sparse_k_chunk": 32})  # the gather side split in 2 chunks
     return launches
 
 
@@ -67,22 +67,20 @@ def _written(kernel, arguments) -> list[str]:
                                                   tensors, {})
 
 
-@pytest.mark.parametrize("fold_max", [0, 16], ids=["reduce_launch", "folded_reduce"])
 @pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, fold_max):
+def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side):
     case = make_case(3, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
     inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
     input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
     # set_active / reset_active would leave triton without a driver on a machine with no GPU: patch the
     # slot itself, which monkeypatch puts back
     monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
-    launches = _launches(monkeypatch, case, mode, side, fold_max)
+    launches = _launches(monkeypatch, case, mode, side)
     names = [k.fn.__name__ for k, _ in launches]
-    assert len(launches) >= 2
-    # the chunks of h = x V are summed by a reduce launch of their own; the down partials by one unless
-    # the down kernel folds it in
-    assert names.count("_reduce_kernel") == (mode == "pred") + (fold_max == 0)
+    assert len(launches) >= 3
+    # the chunks of h = x V are summed by a reduce launch of their own
+    assert names.count("_reduce_kernel") == 1 + (mode == "pred")
     gather = [args for k, args in launches if k.fn.__name__ == "_gather_kernel"]
     assert len(gather) == (side == "gather" and mode != "coef")
     assert all(args["SPLIT"] for args in gather)
