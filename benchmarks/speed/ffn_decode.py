@@ -190,8 +190,6 @@ def crossover(L, log, batches):
 # programs, longer gather tiles.
 COMPARE = {
     "default": {},
-    "no k split": {"sparse_k_chunk": 1 << 20},
-    "k split 2048": {"sparse_k_chunk": 2048},
     "no flat rows": {"down": dict(flat_rows=False)},
     "masked side": {"sparse_side": "masked"},
 }

@@ -88,13 +88,11 @@ def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_start, k_end, D,
+def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_end,
           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, k_start:k_end] @ w[offs_n, k_start:k_end]^T, reading only rows
-    where `rows`. Tiles are masked at D only: k_end - k_start must be a multiple of BLOCK_K unless k_end
-    is D (callers cut d_model into chunks of whole tiles)."""
+    """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, :k_end] @ w[offs_n, :k_end]^T, reading only rows where `rows`."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
+    for k in range(0, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < D
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
@@ -106,44 +104,15 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_sta
 
 
 @triton.jit
-def _gemv_chunked(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k_end, k_chunk, D,
-                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """_gemv over [0, k_end) (k_end: 0 or D) as a sum of per-chunk sums, in chunk order: the arithmetic of
-    _gather_kernel, which splits d_model into chunks of k_chunk (a multiple of BLOCK_K), so both sparse
-    sides give the same bits."""
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k in range(0, k_end, k_chunk):
-        acc += _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, k,
-                     tl.minimum(k + k_chunk, k_end), D, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-    return acc
-
-
-@triton.jit
-def _last_arrival(ctr_ptr, n_arrivals):
-    """True in the program that arrives last at this counter (of n_arrivals): it alone may read what the
-    others stored before arriving. The barrier puts all of this program's stores before the atomic, whose
-    release/acquire (acq_rel, GPU scope) orders them for the program that sees the last count. Counters
-    only count: sums stay in a fixed order, so results are deterministic."""
-    tl.debug_barrier()
-    return tl.atomic_add(ctr_ptr, 1, sem="acq_rel", scope="gpu") == n_arrivals - 1
-
-
-@triton.jit
 def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
-                 ctr_ptr, M, D, N, R, k_chunk, n_ctr, stride_xm, stride_wg, stride_wu, stride_h, stride_pu,
-                 stride_am, stride_dv,
+                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
     _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
-    union; the gather kernel walks the compacted union rows. Also zeroes the n_ctr arrival counters of the
-    launches after it (_gather_kernel, _down_kernel): no memset launch of their own."""
+    union; the gather kernel walks the compacted union rows."""
     pid = tl.program_id(0)
-    for i in range(pid * BLOCK_N, n_ctr, tl.num_programs(0) * BLOCK_N):
-        offs_c = i + tl.arange(0, BLOCK_N)
-        tl.store(ctr_ptr + offs_c, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=offs_c < n_ctr)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     b_mask = offs_b < M
@@ -174,18 +143,18 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         dv = logits
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = _sparse_k_end(union, D, SIDE)
-        g = _gemv_chunked(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
-                          BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _gemv_chunked(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
-                          BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, 0, D, D,
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, 0, D, D,
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
@@ -193,20 +162,20 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         keep = (tl.abs(a.to(tl.float32)) > thr) & valid
     elif MODE == 1:
         # M-CountDown: dense up, keep |u| > t, gather the gate rows of the union.
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, 0, D, D,
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(u) > thr) & valid
         dv = u
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = _sparse_k_end(union, D, SIDE)
-        g = _gemv_chunked(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
-                          BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     else:
         # CATS: dense gate, keep |act(g)| > t, gather the up rows of the union.
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, 0, D, D,
+        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         ag = _cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32)
@@ -214,8 +183,8 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         dv = ag
         union = tl.max(keep.to(tl.int32), axis=0) > 0
         k_end = _sparse_k_end(union, D, SIDE)
-        u = _gemv_chunked(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, k_end, k_chunk, D,
-                          BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
+                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         a = _cast(ag * u, out_dtype, UPCAST)
 
@@ -264,23 +233,16 @@ def _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
-                   gp_ptr, up_ptr, ctr_ptr, flat_ptr, M, D, N, NB, k_chunk, n_chunks,
-                   stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
+                   flat_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NB_P2: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
-    each group is BLOCK_RG active rows (full tiles, no masked-off rows); a = act(g) * u * keep for every
-    token. SPLIT: program (p, c) covers chunk c of d_model only, so a small union still spreads over many
-    programs (a group streaming all of d_model alone is latency-bound); it stores its partial g / u at the
-    group's compacted positions, and the group's last-arriving chunk sums the partials in chunk order
-    (the masked side's order, _gemv_chunked) and finishes the group. The finished groups also leave the
-    union's rows as one flat list (flat_ptr), so _down_kernel need not search the per-block lists."""
+    each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
+    a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
+    _down_kernel need not search the per-block lists."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    pid_k = tl.program_id(1)
-    k_lo = pid_k * k_chunk
-    k_hi = tl.minimum(k_lo + k_chunk, D)
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < M
     offs_blk = tl.arange(0, NB_P2)
@@ -289,60 +251,36 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
     total = tl.sum(cnts, axis=0)
     thr = tl.load(thr_ptr).to(tl.float32)
     out_dtype = a_ptr.dtype.element_ty
-    GATE: tl.constexpr = MODE == 3 or MODE == 1  # gate rows are gathered (D, M); up rows (D, CATS)
-    UP: tl.constexpr = MODE == 3 or MODE == 0
     n_groups = (total + BLOCK_RG - 1) // BLOCK_RG
     for grp in range(pid, n_groups, n_prog):
         offs_k = grp * BLOCK_RG + tl.arange(0, BLOCK_RG)
         k_mask = offs_k < total
         rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
         valid = b_mask[:, None] & k_mask[None, :]
-        g = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
-        u = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
-        if GATE:
-            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, k_lo, k_hi, D,
+        dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
+        if MODE == 3 or MODE == 1:
+            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, D, D,
                       BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
-        if UP:
-            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, k_lo, k_hi, D,
+            if HAS_BG:
+                g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
+        else:
+            ag = dv
+        if MODE == 3 or MODE == 0:
+            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, D, D,
                       BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
-        last = True
-        if SPLIT:
-            part = (pid_k * M + offs_b[:, None]) * N + offs_k[None, :]
-            if GATE:
-                tl.store(gp_ptr + part, g, mask=valid)
-            if UP:
-                tl.store(up_ptr + part, u, mask=valid)
-            last = _last_arrival(ctr_ptr + grp, n_chunks)
-            if last:
-                g = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
-                u = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
-                for c in range(0, n_chunks):
-                    part = (c * M + offs_b[:, None]) * N + offs_k[None, :]
-                    if GATE:
-                        g += tl.load(gp_ptr + part, mask=valid, other=0.0, cache_modifier=".cg")
-                    if UP:
-                        u += tl.load(up_ptr + part, mask=valid, other=0.0, cache_modifier=".cg")
-        if last:
-            dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
-            if GATE:
-                if HAS_BG:
-                    g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
-            else:
-                ag = dv
-            if UP:
-                if HAS_BU:
-                    u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                u = _cast(u, out_dtype, UPCAST).to(tl.float32)
-            else:
-                u = dv
-            if MODE == 3:
-                keep = (dv > thr) & valid
-            else:
-                keep = (tl.abs(dv) > thr) & valid
-            a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
-            tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
-            tl.store(flat_ptr + offs_k, rows, mask=k_mask)  # the union's rows in one list, for _down_kernel
+            if HAS_BU:
+                u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            u = _cast(u, out_dtype, UPCAST).to(tl.float32)
+        else:
+            u = dv
+        if MODE == 3:
+            keep = (dv > thr) & valid
+        else:
+            keep = (tl.abs(dv) > thr) & valid
+        a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
+        tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
+        tl.store(flat_ptr + offs_k, rows, mask=k_mask)
 
 
 @triton.jit
@@ -484,10 +422,6 @@ CONFIG = {
     # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
-    # d_model is cut into chunks of this many columns for the sparse side's g and u: the gather kernel
-    # spreads a small union over (groups x chunks) programs, and the masked side sums its chunks in the
-    # same order so both sides give the same bits. A value >= d_model turns the split off.
-    "sparse_k_chunk": 1024,
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
@@ -578,20 +512,11 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
     flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
-    cg = cfg["gather"]
-    block_kg = _block_k(cg["BLOCK_K"], dtype)
-    k_step = max(block_k, block_kg)  # chunks hold whole d_model tiles of both sides
-    k_chunk = triton.cdiv(min(cfg["sparse_k_chunk"], D), k_step) * k_step
-    n_chunks = triton.cdiv(D, k_chunk)
-    split = gather and n_chunks > 1
-    # arrival counters of the split gather's groups, zeroed by _coef_kernel
-    n_ctr = triton.cdiv(N, cg["BLOCK_RG"]) if split else 0
-    ctr = torch.empty((max(1, n_ctr),), dtype=torch.int32, device=x2d.device)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv, ctr,
-        M, D, N, R, k_chunk, n_ctr, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
+        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
+        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=64, PREC=prec, UPCAST=upcast,
@@ -599,23 +524,15 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     if gather:
-        def partials(used):  # partial g / u per chunk of d_model, at the union's compacted positions
-            if split and used:
-                return torch.empty((n_chunks, M, N), dtype=torch.float32, device=x2d.device)
-            return dummy  # never written: the kernel has no store to it (constexpr-dead)
-        gate_part = partials(mode in (MODE_PRED, MODE_UP))
-        up_part = partials(mode in (MODE_PRED, MODE_GATE))
-        # per chunk: as many programs as groups could be, up to programs_per_sm per SM (a larger union's
-        # groups x chunks then run in waves rather than one after another in each program)
-        programs = max(1, min(triton.cdiv(N, cg["BLOCK_RG"]), cg["programs_per_sm"] * _sm_count(x2d.device)))
-        wrap_triton(_gather_kernel)[(programs, n_chunks if split else 1)](
+        c = cfg["gather"]
+        grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
+        wrap_triton(_gather_kernel)[(grid,)](
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-            dv, thr, a, idx, cnt, gate_part, up_part, ctr, flat, M, D, N, n_blocks, k_chunk if split else D,
-            n_chunks if split else 1, x2d.stride(0), w_gate.stride(0), w_up.stride(0), dv.stride(0), a.stride(0),
-            MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-            BLOCK_B=BLOCK_B, BLOCK_RG=cg["BLOCK_RG"], BLOCK_K=block_kg,
-            BLOCK_N=block_n, NB_P2=nb_p2, SPLIT=split, PREC=prec, UPCAST=upcast,
-            num_warps=cg["num_warps"], num_stages=cg["num_stages"])
+            dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
+            dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
+            HAS_BU=b_up is not None, BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"],
+            BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])

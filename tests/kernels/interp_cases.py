@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 # several chunks of d_model for the predictor's h = x V (summed by _reduce_kernel); the default chunk
 # covers these small d_model in one, the other path
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
-                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16), "sparse_k_chunk": 16}
+                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
