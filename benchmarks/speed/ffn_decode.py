@@ -282,6 +282,7 @@ def profile_kernels(L, log, batches, sps, bw, out, header):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".", help="folder for the .md / .json results")
+    ap.add_argument("--shapes", default="", help="comma-separated shapes to time (default: all of them)")
     ap.add_argument("--quick", action="store_true", help="llama shape only")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs first (llama shape)")
     ap.add_argument("--commit", default=None, help="commit named in the table header (default: git rev-parse)")
@@ -310,7 +311,11 @@ def main():
     log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
-    shapes = {"llama-3.1-8b": SHAPES["llama-3.1-8b"]} if args.quick else SHAPES
+    names = ["llama-3.1-8b"] if args.quick else (args.shapes.split(",") if args.shapes else list(SHAPES))
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
+    shapes = {name: SHAPES[name] for name in names}
     if args.compare:
         compare_configs(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
         return
@@ -322,10 +327,10 @@ def main():
     rows = []
     t0 = time.time()
     for si, (shape, (D, N)) in enumerate(shapes.items()):
-        L = Layer(D, N, seed=si)
-        if args.sweep and si == 0:
-            sweep(L, bw, log)
-        if si == 0:
+        L = Layer(D, N, seed=list(SHAPES).index(shape))  # a shape's weights do not depend on --shapes
+        if shape == "llama-3.1-8b":  # launch-config sweep and walk crossover: on the Llama shape only
+            if args.sweep:
+                sweep(L, bw, log)
             crossover(L, log, batches)
         calib = L.tokens(512)
         dense_c = torch.compile(dense_ffn, dynamic=False)  # specialised per shape, as in a model
