@@ -185,14 +185,13 @@ def crossover(L, log, batches):
 
 
 # Launch-config variants timed against the defaults by --compare (the defaults are the empty override;
-# each variant runs the sparse side the plan picks unless it names one). Session 5: the predictor's h = x V
-# split over d_model (default) against one chunk (the session-4 kernel: 16 programs), more down-kernel
-# programs, longer gather tiles.
+# each variant runs the sparse side the plan picks unless it names one). Add the next kernel step's variant
+# here; the variants of past sessions and their outcomes are in NOTES.md ("Variants").
 COMPARE = {
     "default": {},
-    "no flat rows": {"down": dict(flat_rows=False)},
     "masked side": {"sparse_side": "masked"},
 }
+
 
 def compare_configs(L, log, batches, sps):
     """Every COMPARE variant at each (batch, sparsity), M and D, each checked against the fp32 reference

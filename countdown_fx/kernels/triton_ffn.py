@@ -411,7 +411,7 @@ def _prec(dtype: torch.dtype) -> str:
 # Launch configuration. Chosen from benchmarks/speed/ffn_decode.py sweeps on an H100 (see NOTES.md).
 CONFIG = {
     "coef": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-    "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4, flat_rows=True),
+    "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4),
     # The down kernel walks the compacted union when it holds at most this fraction of d_inter. Measured
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
@@ -543,7 +543,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
         a.stride(0), w_down_t.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
-        NB_P2=nb_p2, FLAT=gather and c["flat_rows"], PREC=prec, UPCAST=upcast,
+        NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)
