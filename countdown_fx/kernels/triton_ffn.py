@@ -324,7 +324,8 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB
     Two walks, chosen on the device from the size of the union (no host sync):
     - sparse union (<= compact_max_rows rows): the union is stored as per-block compacted lists (idx, cnt)
       by _coef_kernel; every program rebuilds the prefix sum of the block counts (a few hundred ints)
-      and maps an equal share of the global compacted order to rows, so each W_down^T tile it loads
+      and maps an equal share of the global compacted order to rows (after _gather_kernel, FLAT: read from
+      its flat row list instead), so each W_down^T tile it loads
       holds active rows only and the work is balanced whatever the sparsity pattern;
     - dense union: a contiguous slice of rows with direct addresses; a row whose coefficients are all
       zero is masked off (no memory traffic). At full density this is a dense GEMV (the dense fallback).
@@ -510,6 +511,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
     gather = side == SIDES["gather"]
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
+    # the union's rows in one list, written by _gather_kernel; without it the down kernel never reads `flat`
     flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
     wrap_triton(_coef_kernel)[(n_blocks,)](
