@@ -163,7 +163,7 @@ def _print_profile(prof, steps: int, elapsed: float) -> None:
     kernel_us = sum(e.self_device_time_total for e in events) / steps
     print(f"  profile: wall {elapsed / steps * 1e6:.0f} us/step, GPU kernels {kernel_us:.0f} us/step, "
           f"{sum(e.count for e in events) / steps:.0f} kernels/step", flush=True)
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:10]:
         print(f"    {e.self_device_time_total / steps:8.1f} us/step  x{e.count / steps:.0f}  {e.key[:90]}", flush=True)
     from torch._dynamo.utils import counters
 

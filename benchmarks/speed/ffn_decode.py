@@ -190,6 +190,13 @@ def crossover(L, log, batches):
 COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
+    "gather side": {"sparse_side": "gather"},
+    "gather, flat walk to 1.0": {"sparse_side": "gather", "flat_max_density": 1.0},
+    "masked, flat list, walk to 0.5": {"sparse_side": "masked", "masked_flat_list": True, "flat_max_density": 0.5},
+    "fused g+u": {"gather": {"FUSE_GU": True}},
+    "fused g+u, flat walk to 0.5": {"gather": {"FUSE_GU": True}, "flat_max_density": 0.5},
+    "gather 6 stages": {"gather": {"num_stages": 6}},
+    "coef BLOCK_N 32": {"coef": {"BLOCK_N": 32}},
 }
 
 

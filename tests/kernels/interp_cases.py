@@ -19,8 +19,16 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 # several chunks of d_model for the predictor's h = x V (summed by _reduce_kernel); the default chunk
 # covers these small d_model in one, the other path
-SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
+SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
                 "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
+SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
+# the ways the sparse side and the down kernel's row list can run (triton_ffn.CONFIG)
+SIDE_VARIANTS = {
+    "masked": {"sparse_side": "masked"},
+    "gather": {"sparse_side": "gather", "gather": SMALL_GATHER},
+    "masked-flat": {"sparse_side": "masked", "masked_flat_list": True},
+    "gather-fused": {"sparse_side": "gather", "gather": {**SMALL_GATHER, "FUSE_GU": True}},
+}
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
@@ -48,14 +56,15 @@ def test_activations(act, mode):
 @pytest.mark.parametrize("mode,M,sparsity", [("up", 3, 0.8), ("gate", 3, 0.8), ("coef", 3, 0.8), ("pred", 3, 0.8),
                                              ("up", 1, 0.97), ("pred", 1, 0.97)])
 @pytest.mark.parametrize("walk", [1.0, 0.0])
-@pytest.mark.parametrize("side", ["masked", "gather"])
+@pytest.mark.parametrize("side", list(SIDE_VARIANTS))
 def test_many_blocks(mode, M, sparsity, walk, side):
     """Small blocks: several K steps, neuron blocks (some with an empty union at 0.97), column blocks,
-    compacted rows spread over several down programs, split partials to reduce."""
+    compacted rows spread over several down programs (searched per tile, or from a flat row list), split
+    partials to reduce."""
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11,
                   rank=13)  # pred: rank not a multiple of the lowrank BLOCK_R, d_model in 4 chunks
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk, "sparse_side": side,
-                                 "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)})
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk, "flat_max_density": walk,
+                                 **SIDE_VARIANTS[side]})
     check(c, y, a)
     if sparsity > 0.9:
         blocks = (a != 0).any(0)[:128].view(-1, 16).any(1)
@@ -67,15 +76,15 @@ def test_sides_agree_bit_for_bit(mode):
     """The masked and gather sides do the same arithmetic in the same order: ops pick one per call for
     speed alone (ops.decode_plan), so the output must not depend on the pick."""
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=21)
-    config = {**SMALL_BLOCKS, "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)}
-    y, a = run_kernel(c, config={**config, "sparse_side": "gather"})
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     check(c, y, a)
-    y_masked, a_masked = run_kernel(c, config={**config, "sparse_side": "masked"})
-    torch.testing.assert_close(a, a_masked, rtol=0, atol=0)
-    torch.testing.assert_close(y, y_masked, rtol=0, atol=0)
+    for side in ("gather", "masked-flat", "gather-fused"):
+        y_side, a_side = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
+        torch.testing.assert_close(a_side, a, rtol=0, atol=0, msg=side)
+        torch.testing.assert_close(y_side, y, rtol=0, atol=0, msg=side)
 
 
-@pytest.mark.parametrize("side", ["masked", "gather"])
+@pytest.mark.parametrize("side", ["masked", "gather", "masked-flat"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
 def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
     """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that
@@ -88,8 +97,7 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
 
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.8, seed=9)
     monkeypatch.setattr(torch, "empty", poisoned)
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, "sparse_side": side,
-                                 "gather": dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)})
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "flat_max_density": 1.0, **SIDE_VARIANTS[side]})
     monkeypatch.undo()
     check(c, y, a)
 
