@@ -42,7 +42,10 @@ def test_plan_of_typical_unions():
     # D-CountDown at s=0.9 on the benchmark layer: union 0.10 / 0.35 / 0.82 at B = 1 / 4 / 16
     union = {1: 0.10, 2: 0.19, 4: 0.35, 8: 0.6, 16: 0.82}
     assert ops.decode_plan("predictor", union) == ops.DecodePlan(gather_max_tokens=4, dense_min_tokens=16)
-    assert ops.decode_plan("threshold", union) == ops.DecodePlan(gather_max_tokens=2, dense_min_tokens=0)
+    assert ops.decode_plan("threshold", union) == ops.DecodePlan(gather_max_tokens=4, dense_min_tokens=0)
+    # M-CountDown at s=0.7: union 0.30 at B = 1 -> gather; 0.5 at B = 2 -> masked; full at 16 -> masked
+    union = {1: 0.30, 2: 0.5, 4: 0.68, 8: 0.9, 16: 0.995}
+    assert ops.decode_plan("threshold", union) == ops.DecodePlan(gather_max_tokens=1, dense_min_tokens=16)
     assert ops.decode_plan("predictor", {}) == ops.DecodePlan()  # nothing measured: masked side, never dense
 
 

@@ -191,12 +191,12 @@ COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
     "gather side": {"sparse_side": "gather"},
-    "gather, flat walk to 1.0": {"sparse_side": "gather", "flat_max_density": 1.0},
-    "masked, flat list, walk to 0.5": {"sparse_side": "masked", "masked_flat_list": True, "flat_max_density": 0.5},
-    "fused g+u": {"gather": {"FUSE_GU": True}},
-    "fused g+u, flat walk to 0.5": {"gather": {"FUSE_GU": True}, "flat_max_density": 0.5},
-    "gather 6 stages": {"gather": {"num_stages": 6}},
-    "coef BLOCK_N 32": {"coef": {"BLOCK_N": 32}},
+    "h summed in coef": {"lowrank": {"SUM_IN_COEF": True}},
+    "h in coef, K_CHUNK 512": {"lowrank": {"SUM_IN_COEF": True, "K_CHUNK": 512}},
+    "K_CHUNK 512": {"lowrank": {"K_CHUNK": 512}},
+    "reduce 64 cols, 2 warps": {"reduce": {"BLOCK_D": 64, "num_warps": 2}},
+    "coef BLOCK_R 128": {"coef": {"BLOCK_R": 128}},
+    "coef 5 stages": {"coef": {"num_stages": 5}},
 }
 
 

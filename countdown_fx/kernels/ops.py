@@ -44,13 +44,14 @@ N_FFN_TENSORS = 7
 # Per-call choices of threshold_ffn / predictor_ffn in a decode step, made on the host from the step's
 # token count and the site's calibrated union of masks (Calibration.union_by_batch), measured on the H100
 # (benchmarks/speed/NOTES.md, "sides" and "crossover"):
-# - the gather sparse side beats the masked one up to a union of ~0.2 (M-CountDown / CATS: one gathered
-#   projection) and ~0.35 (D-CountDown: two); it gives the same output bit for bit, so this is speed only.
+# - the gather sparse side beats the masked one up to a union of ~0.35 (M-CountDown / CATS and D-CountDown
+#   alike since its flat row list lets the down kernel walk only the union at any size: "flat walk");
+#   it gives the same output bit for bit, so this is speed only.
 # - D-CountDown is slower than the dense FFN from a union of ~0.8 on (the predictor's bytes and compute
 #   come on top of a nearly dense read), M-CountDown / CATS by ~2% at a full union (B=16, union 0.99-1.0:
 #   136.3-136.8 vs 134.3 us): such steps run the dense FFN. This changes the output (to the dense one) for
 #   those batch sizes; Calibration.report() and SparsityMeter say where it happens.
-GATHER_MAX_UNION = {"threshold": 0.2, "predictor": 0.35}
+GATHER_MAX_UNION = {"threshold": 0.35, "predictor": 0.35}
 DENSE_MIN_UNION = {"threshold": 0.99, "predictor": 0.8}
 
 

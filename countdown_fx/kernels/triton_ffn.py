@@ -104,31 +104,9 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
-def _gemv2(x_ptr, stride_xm, w1_ptr, w2_ptr, stride_w1, stride_w2, offs_b, b_mask, offs_n, rows, D,
-           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-           UPCAST: tl.constexpr):
-    """_gemv for two matrices in one loop (gate and up rows of the same neurons): twice the bytes in flight
-    per program at the same number of stages. Each accumulator sums the same tiles in the same order as
-    _gemv, so the results are bit-equal to two _gemv calls."""
-    acc1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
-                     mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = rows[:, None] & k_mask[None, :]
-        w1 = tl.load(w1_ptr + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=w_mask, other=0.0)
-        w2 = tl.load(w2_ptr + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=w_mask, other=0.0)
-        acc1 += _dot(xt, tl.trans(w1), PREC, UPCAST)
-        acc2 += _dot(xt, tl.trans(w2), PREC, UPCAST)
-    return acc1, acc2
-
-
-@triton.jit
 def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
-                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
-                 MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_hsplit, stride_pu, stride_am,
+                 stride_dv, MODE: tl.constexpr, H_SPLITS: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
@@ -156,8 +134,10 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         for r in range(0, R, BLOCK_R):
             offs_r = r + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
-                         mask=b_mask[:, None] & r_mask[None, :], other=0.0)
+            ht = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+            for c in tl.static_range(H_SPLITS):  # h's chunks from _lowrank_kernel, summed in a fixed order
+                ht += tl.load(h_ptr + c * stride_hsplit + offs_b[:, None] * stride_h + offs_r[None, :],
+                              mask=b_mask[:, None] & r_mask[None, :], other=0.0)
             ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             logits += _dot_f32(ht, tl.trans(ut), UPCAST)
@@ -258,7 +238,7 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    flat_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NB_P2: tl.constexpr, FUSE_GU: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
     each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
     a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
@@ -280,22 +260,17 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
         valid = b_mask[:, None] & k_mask[None, :]
         dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
-        if MODE == 3 and FUSE_GU:
-            g, u = _gemv2(x_ptr, stride_xm, wg_ptr, wu_ptr, stride_wg, stride_wu, offs_b, b_mask, rows, k_mask,
-                          D, BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
-        elif MODE == 3 or MODE == 1:
+        if MODE == 3 or MODE == 1:
             g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, D, D,
                       BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
-        if MODE == 3 or MODE == 1:
             if HAS_BG:
                 g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
         else:
             ag = dv
-        if (MODE == 3 and not FUSE_GU) or MODE == 0:
+        if MODE == 3 or MODE == 0:
             u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, D, D,
                       BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
-        if MODE == 3 or MODE == 0:
             if HAS_BU:
                 u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             u = _cast(u, out_dtype, UPCAST).to(tl.float32)
@@ -308,20 +283,6 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
         tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
         tl.store(flat_ptr + offs_k, rows, mask=k_mask)
-
-
-@triton.jit
-def _flatten_kernel(idx_ptr, cnt_ptr, flat_ptr, NB, BLOCK_N: tl.constexpr, NB_P2: tl.constexpr):
-    """The masked side's counterpart of _gather_kernel's flat list: block `pid` copies its compacted rows to
-    their place in the union's global compacted order, so _down_kernel need not search for them."""
-    pid = tl.program_id(0)
-    offs_blk = tl.arange(0, NB_P2)
-    cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
-    start = tl.sum(tl.where(offs_blk < pid, cnts, 0), axis=0)
-    n = tl.load(cnt_ptr + pid)
-    offs = tl.arange(0, BLOCK_N)
-    rows = tl.load(idx_ptr + pid * BLOCK_N + offs, mask=offs < n, other=0)
-    tl.store(flat_ptr + start + offs, rows, mask=offs < n)
 
 
 @triton.jit
@@ -459,20 +420,18 @@ CONFIG = {
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
     "compact_max_density": 0.15,
-    # The same limit when the gather side has left the union as one flat row list (no search per tile).
-    "flat_max_density": 0.15,
-    # Masked side: list the union's rows in one flat list too (one small launch, _flatten_kernel).
-    "masked_flat_list": False,
     # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
     # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same output bit for
     # bit; gather is faster only for small unions, which the ops choose per call from the calibrated
     # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
-    # FUSE_GU (D-CountDown): gate and up tiles in one loop
-    "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4, FUSE_GU=False),
+    "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
-    "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
+    # SUM_IN_COEF: the coef kernel sums the chunks as it loads h (no reduce launch)
+    "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3, SUM_IN_COEF=False),
+    # the fixed-order sums of split partials (the output's, and h's chunks)
+    "reduce": dict(BLOCK_D=256, num_warps=4),
 }
 
 
@@ -526,7 +485,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
     h = dummy
     R = 0
-    stride_h = stride_pu = 0
+    stride_h = stride_hsplit = stride_pu = 0
+    h_splits = 1
     if mode == MODE_PRED:
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
@@ -541,11 +501,16 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), M * R, R,
             BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
-        if n_chunks > 1:
-            wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, 256))](
-                h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=256, UPCAST=upcast,
-                num_warps=4)
-        stride_h, stride_pu = h.stride(0), pred_u.stride(0)
+        h_splits = 1
+        if n_chunks > 1 and c["SUM_IN_COEF"]:  # the coef kernel sums the chunks as it loads h
+            h, h_splits = h_part, n_chunks
+        elif n_chunks > 1:
+            r = cfg["reduce"]
+            wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
+                h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"], UPCAST=upcast,
+                num_warps=r["num_warps"])
+        stride_h, stride_pu = h.stride(-2), pred_u.stride(0)
+        stride_hsplit = h.stride(0) if h_splits > 1 else 0
 
     c = cfg["coef"]
     block_k = _block_k(c["BLOCK_K"], dtype)
@@ -558,19 +523,17 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
     gather = side == SIDES["gather"]
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
-    # the union's rows in one list (by _gather_kernel, or _flatten_kernel on the masked side); without it the
-    # down kernel never reads `flat`
-    flat_list = gather or bool(cfg["masked_flat_list"])
-    flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if flat_list else idx
+    # the union's rows in one list, written by _gather_kernel; without it the down kernel never reads `flat`
+    flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
         h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
-        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
+        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_hsplit, stride_pu,
         a.stride(0), dv.stride(0),
-        MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-        BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
+        MODE=mode, H_SPLITS=h_splits, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
+        HAS_BU=b_up is not None, BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
         SIDE=side,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
@@ -582,29 +545,28 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
             dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
             HAS_BU=b_up is not None, BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"],
-            BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2, FUSE_GU=c["FUSE_GU"], PREC=prec,
-            UPCAST=upcast, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    elif flat_list:
-        wrap_triton(_flatten_kernel)[(n_blocks,)](idx, cnt, flat, n_blocks, BLOCK_N=block_n, NB_P2=nb_p2,
-                                                 num_warps=1)
 
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
     want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
     n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
     part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
-    compact_max_rows = int(cfg["flat_max_density" if flat_list else "compact_max_density"] * N)
+    # With the flat row list the compacted walk costs no search, and it was measured no slower than the direct
+    # walk at any union (NOTES.md, "flat walk"): it runs whatever the union's size.
+    compact_max_rows = N if gather else int(cfg["compact_max_density"] * N)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
         a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, compact_max_rows,
         a.stride(0), w_down_t.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
-        NB_P2=nb_p2, FLAT=flat_list, PREC=prec, UPCAST=upcast,
+        NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)
-    BLOCK_DR = 256
-    wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, BLOCK_DR))](
+    r = cfg["reduce"]
+    wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
         part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
-        HAS_BD=b_down is not None, BLOCK_D=BLOCK_DR, UPCAST=upcast, num_warps=4)
+        HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], UPCAST=upcast, num_warps=r["num_warps"])
     return (y, a) if return_coef else y

@@ -26,8 +26,9 @@ SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
 SIDE_VARIANTS = {
     "masked": {"sparse_side": "masked"},
     "gather": {"sparse_side": "gather", "gather": SMALL_GATHER},
-    "masked-flat": {"sparse_side": "masked", "masked_flat_list": True},
-    "gather-fused": {"sparse_side": "gather", "gather": {**SMALL_GATHER, "FUSE_GU": True}},
+    # h's chunks summed by the coef kernel instead of a reduce launch (D-CountDown)
+    "gather-h-in-coef": {"sparse_side": "gather", "gather": SMALL_GATHER,
+                         "lowrank": {**SMALL_BLOCKS["lowrank"], "SUM_IN_COEF": True}},
 }
 
 
@@ -63,7 +64,7 @@ def test_many_blocks(mode, M, sparsity, walk, side):
     partials to reduce."""
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=sparsity, seed=11,
                   rank=13)  # pred: rank not a multiple of the lowrank BLOCK_R, d_model in 4 chunks
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk, "flat_max_density": walk,
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "compact_max_density": walk,
                                  **SIDE_VARIANTS[side]})
     check(c, y, a)
     if sparsity > 0.9:
@@ -78,13 +79,13 @@ def test_sides_agree_bit_for_bit(mode):
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=21)
     y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     check(c, y, a)
-    for side in ("gather", "masked-flat", "gather-fused"):
+    for side in ("gather", "gather-h-in-coef"):
         y_side, a_side = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
         torch.testing.assert_close(a_side, a, rtol=0, atol=0, msg=side)
         torch.testing.assert_close(y_side, y, rtol=0, atol=0, msg=side)
 
 
-@pytest.mark.parametrize("side", ["masked", "gather", "masked-flat"])
+@pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
 def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
     """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that
@@ -97,7 +98,7 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
 
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.8, seed=9)
     monkeypatch.setattr(torch, "empty", poisoned)
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, "flat_max_density": 1.0, **SIDE_VARIANTS[side]})
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
     monkeypatch.undo()
     check(c, y, a)
 
