@@ -104,9 +104,38 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
+def _gemv_one_token(x_ptr, w_ptr, stride_w, rows, r_mask, D,
+                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_gemv for a single token without tl.dot (fp32 products and sums on the FMA units): a dot needs 16 rows
+    per tile, which leaves a one-token step's small union in too few programs (latency-bound, NOTES.md
+    "one-token gather"). Row 0 of the [BLOCK_B, BLOCK_RG] result holds x[0] @ w[rows]^T."""
+    acc = tl.zeros((BLOCK_RG,), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < D
+        xt = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                     other=0.0)
+        acc += tl.sum(wt.to(tl.float32) * xt[None, :], axis=1)
+    return tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32) + acc[None, :]
+
+
+@triton.jit
+def _rows_gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, D,
+               BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TOKEN: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if ONE_TOKEN:
+        acc = _gemv_one_token(x_ptr, w_ptr, stride_w, rows, r_mask, D, BLOCK_B, BLOCK_RG, BLOCK_K)
+    else:
+        acc = _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, D, D,
+                    BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
-                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_hsplit, stride_pu, stride_am,
-                 stride_dv, MODE: tl.constexpr, H_SPLITS: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
+                 MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
@@ -134,10 +163,8 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         for r in range(0, R, BLOCK_R):
             offs_r = r + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            ht = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
-            for c in tl.static_range(H_SPLITS):  # h's chunks from _lowrank_kernel, summed in a fixed order
-                ht += tl.load(h_ptr + c * stride_hsplit + offs_b[:, None] * stride_h + offs_r[None, :],
-                              mask=b_mask[:, None] & r_mask[None, :], other=0.0)
+            ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
+                         mask=b_mask[:, None] & r_mask[None, :], other=0.0)
             ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
                          mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             logits += _dot_f32(ht, tl.trans(ut), UPCAST)
@@ -238,7 +265,7 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    flat_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NB_P2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   NB_P2: tl.constexpr, ONE_TOKEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
     each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
     a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
@@ -261,16 +288,16 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         valid = b_mask[:, None] & k_mask[None, :]
         dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
         if MODE == 3 or MODE == 1:
-            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, D, D,
-                      BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
+            g = _rows_gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, D,
+                           BLOCK_B, BLOCK_RG, BLOCK_K, ONE_TOKEN, PREC, UPCAST)
             if HAS_BG:
                 g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
         else:
             ag = dv
         if MODE == 3 or MODE == 0:
-            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, D, D,
-                      BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
+            u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, D,
+                           BLOCK_B, BLOCK_RG, BLOCK_K, ONE_TOKEN, PREC, UPCAST)
             if HAS_BU:
                 u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             u = _cast(u, out_dtype, UPCAST).to(tl.float32)
@@ -413,8 +440,10 @@ def _prec(dtype: torch.dtype) -> str:
 
 # Launch configuration. Chosen from benchmarks/speed/ffn_decode.py sweeps on an H100 (see NOTES.md).
 CONFIG = {
-    # BLOCK_R: the predictor's rank tile for D-CountDown's logits
-    "coef": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, num_warps=4, num_stages=3),
+    # BLOCK_R: the predictor's rank tile for D-CountDown's logits. num_stages_pred_masked: D-CountDown on the
+    # masked side reads gate and up rows through masked loads after its logits; more stages keep more bytes in
+    # flight there (measured -3 to -4 us at unions 0.4-0.6, neutral or worse for the other modes; NOTES.md)
+    "coef": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, num_warps=4, num_stages=3, num_stages_pred_masked=5),
     "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4),
     # The down kernel walks the compacted union when it holds at most this fraction of d_inter. Measured
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
@@ -426,10 +455,11 @@ CONFIG = {
     # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
+    # The gather launch of a one-token step, without tl.dot (None: as for several tokens).
+    "gather_one_token": None,
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
-    # SUM_IN_COEF: the coef kernel sums the chunks as it loads h (no reduce launch)
-    "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3, SUM_IN_COEF=False),
+    "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
     # the fixed-order sums of split partials (the output's, and h's chunks)
     "reduce": dict(BLOCK_D=256, num_warps=4),
 }
@@ -466,10 +496,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     (score > thr) or MODE_PRED (predictor logit > thr). thr: a one-element tensor on x's device."""
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONFIG.items()}
     for k, v in (config or {}).items():
-        if isinstance(v, dict):
-            cfg[k].update(v)
-        else:
-            cfg[k] = v
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     M, D = x2d.shape
     N = w_gate.shape[0]
     assert 1 <= M <= MAX_TOKENS, M
@@ -485,8 +512,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
     h = dummy
     R = 0
-    stride_h = stride_hsplit = stride_pu = 0
-    h_splits = 1
+    stride_h = stride_pu = 0
     if mode == MODE_PRED:
         R = pred_v.shape[1]
         pred_v, pred_u = _rows(pred_v), _rows(pred_u)
@@ -501,16 +527,12 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), M * R, R,
             BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
-        h_splits = 1
-        if n_chunks > 1 and c["SUM_IN_COEF"]:  # the coef kernel sums the chunks as it loads h
-            h, h_splits = h_part, n_chunks
-        elif n_chunks > 1:
+        if n_chunks > 1:
             r = cfg["reduce"]
             wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
                 h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"], UPCAST=upcast,
                 num_warps=r["num_warps"])
-        stride_h, stride_pu = h.stride(-2), pred_u.stride(0)
-        stride_hsplit = h.stride(0) if h_splits > 1 else 0
+        stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     c = cfg["coef"]
     block_k = _block_k(c["BLOCK_K"], dtype)
@@ -530,22 +552,25 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
         h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
-        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_hsplit, stride_pu,
+        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
-        MODE=mode, H_SPLITS=h_splits, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
-        HAS_BU=b_up is not None, BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
+        MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
+        BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
         SIDE=side,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+        num_warps=c["num_warps"],
+        num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 
     if gather:
-        c = cfg["gather"]
+        one_token = M == 1 and cfg["gather_one_token"] is not None
+        c = cfg["gather_one_token"] if one_token else cfg["gather"]
         grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
         wrap_triton(_gather_kernel)[(grid,)](
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
             dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
             dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
             HAS_BU=b_up is not None, BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"],
-            BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2, PREC=prec, UPCAST=upcast,
+            BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2, ONE_TOKEN=one_token, PREC=prec,
+            UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 

@@ -22,24 +22,23 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
                 "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
 SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
+ONE_TOKEN = dict(BLOCK_RG=4, BLOCK_K=16, num_warps=4, num_stages=2, programs_per_sm=1)  # used only when M == 1
 # the ways the sparse side and the down kernel's row list can run (triton_ffn.CONFIG)
 SIDE_VARIANTS = {
     "masked": {"sparse_side": "masked"},
     "gather": {"sparse_side": "gather", "gather": SMALL_GATHER},
-    # h's chunks summed by the coef kernel instead of a reduce launch (D-CountDown)
-    "gather-h-in-coef": {"sparse_side": "gather", "gather": SMALL_GATHER,
-                         "lowrank": {**SMALL_BLOCKS["lowrank"], "SUM_IN_COEF": True}},
+    "gather-one-token": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": ONE_TOKEN},
 }
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
     ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0],
-    ["masked", "gather"])))
+    ["masked", "gather", "gather-one-token"])))
 def test_modes(mode, M, dtype, sparsity, side):
     """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M;
-    both implementations of the sparse side."""
+    every implementation of the sparse side."""
     c = make_case(M, 37, 97, dtype, "cpu", mode, bias=M == 3, sparsity=sparsity, seed=M)
-    y, a = run_kernel(c, config={"sparse_side": side})
+    y, a = run_kernel(c, config=SIDE_VARIANTS[side])
     density = check(c, y, a)
     if sparsity == 0.0:
         assert density == 1.0
@@ -79,13 +78,13 @@ def test_sides_agree_bit_for_bit(mode):
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=21)
     y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     check(c, y, a)
-    for side in ("gather", "gather-h-in-coef"):
+    for side in ("gather",):
         y_side, a_side = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
         torch.testing.assert_close(a_side, a, rtol=0, atol=0, msg=side)
         torch.testing.assert_close(y_side, y, rtol=0, atol=0, msg=side)
 
 
-@pytest.mark.parametrize("side", ["masked", "gather"])
+@pytest.mark.parametrize("side", ["masked", "gather", "gather-one-token"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
 def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
     """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that
@@ -101,6 +100,19 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
     y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
     monkeypatch.undo()
     check(c, y, a)
+
+
+@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
+def test_one_token_gather_agrees_with_the_masked_side(mode):
+    """A one-token step's gather sums its dots on the FMA units instead of tl.dot: same mask, and the same
+    coefficients up to the fp32 summation order (one bf16 step at most), so the same output within bf16."""
+    c = make_case(1, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=23)
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-one-token"]})
+    check(c, y, a)
+    y_masked, a_masked = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
+    assert torch.equal(a != 0, a_masked != 0)
+    torch.testing.assert_close(a.float(), a_masked.float(), rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(y.float(), y_masked.float(), rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("mode", ["up", "pred"])
