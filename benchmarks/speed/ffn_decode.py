@@ -187,18 +187,17 @@ def crossover(L, log, batches):
 # Launch-config variants timed against the defaults by --compare (the defaults are the empty override;
 # each variant runs the sparse side the plan picks unless it names one). Add the next kernel step's variant
 # here; the variants of past sessions and their outcomes are in NOTES.md ("Variants").
-ONE_TOKEN = dict(BLOCK_RG=4, BLOCK_K=512, num_warps=4, num_stages=4, programs_per_sm=4)
+ONE_TOKEN = dict(BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=8)
 COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
-    "masked, coef 3 stages": {"sparse_side": "masked", "coef": {"num_stages_pred_masked": 3}},
-    "1-token RG4 K512": {"gather_one_token": ONE_TOKEN},
-    "1-token RG8 K256": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 8, "BLOCK_K": 256}},
-    "1-token RG2 K1024": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 2, "BLOCK_K": 1024}},
-    "1-token RG4 K256 6 st": {"gather_one_token": {**ONE_TOKEN, "BLOCK_K": 256, "num_stages": 6}},
-    "1-token RG4 K512 8 warps": {"gather_one_token": {**ONE_TOKEN, "num_warps": 8}},
-    "1-token RG2 K2048 2 warps": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 2, "BLOCK_K": 2048, "num_warps": 2,
-                                                       "programs_per_sm": 8}},
+    "1-token RG2 K2048 w2 pps8": {"gather_one_token": ONE_TOKEN},
+    "RG2 K2048 w2 pps16": {"gather_one_token": {**ONE_TOKEN, "programs_per_sm": 16}},
+    "RG1 K2048 w1 pps16": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 1, "num_warps": 1, "programs_per_sm": 16}},
+    "RG1 K4096 w2 pps16": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 1, "BLOCK_K": 4096, "programs_per_sm": 16}},
+    "RG2 K4096 w4 pps8": {"gather_one_token": {**ONE_TOKEN, "BLOCK_K": 4096, "num_warps": 4}},
+    "RG4 K2048 w4 pps8": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 4, "num_warps": 4}},
+    "RG2 K1024 w1 pps16": {"gather_one_token": {**ONE_TOKEN, "BLOCK_K": 1024, "num_warps": 1, "programs_per_sm": 16}},
 }
 
 
