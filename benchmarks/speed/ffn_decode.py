@@ -187,17 +187,10 @@ def crossover(L, log, batches):
 # Launch-config variants timed against the defaults by --compare (the defaults are the empty override;
 # each variant runs the sparse side the plan picks unless it names one). Add the next kernel step's variant
 # here; the variants of past sessions and their outcomes are in NOTES.md ("Variants").
-ONE_TOKEN = dict(BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=8)
 COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
-    "1-token RG2 K2048 w2 pps8": {"gather_one_token": ONE_TOKEN},
-    "RG2 K2048 w2 pps16": {"gather_one_token": {**ONE_TOKEN, "programs_per_sm": 16}},
-    "RG1 K2048 w1 pps16": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 1, "num_warps": 1, "programs_per_sm": 16}},
-    "RG1 K4096 w2 pps16": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 1, "BLOCK_K": 4096, "programs_per_sm": 16}},
-    "RG2 K4096 w4 pps8": {"gather_one_token": {**ONE_TOKEN, "BLOCK_K": 4096, "num_warps": 4}},
-    "RG4 K2048 w4 pps8": {"gather_one_token": {**ONE_TOKEN, "BLOCK_RG": 4, "num_warps": 4}},
-    "RG2 K1024 w1 pps16": {"gather_one_token": {**ONE_TOKEN, "BLOCK_K": 1024, "num_warps": 1, "programs_per_sm": 16}},
+    "gather side": {"sparse_side": "gather"},
 }
 
 

@@ -46,7 +46,8 @@ N_FFN_TENSORS = 7
 # (benchmarks/speed/NOTES.md, "sides" and "crossover"):
 # - the gather sparse side beats the masked one up to a union of ~0.35 (M-CountDown / CATS and D-CountDown
 #   alike since its flat row list lets the down kernel walk only the union at any size: "flat walk");
-#   it gives the same output bit for bit, so this is speed only.
+#   the choice is speed only: the same output bit for bit from two tokens up; a one-token step's gather sums
+#   its dots on the FMA units (triton_ffn.CONFIG["gather_one_token"]), which differs only by fp32 rounding.
 # - D-CountDown is slower than the dense FFN from a union of ~0.8 on (the predictor's bytes and compute
 #   come on top of a nearly dense read), M-CountDown / CATS by ~2% at a full union (B=16, union 0.99-1.0:
 #   136.3-136.8 vs 134.3 us): such steps run the dense FFN. This changes the output (to the dense one) for
@@ -70,7 +71,7 @@ class DecodePlan:
         """What a decode step of `tokens` tokens runs: "dense", "gather" or "masked" (sparse side)."""
         if self.runs_dense(tokens):
             return "dense"
-        # Speed only (both sides give the same output bit for bit): never add a guard on a dynamic batch for
+        # Speed only (both sides give the same output up to fp32 rounding): never add a guard on a dynamic batch for
         # it, so a graph compiled or exported for a range of batch sizes stays valid for all of them; such a
         # graph runs the masked side.
         return "gather" if guard_or_false(tokens <= self.gather_max_tokens) else "masked"

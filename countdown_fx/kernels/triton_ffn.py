@@ -451,12 +451,14 @@ CONFIG = {
     "compact_max_density": 0.15,
     # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
     # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same output bit for
-    # bit; gather is faster only for small unions, which the ops choose per call from the calibrated
+    # bit from two tokens up (one token: see gather_one_token); gather is faster only for small unions, which the ops choose per call from the calibrated
     # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
-    # The gather launch of a one-token step, without tl.dot (None: as for several tokens).
-    "gather_one_token": None,
+    # The gather launch of a one-token step, without tl.dot (None: as for several tokens): 2-row groups give a
+    # small union 8x the programs of 16-row tiles. Measured at B=1 (NOTES.md, "one-token gather"): D s=0.9
+    # 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns, 2 warps.
+    "gather_one_token": dict(BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
