@@ -450,8 +450,9 @@ CONFIG = {
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
     "compact_max_density": 0.15,
     # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
-    # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same output bit for
-    # bit from two tokens up (one token: see gather_one_token); gather is faster only for small unions, which the ops choose per call from the calibrated
+    # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same coefficients bit
+    # for bit from two tokens up (one token: see gather_one_token), the output within fp32 rounding (the down
+    # kernel then walks the union in compacted order); gather is faster only for small unions, which the ops choose per call from the calibrated
     # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ffn_cases import ULP, check, make_case, rel_err, run_kernel, scores64  # noqa: E402
+from ffn_cases import TOL, ULP, check, make_case, rel_err, run_kernel, scores64  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -72,16 +72,18 @@ def test_many_blocks(mode, M, sparsity, walk, side):
 
 
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
-def test_sides_agree_bit_for_bit(mode):
-    """The masked and gather sides do the same arithmetic in the same order: ops pick one per call for
-    speed alone (ops.decode_plan), so the output must not depend on the pick."""
+def test_sides_agree(mode):
+    """The masked and gather sides compute the coefficients with the same arithmetic in the same order (bit
+    for bit from two tokens up); the down kernel walks the union in another order after the gather side (its
+    flat row list), so the outputs agree within rounding. ops pick a side per call for speed alone
+    (ops.decode_plan): the output must not depend on the pick beyond that."""
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=21)
     y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     check(c, y, a)
     for side in ("gather",):
         y_side, a_side = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
         torch.testing.assert_close(a_side, a, rtol=0, atol=0, msg=side)
-        torch.testing.assert_close(y_side, y, rtol=0, atol=0, msg=side)
+        assert rel_err(y_side, y) <= 4 * ULP[torch.bfloat16], side
 
 
 @pytest.mark.parametrize("side", ["masked", "gather", "gather-one-token"])
@@ -111,8 +113,8 @@ def test_one_token_gather_agrees_with_the_masked_side(mode):
     check(c, y, a)
     y_masked, a_masked = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     assert torch.equal(a != 0, a_masked != 0)
-    assert rel_err(a, a_masked) <= 4 * ULP[torch.bfloat16]
-    assert rel_err(y, y_masked) <= 4 * ULP[torch.bfloat16]
+    assert rel_err(a, a_masked) <= TOL[torch.bfloat16]
+    assert rel_err(y, y_masked) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("mode", ["up", "pred"])
