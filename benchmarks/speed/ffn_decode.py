@@ -78,6 +78,10 @@ class Layer:
         self.w_down_t = self.w_down.t().contiguous()
         self.pred_v = (torch.randn(D, RANK, device=dev, generator=gen) * D ** -0.5).to(dtype)
         self.pred_u = (torch.randn(N, RANK, device=dev, generator=gen) * RANK ** -0.5).to(dtype)
+        # One copy of the predictor per rotating token set: a single 19 MB copy would stay in the 50 MB L2
+        # between calls, which a model's 32 layers never allow (in the 32-layer model the predictor
+        # launches took ~1.6x their one-layer time before this, NOTES.md "predictor in L2").
+        self.pred_copies = [(self.pred_v.clone(), self.pred_u.clone()) for _ in range(ROT)]
         self.chan = torch.exp(0.7 * torch.randn(D, device=dev, generator=gen))  # outlier-ish channels
         self.D, self.N, self.dtype, self.gen = D, N, dtype, gen
 
@@ -119,9 +123,11 @@ def git_commit():
 
 
 def run_sparse(L, xs, thr, mode, config=None):
-    pv, pu = (L.pred_v, L.pred_u) if mode == triton_ffn.MODE_PRED else (None, None)
-    return lambda i: triton_ffn.sparse_ffn(xs[i], L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode,
-                                           thr, pv, pu, config=config)
+    def call(i):
+        pv, pu = L.pred_copies[i] if mode == triton_ffn.MODE_PRED else (None, None)
+        return triton_ffn.sparse_ffn(xs[i], L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr, pv, pu,
+                                     config=config)
+    return call
 
 
 def check_once(L, x, thr, mode, config=None):
