@@ -280,3 +280,28 @@ def test_incomplete_state_is_refused_naming_the_site():
         Calibration(cfg, sites, {"a.mlp": good, "b.mlp": {k: v for k, v in good.items() if k != "tau"}})
     with pytest.raises(ValueError, match=r"site 'b.mlp'.*\[d_inter=6, r\]"):
         Calibration(cfg, sites, {"a.mlp": good, "b.mlp": {**good, "pred_u": torch.zeros(7, 2)}})
+
+
+def test_predictor_rank_is_padded_to_aligned_rows_without_changing_the_output():
+    """A rank that is not a multiple of 16 (here 8) is stored zero-padded, so the kernels' row loads are aligned
+    (rewrite.RANK_ALIGN); the program's output equals the reference with the calibrated, unpadded factors."""
+    from countdown_fx import sparsify
+    from countdown_fx.passes.rewrite import RANK_ALIGN
+
+    model = tiny_llama(layers=1)
+    cfg = prac("d-countdown", 0.6, predictor_steps=10, predictor_batch_tokens=64, predictor_rank=8, apply_to="all")
+    cal = calibrate(model, random_batches(3, seed=7), cfg, progress=False)
+    ids = random_batches(1, seed=99)[0]
+    sparse = sparsify(torch.export.export(model, (ids,), {"use_cache": False}), cal)
+    factors = {n: b for n, b in sparse.named_buffers() if "pred_" in n}
+    assert factors and all(b.shape[-1] == RANK_ALIGN for b in factors.values())
+    for b in factors.values():
+        assert b[..., 8:].eq(0).all() and b[..., :8].ne(0).any()
+    with torch.no_grad():
+        got = sparse.module()(ids, use_cache=False).logits
+        originals = patch_mlps_with_reference(model, cal)
+        try:
+            want = model(ids).logits
+        finally:
+            unpatch(model, originals)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -191,6 +191,11 @@ def _device(gm, site: Site, example_inputs) -> torch.device:
 # benchmark showed no measurable difference at s=0.9, 148.9 vs 148.3 tokens/s; the bytes saving stands).
 # The reference reads the same rounded factors, so CPU and GPU agree.
 LOW_PRECISION_STATE = ("pred_v", "pred_u")
+# ... and with their rank padded by zero columns to a multiple of RANK_ALIGN: Triton vectorises a row's loads
+# only when its stride is a multiple of 16 elements. The default rank at the Llama-3.1-8B shape is 477; its
+# predictor launches ran ~1.6x their time at rank 512 in the 32-layer model (NOTES.md, "predictor rank").
+# Zero columns add exact zeros to x V and to the logits.
+RANK_ALIGN = 16
 
 
 def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
@@ -199,6 +204,8 @@ def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device
     tensor = tensor.detach().to(device)
     if name in LOW_PRECISION_STATE and site.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.to(site.dtype)
+    if name in LOW_PRECISION_STATE and tensor.shape[-1] % RANK_ALIGN:
+        tensor = torch.nn.functional.pad(tensor, (0, RANK_ALIGN - tensor.shape[-1] % RANK_ALIGN))
     return _register_state(gm, state_attr(site.key, name), tensor.reshape(1) if tensor.dim() == 0 else tensor)
 
 
