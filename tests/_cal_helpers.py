@@ -79,3 +79,13 @@ def patch_mlps_with_reference(model, cal, apply_to_all: bool = True):
 def unpatch(model, originals):
     for key, mlp in mlp_modules(model).items():
         mlp.forward = originals[key]
+
+
+def reference_logits(model, cal, ids):
+    """The logits of `model` on `ids` with every mlp computing the SP-Prac reference op with `cal`'s state."""
+    originals = patch_mlps_with_reference(model, cal)
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        unpatch(model, originals)

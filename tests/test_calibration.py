@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _cal_helpers import (dense_activations, patch_mlps_with_reference, random_batches, tiny_llama, tiny_phi3,
-                          unpatch)
+from _cal_helpers import dense_activations, random_batches, reference_logits, tiny_llama, tiny_phi3
 from countdown_fx.backend import eager_backend
 from countdown_fx.calibration import MIN_CALIBRATION_TOKENS, Calibration, calibrate, calibrate_sweep
 from countdown_fx.capture import capture_graphs
@@ -213,11 +212,7 @@ def test_compiled_with_saved_file_equals_reference_by_hand(make, method, tmp_pat
     with torch.no_grad():
         dense = model(ids).logits
         got = torch.compile(model, backend=eager_backend({"calibration": str(path), "apply_to": "all"}))(ids).logits
-        originals = patch_mlps_with_reference(model, cal)
-        try:
-            want = model(ids).logits
-        finally:
-            unpatch(model, originals)
+    want = reference_logits(model, cal, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - dense).abs().max() > 1e-4  # sparsity changed something
 
@@ -249,13 +244,7 @@ def test_new_calibration_never_reuses_a_stale_compiled_graph(tmp_path):
                 torch.testing.assert_close(out, outs[name])
             outs[name] = out
         for name, cal in (("a", cal_a), ("b", cal_b)):
-            originals = patch_mlps_with_reference(model, cal)
-            try:
-                with torch.no_grad():
-                    want = model(ids).logits
-            finally:
-                unpatch(model, originals)
-            torch.testing.assert_close(outs[name], want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(outs[name], reference_logits(model, cal, ids), rtol=1e-4, atol=1e-4)
         assert (outs["a"] - outs["b"]).abs().max() > 1e-3
         # B (and A again) have the same graph and buffer shapes as A: Inductor's FX graph cache serves the compiled
         # code, and the numbers above show it reads the thresholds at run time instead of baking them in
@@ -299,9 +288,4 @@ def test_predictor_rank_is_padded_to_aligned_rows_without_changing_the_output():
         assert b[..., 8:].eq(0).all() and b[..., :8].ne(0).any()
     with torch.no_grad():
         got = sparse.module()(ids, use_cache=False).logits
-        originals = patch_mlps_with_reference(model, cal)
-        try:
-            want = model(ids).logits
-        finally:
-            unpatch(model, originals)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference_logits(model, cal, ids), rtol=1e-5, atol=1e-5)
