@@ -78,9 +78,9 @@ class Layer:
         self.w_down_t = self.w_down.t().contiguous()
         self.pred_v = (torch.randn(D, RANK, device=dev, generator=gen) * D ** -0.5).to(dtype)
         self.pred_u = (torch.randn(N, RANK, device=dev, generator=gen) * RANK ** -0.5).to(dtype)
-        # One copy of the predictor per rotating token set: a single 19 MB copy would stay in the 50 MB L2
-        # between calls, which a model's 32 layers never allow (in the 32-layer model the predictor
-        # launches took ~1.6x their one-layer time before this, NOTES.md "predictor in L2").
+        # One copy of the predictor per rotating token set: a single 19 MB copy could stay in the 50 MB L2
+        # between calls, which a model's 32 layers never allow. (Measured at 627b0c4: no change in the
+        # launch times; the in-model gap was the rank's alignment, NOTES.md "predictor rank".)
         self.pred_copies = [(self.pred_v.clone(), self.pred_u.clone()) for _ in range(ROT)]
         self.chan = torch.exp(0.7 * torch.randn(D, device=dev, generator=gen))  # outlier-ish channels
         self.D, self.N, self.dtype, self.gen = D, N, dtype, gen

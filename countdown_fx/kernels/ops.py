@@ -72,8 +72,8 @@ class DecodePlan:
         """What a decode step of `tokens` tokens runs: "dense", "gather" or "masked" (sparse side)."""
         if self.runs_dense(tokens):
             return "dense"
-        # Speed only (both sides give the same output up to fp32 rounding): never add a guard on a dynamic batch for
-        # it, so a graph compiled or exported for a range of batch sizes stays valid for all of them; such a
+        # Speed only (both sides give the same output up to fp32 rounding): never add a guard on a dynamic batch
+        # for it, so a graph compiled or exported for a range of batch sizes stays valid for all of them; such a
         # graph runs the masked side.
         return "gather" if guard_or_false(tokens <= self.gather_max_tokens) else "masked"
 

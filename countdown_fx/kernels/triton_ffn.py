@@ -351,11 +351,12 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB
     """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows.
 
     Two walks, chosen on the device from the size of the union (no host sync):
-    - sparse union (<= compact_max_rows rows): the union is stored as per-block compacted lists (idx, cnt)
-      by _coef_kernel; every program rebuilds the prefix sum of the block counts (a few hundred ints)
-      and maps an equal share of the global compacted order to rows (after _gather_kernel, FLAT: read from
-      its flat row list instead), so each W_down^T tile it loads
-      holds active rows only and the work is balanced whatever the sparsity pattern;
+    - sparse union (<= compact_max_rows rows), or any union after _gather_kernel (FLAT: its flat row list
+      costs no search, and measured no slower than the direct walk at any size, NOTES.md "flat walk"): an
+      equal share of the union's global compacted order per program, rows read from the flat list or found
+      from _coef_kernel's per-block lists (idx, cnt) through the prefix sum of the block counts (a few
+      hundred ints, rebuilt by every program), so each W_down^T tile it loads holds active rows only and the
+      work is balanced whatever the sparsity pattern;
     - dense union: a contiguous slice of rows with direct addresses; a row whose coefficients are all
       zero is masked off (no memory traffic). At full density this is a dense GEMV (the dense fallback).
     No atomics: the result is deterministic.
@@ -370,7 +371,7 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB
     cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
     total = tl.sum(cnts, axis=0)
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    if total <= compact_max_rows:
+    if FLAT or total <= compact_max_rows:
         cum = tl.cumsum(cnts, axis=0)  # inclusive; padding blocks repeat the total
         share = (total + n_split - 1) // n_split
         share = (share + BLOCK_R - 1) // BLOCK_R * BLOCK_R
@@ -445,15 +446,17 @@ CONFIG = {
     # flight there (measured -3 to -4 us at unions 0.4-0.6, neutral or worse for the other modes; NOTES.md)
     "coef": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, num_warps=4, num_stages=3, num_stages_pred_masked=5),
     "down": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=4, programs_per_sm=4),
-    # The down kernel walks the compacted union when it holds at most this fraction of d_inter. Measured
+    # Without the gather side's flat row list, the down kernel walks the compacted union when it holds at most
+    # this fraction of d_inter (with it: always). Measured
     # on the H100 (NOTES.md, "crossover"): compacted wins at union 0.10 (79 vs 87 us), ties at 0.20,
     # loses from 0.29 on (99 vs 90 us); the direct walk is the dense fallback.
     "compact_max_density": 0.15,
     # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
     # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same coefficients bit
     # for bit from two tokens up (one token: see gather_one_token), the output within fp32 rounding (the down
-    # kernel then walks the union in compacted order); gather is faster only for small unions, which the ops choose per call from the calibrated
-    # union (ops.decode_plan), since the kernels' caller cannot see this step's union without a sync.
+    # kernel then walks the union in compacted order); gather is faster only for small unions, which the ops
+    # choose per call from the calibrated union (ops.decode_plan), since the kernels' caller cannot see this
+    # step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
     # The gather launch of a one-token step, without tl.dot (None: as for several tokens): 2-row groups give a
@@ -576,17 +579,13 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
     want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
     n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
     part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
-    # With the flat row list the compacted walk costs no search, and it was measured no slower than the direct
-    # walk at any union (NOTES.md, "flat walk"): it runs whatever the union's size.
-    compact_max_rows = N if gather else int(cfg["compact_max_density"] * N)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, compact_max_rows,
+        a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
         a.stride(0), w_down_t.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
         NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
