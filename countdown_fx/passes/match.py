@@ -404,28 +404,39 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
 # --------------------------------------------------------------------------------------------------------
 # Tensor parallelism: hand-sharded modules (an all-reduce after down) and DTensor parallelize_module graphs,
 # where every linear is wrapped: from_local(x) -> linear(DTensor weight) -> redistribute -> to_local.
+# Dynamo writes those three calls in one of two forms: torch >= 2.12 as DTensor.from_local and the
+# methods .redistribute / .to_local; torch 2.11 as call_functions of closures it made around them
+# (placements baked in), named below.
+_DTENSOR_CLOSURES = {"from_local": "handle_from_local.<locals>.fn_with_prim_types",
+                     "redistribute": "redistribute_fn_with_prim_types",
+                     "to_local": "to_local_fn_with_prim_types"}
 
 
-def _is_method(node, name: str) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
-
-
-def _is_from_local(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and getattr(node.target, "__name__", "") == "from_local"
+def _is_dtensor_call(node, name: str) -> bool:
+    """node is DTensor's `name` (from_local, redistribute or to_local) in either of Dynamo's forms."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    if node.op != "call_function":
+        return False
+    if name == "from_local" and getattr(node.target, "__name__", "") == "from_local":
+        return True
+    return getattr(node.target, "__qualname__", "").endswith(_DTENSOR_CLOSURES[name])
 
 
 def _local(node):
     """The local tensor behind DTensor.from_local(...) wrappers."""
-    while _is_from_local(node):
+    while _is_dtensor_call(node, "from_local"):
         node = node.args[0]
     return node
 
 
 def _dtensor_source(node):
     """The DTensor op behind `.redistribute(...).to_local()` (a parallel linear's output hook)."""
-    if _is_method(node, "to_local"):
+    if _is_dtensor_call(node, "to_local"):
         node = node.args[0]
-    if _is_method(node, "redistribute"):
+    if _is_dtensor_call(node, "redistribute"):
         node = node.args[0]
     return node
 
@@ -446,7 +457,7 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
 
     placements = [w.placements for w in (wg, wu, wd)]
     redistribute = next(iter(down.users), None) if len(down.users) == 1 else None
-    to_local = next(iter(redistribute.users), None) if _is_method(redistribute, "redistribute") and len(
+    to_local = next(iter(redistribute.users), None) if _is_dtensor_call(redistribute, "redistribute") and len(
         redistribute.users) == 1 else None
     reason = None
     if placements != [(Shard(0),), (Shard(0),), (Shard(1),)]:
@@ -457,7 +468,7 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
         reason = "a gate/up bias is not sharded with its rows (Shard(0))"
     elif bd is not None and not (_is_dtensor(bd) and tuple(bd.placements) == (Replicate(),)):
         reason = "its down bias is not a replicated DTensor"
-    elif not _is_method(to_local, "to_local"):
+    elif not _is_dtensor_call(to_local, "to_local"):
         reason = "its output is not redistributed to a local tensor"
     if reason:
         log.info("countdown: skipping the DTensor FFN at %s: %s", down.name, reason)
