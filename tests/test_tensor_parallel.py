@@ -6,6 +6,7 @@ CountDown is shard-local: each rank selects among its own neurons, the all-reduc
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from countdown_fx.distributed import destroy_process_group
 
 WORLD = 2
 D_MODEL, D_INTER = 32, 96
@@ -35,6 +38,17 @@ class ShardedFeedForward(nn.Module):
 
     def forward(self, x):
         return funcol.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), "sum", dist.group.WORLD)
+
+
+def _spawn(worker, *args, timeout_s: float = 600) -> None:
+    """mp.spawn of WORLD processes with a deadline: a hung collective fails the test, not the whole CI job."""
+    ctx = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__} did not finish within {timeout_s:.0f} s (a hung collective?)")
 
 
 def _weights():
@@ -91,7 +105,7 @@ def _worker(rank, port, tmp):
             out = _countdown(model, calibration=cal)(x)
             assert (out - dense).abs().max() > 1e-4
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def _dtensor_worker(rank, port):
@@ -136,11 +150,11 @@ def _dtensor_worker(rank, port):
                 want = want + (F.silu(x @ w1[part].t()) * u * (u.abs() > t)) @ w2[:, part].t()
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def test_dtensor_parallelized_ffn_on_two_gloo_processes():
-    mp.spawn(_dtensor_worker, args=(_free_port(),), nprocs=WORLD)
+    _spawn(_dtensor_worker, _free_port())
 
 
 class BiasedFeedForward(nn.Module):
@@ -203,11 +217,11 @@ def _dtensor_bias_worker(rank, port):
             out = _countdown(model, sparsity=0.6)(x)
             torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def test_dtensor_ffn_with_biases_on_two_gloo_processes():
-    mp.spawn(_dtensor_bias_worker, args=(_free_port(),), nprocs=WORLD)
+    _spawn(_dtensor_bias_worker, _free_port())
 
 
 def _free_port() -> int:
@@ -217,7 +231,7 @@ def _free_port() -> int:
 
 
 def test_sharded_ffn_on_two_gloo_processes(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    _spawn(_worker, _free_port(), str(tmp_path))
     # a calibration made on shard 0 of 2 does not load on the unsharded FFN
     import countdown_fx
     from tiny_models import GptFastFeedForward
@@ -282,15 +296,15 @@ def _bf16_worker(rank, port, device_type):
             torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
             assert (out.float() - dense).abs().max() > 0.05  # really sparse
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 GPUs (device kind nvidia-h200-x2)")
 def test_dtensor_parallelized_ffn_on_two_gpus_nccl():
-    mp.spawn(_bf16_worker, args=(_free_port(), "cuda"), nprocs=WORLD)
+    _spawn(_bf16_worker, _free_port(), "cuda")
 
 
 def test_dtensor_parallelized_bf16_ffn_on_two_gloo_processes():
     """The 2-GPU test's body on CPU, so CI checks what the GPU run will check (the reference path here)."""
-    mp.spawn(_bf16_worker, args=(_free_port(), "cpu"), nprocs=WORLD)
+    _spawn(_bf16_worker, _free_port(), "cpu")

@@ -24,6 +24,8 @@ from decode_e2e import (LLAMA8B, TINY, build, calibrate_variants, check_sites_re
                         decode_arg_parser, decode_tokens_per_s)
 from ffn_decode import git_commit  # noqa: E402
 
+from countdown_fx.distributed import destroy_process_group  # noqa: E402
+
 
 def shard(model, mesh) -> None:
     """Megatron-style tensor parallelism on every decoder layer, in place."""
@@ -86,7 +88,7 @@ def main() -> None:
         if rank == 0:
             print(write_table(rows, args, device, dtype, layers, context, new, world))
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()  # frees the CUDA graphs first: NCCL captured in one hangs a plain destroy
 
 
 def write_table(rows, args, device, dtype, layers, context, new, world) -> str:
