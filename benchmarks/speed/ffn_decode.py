@@ -33,10 +33,17 @@ import triton
 from triton.testing import do_bench
 
 from countdown_fx.kernels import ops, triton_ffn
+from countdown_fx.passes.predictor import default_rank
+from countdown_fx.passes.rewrite import RANK_ALIGN
 
 SHAPES = {"llama-3.1-8b": (4096, 14336), "qwen2.5-14b": (5120, 13824), "gemma-2-9b": (3584, 14336)}
 ROT = 8  # token sets per graph replay
-RANK = 512
+
+
+def predictor_rank(D, N) -> int:
+    """The rank calibration gives D-CountDown's predictor at this shape by default, padded to a multiple of
+    RANK_ALIGN as the rewrite stores it (Llama-3.1-8B: 477 -> 480)."""
+    return -(-default_rank(D, N) // RANK_ALIGN) * RANK_ALIGN
 
 
 def copy_bandwidth() -> float:
@@ -76,8 +83,9 @@ class Layer:
         self.w_up = (torch.randn(N, D, device=dev, generator=gen) * D ** -0.5 * gain).to(dtype)
         self.w_down = (torch.randn(D, N, device=dev, generator=gen) * N ** -0.5).to(dtype)  # nn.Linear layout
         self.w_down_t = self.w_down.t().contiguous()
-        self.pred_v = (torch.randn(D, RANK, device=dev, generator=gen) * D ** -0.5).to(dtype)
-        self.pred_u = (torch.randn(N, RANK, device=dev, generator=gen) * RANK ** -0.5).to(dtype)
+        self.rank = predictor_rank(D, N)
+        self.pred_v = (torch.randn(D, self.rank, device=dev, generator=gen) * D ** -0.5).to(dtype)
+        self.pred_u = (torch.randn(N, self.rank, device=dev, generator=gen) * self.rank ** -0.5).to(dtype)
         # One copy of the predictor per rotating token set: a single 19 MB copy could stay in the 50 MB L2
         # between calls, which a model's 32 layers never allow. (Measured at 627b0c4: no change in the
         # launch times; the in-model gap was the rank's alignment, NOTES.md "predictor rank".)
@@ -237,12 +245,12 @@ def kernel_bytes(L, name, side, union) -> dict:
     row = L.D * L.w_gate.element_size()
     sparse_rows = (1 if name == "m" else 2) * union * L.N * row
     pred = L.pred_u.element_size()
-    coef = L.N * row if name == "m" else L.N * RANK * pred
+    coef = L.N * row if name == "m" else L.N * L.rank * pred
     out = {"_coef_kernel": coef + (sparse_rows if side == "masked" else 0), "_down_kernel": union * L.N * row}
     if side == "gather":
         out["_gather_kernel"] = sparse_rows
     if name == "d":
-        out["_lowrank_kernel"] = L.D * RANK * pred
+        out["_lowrank_kernel"] = L.D * L.rank * pred
     return out
 
 
@@ -392,7 +400,8 @@ def write_results(rows, shapes, dev, commit, cmd, bw, out) -> str:
           f"- device: {dev}; torch {torch.__version__}; triton {triton.__version__}",
           f"- commit: {commit}; command: `{cmd}`",
           f"- measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write); ceiling = bytes needed / that",
-          f"- M = M-CountDown (dense up, sparse gate/down), D = D-CountDown (rank-{RANK} predictor included)",
+          "- M = M-CountDown (dense up, sparse gate/down), D = D-CountDown (predictor included, at calibration's "
+          "default rank padded to a multiple of 16: " + ", ".join(f"{s} {predictor_rank(*SHAPES[s])}" for s in shapes) + ")",
           "- union: fraction of neurons active for at least one token of the step (measured on these inputs)",
           "- frac = ceiling time / measured time; speedup = dense Inductor (CUDA graph) time / variant time",
           "- side: what the op runs at this batch size given this union as calibrated (`ops.decode_plan`): the "
