@@ -325,6 +325,8 @@ def main():
     log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
+    if args.quick and args.shapes:
+        ap.error("--quick times the llama shape only; give either --quick or --shapes")
     names = ["llama-3.1-8b"] if args.quick else (args.shapes.split(",") if args.shapes else list(SHAPES))
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
