@@ -24,7 +24,7 @@ def main(src, dst):
         ax.plot(s, [r["compact_us"] for r in rs], "k:", label="compact dense (1-s) d_inter")
         ax.plot(s, [r["m_us"] for r in rs], "b-o", label="M-CountDown (ours)")
         ax.plot(s, [r["m_ceil_us"] for r in rs], "b--", label="M bytes ceiling")
-        ax.plot(s, [r["d_us"] for r in rs], "r-o", label="D-CountDown (ours, r=512)")
+        ax.plot(s, [r["d_us"] for r in rs], "r-o", label="D-CountDown (ours, predictor incl.)")
         ax.plot(s, [r["d_ceil_us"] for r in rs], "r--", label="D bytes ceiling")
         ax.set_title(f"{shape}, batch 1")
         ax.set_xlabel("sparsity s")
