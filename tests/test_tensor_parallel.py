@@ -77,6 +77,45 @@ def _countdown(model, **options):
     return torch.compile(model, backend="countdown", options=options)
 
 
+def _as_torch_211_graph(gm, mesh):
+    """gm with DTensor's calls written as torch 2.11's Dynamo writes them: from_local, redistribute and
+    to_local become call_functions of closures (placements bound inside, the mesh no graph input), named as
+    2.11 names them. Torch >= 2.12 writes DTensor.from_local and methods; the GPU machine runs 2.11, where the
+    matcher once found no site. A 2.11 graph comes back unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    def handle_from_local(placements, kwargs):
+        def fn_with_prim_types(x):
+            return DTensor.from_local(x, mesh, placements, **kwargs)
+        return fn_with_prim_types
+
+    def make_redistribute(kwargs):
+        def redistribute_fn_with_prim_types(t):
+            return t.redistribute(**kwargs)
+        return redistribute_fn_with_prim_types
+
+    def to_local_fn_with_prim_types(t):
+        return t.to_local()
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "from_local":
+            target, args = handle_from_local(node.args[2], dict(node.kwargs)), node.args[:1]
+        elif node.op == "call_method" and node.target == "redistribute":
+            target, args = make_redistribute(dict(node.kwargs)), node.args[:1]
+        elif node.op == "call_method" and node.target == "to_local":
+            target, args = to_local_fn_with_prim_types, node.args
+        else:
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(target, args)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    assert not any(n.op == "call_method" for n in gm.graph.nodes), gm.graph
+    return gm
+
+
 def _worker(rank, port, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -134,6 +173,16 @@ def _dtensor_worker(rank, port):
             for sparsity, want in ((0.0, dense), (0.6, _shard_local_topk(x, w1, w3, w2, 0.6))):
                 out = _countdown(model, sparsity=sparsity)(x)
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            # the same graph in torch 2.11's form is matched and rewritten the same way
+            from countdown_fx.backend import eager_backend
+            from countdown_fx.passes.rewrite import counters
+
+            rewrite = eager_backend({"sparsity": 0.6})
+            before = counters["sites_rewritten"]
+            torch._dynamo.reset()
+            out = torch.compile(model, backend=lambda gm, ex: rewrite(_as_torch_211_graph(gm, mesh), ex))(x)
+            assert counters["sites_rewritten"] - before == 1
+            torch.testing.assert_close(out, _shard_local_topk(x, w1, w3, w2, 0.6), rtol=1e-5, atol=1e-5)
             # calibration on the DTensor model: one threshold per shard, applied shard-locally
             batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
             cal = countdown_fx.calibrate(model, batches, countdown_fx.CountDownConfig(sparsity=0.7, regime="prac"),
