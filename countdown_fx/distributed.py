@@ -13,13 +13,13 @@ def destroy_process_group(group=None) -> None:
 
     A CUDA graph that captured NCCL collectives keeps their communicator busy, and destroying the group then
     waits forever (pytorch/pytorch#115388). A sharded model compiled with mode="reduce-overhead" records
-    such graphs, so call this instead of dist.destroy_process_group at the end of the run. It also drops
-    every compiled function (torch._dynamo.reset()): a later call compiles again."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-        torch.cuda.synchronize()
-        torch._dynamo.reset()
-        reset_cudagraph_trees()
-        gc.collect()
-    dist.destroy_process_group(group)
+    such graphs, so call this instead of dist.destroy_process_group at the end of the run. Where CUDA is in
+    use, it also drops every compiled function (torch._dynamo.reset(), which frees the graphs): a later call
+    compiles again. The group is destroyed even if freeing the graphs fails."""
+    try:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch._dynamo.reset()  # also resets the CUDA graph trees, where the recorded graphs live
+            gc.collect()
+    finally:
+        dist.destroy_process_group(group)

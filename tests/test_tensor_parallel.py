@@ -48,6 +48,7 @@ def _spawn(worker, *args, timeout_s: float = 600) -> None:
         if time.monotonic() > deadline:
             for process in ctx.processes:
                 process.kill()
+                process.join()
             pytest.fail(f"{worker.__name__} did not finish within {timeout_s:.0f} s (a hung collective?)")
 
 
@@ -183,6 +184,22 @@ def _dtensor_worker(rank, port):
             out = torch.compile(model, backend=lambda gm, ex: rewrite(_as_torch_211_graph(gm, mesh), ex))(x)
             assert counters["sites_rewritten"] - before == 1
             torch.testing.assert_close(out, _shard_local_topk(x, w1, w3, w2, 0.6), rtol=1e-5, atol=1e-5)
+            # sequence parallel (down's output reduce-scattered over tokens) is not the all-reduce the rewrite
+            # inserts: the FFN is left dense, with the right output
+            from torch.distributed.tensor import Shard
+
+            seq = GptFastFeedForward(D_MODEL, D_INTER).eval()
+            for lin, w in ((seq.w1, w1), (seq.w3, w3), (seq.w2, w2)):
+                lin.weight.copy_(w)
+            parallelize_module(seq, mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(),
+                                           "w2": RowwiseParallel(output_layouts=Shard(1))})
+            xs = torch.randn(2, 2 * WORLD, D_MODEL, generator=torch.Generator().manual_seed(2))
+            before = counters["sites_rewritten"]
+            with pytest.warns(UserWarning, match="no gated FFN"):
+                out = _countdown(seq, sparsity=0.6)(xs)
+            assert counters["sites_rewritten"] == before
+            dense_seq = F.linear(F.silu(xs @ w1.t()) * (xs @ w3.t()), w2)
+            torch.testing.assert_close(out, dense_seq[:, 2 * rank:2 * rank + 2], rtol=1e-5, atol=1e-5)
             # calibration on the DTensor model: one threshold per shard, applied shard-locally
             batches = [torch.randn(4, 16, D_MODEL, generator=torch.Generator().manual_seed(i)) for i in range(3)]
             cal = countdown_fx.calibrate(model, batches, countdown_fx.CountDownConfig(sparsity=0.7, regime="prac"),
@@ -351,7 +368,7 @@ def _bf16_worker(rank, port, device_type):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 GPUs (device kind nvidia-h200-x2)")
 def test_dtensor_parallelized_ffn_on_two_gpus_nccl():
-    _spawn(_bf16_worker, _free_port(), "cuda")
+    _spawn(_bf16_worker, _free_port(), "cuda", timeout_s=240)  # inside the device tool's 600 s per command
 
 
 def test_dtensor_parallelized_bf16_ffn_on_two_gloo_processes():

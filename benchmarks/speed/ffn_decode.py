@@ -10,8 +10,9 @@ Activations look like an LLM's: RMS-normalised hidden states with a few high-var
 rows with per-neuron gain (some neurons fire more often than others, so the masks of different tokens
 overlap as they do in real models). Thresholds follow the CountDown calibration rule (mean over
 calibration tokens of the k-th smallest score, k = s * d_inter) on separate calibration tokens, so the
-realised sparsity varies per token. D-CountDown uses a random rank-512 predictor with tau chosen the same
-way (its mask quality is irrelevant to speed; its bytes are counted).
+realised sparsity varies per token. D-CountDown uses a random predictor at calibration's default rank
+(padded to a multiple of RANK_ALIGN, as the rewrite stores it) with tau chosen the same way (its mask quality
+is irrelevant to speed; its bytes are counted).
 
 Baselines: dense FFN compiled by Inductor (cuBLAS GEMVs, same CUDA graph treatment); the ideal compact
 dense FFN with (1 - s) * d_inter neurons; the bytes ceiling = bytes that must be read (measured union of
@@ -307,6 +308,13 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="only time each launch against its bytes (Llama shape, torch.profiler), no table")
     args = ap.parse_args()
+    if args.quick and args.shapes:
+        ap.error("--quick times the llama shape only; give either --quick or --shapes")
+    names = ["llama-3.1-8b"] if args.quick else (args.shapes.split(",") if args.shapes else list(SHAPES))
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
+    shapes = {name: SHAPES[name] for name in names}
     os.makedirs(args.out, exist_ok=True)
     # the dense baselines compile once per (batch, neuron count): past Dynamo's default limit of 8 they
     # would silently run eagerly
@@ -325,13 +333,6 @@ def main():
     log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
-    if args.quick and args.shapes:
-        ap.error("--quick times the llama shape only; give either --quick or --shapes")
-    names = ["llama-3.1-8b"] if args.quick else (args.shapes.split(",") if args.shapes else list(SHAPES))
-    unknown = sorted(set(names) - set(SHAPES))
-    if unknown:
-        ap.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
-    shapes = {name: SHAPES[name] for name in names}
     if args.compare:
         compare_configs(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
         return
@@ -403,7 +404,7 @@ def write_results(rows, shapes, dev, commit, cmd, bw, out) -> str:
           f"- commit: {commit}; command: `{cmd}`",
           f"- measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write); ceiling = bytes needed / that",
           "- M = M-CountDown (dense up, sparse gate/down), D = D-CountDown (predictor included, at calibration's "
-          "default rank padded to a multiple of 16: " + ", ".join(f"{s} {predictor_rank(*SHAPES[s])}" for s in shapes) + ")",
+          f"default rank padded to a multiple of {RANK_ALIGN}: " + ", ".join(f"{s} {predictor_rank(*SHAPES[s])}" for s in shapes) + ")",
           "- union: fraction of neurons active for at least one token of the step (measured on these inputs)",
           "- frac = ceiling time / measured time; speedup = dense Inductor (CUDA graph) time / variant time",
           "- side: what the op runs at this batch size given this union as calibrated (`ops.decode_plan`): the "

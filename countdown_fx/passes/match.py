@@ -447,11 +447,17 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def _placements(node: fx.Node):
+    """The placements of the DTensor a graph node produces (Dynamo's example value), None when unknown."""
+    value = node.meta.get("example_value")
+    return tuple(value.placements) if _is_dtensor(value) else None
+
+
 def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
     """(output node, shard, group name) of a DTensor column/row-parallel FFN, or None (logged) when the
     layout is another one: gate/up weights and biases Shard(0) (each rank holds its neurons' biases), down
     weight Shard(1), a down bias replicated (the rewrite adds it once, after the all-reduce), output
-    redistributed, no fusion (a fused gate_up weight split by rows would put all gate rows on one rank and
+    redistributed to Replicate (an all-reduce) and made local, no fusion (a fused gate_up weight split by rows would put all gate rows on one rank and
     all up rows on the other)."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -470,6 +476,10 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
         reason = "its down bias is not a replicated DTensor"
     elif not _is_dtensor_call(to_local, "to_local"):
         reason = "its output is not redistributed to a local tensor"
+    elif _placements(redistribute) != (Replicate(),):
+        # e.g. RowwiseParallel(output_layouts=Shard(1)) (sequence parallel): a reduce-scatter, not the all-reduce
+        # the rewrite inserts
+        reason = f"its output is redistributed to {_placements(redistribute)}, not replicated (all-reduced)"
     if reason:
         log.info("countdown: skipping the DTensor FFN at %s: %s", down.name, reason)
         return None
