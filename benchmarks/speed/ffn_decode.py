@@ -206,6 +206,11 @@ COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
     "gather side": {"sparse_side": "gather"},
+    # D's one-token logits (gather side, B=1): tl.dot as before, and other tile shapes of the FMA path
+    "logits tl.dot": {"coef_one_token_pred": None},
+    "logits 32x512": {"coef_one_token_pred": dict(BLOCK_N=32, BLOCK_R=512, num_warps=4, num_stages=1)},
+    "logits 16x256": {"coef_one_token_pred": dict(BLOCK_N=16, BLOCK_R=256, num_warps=4, num_stages=2)},
+    "logits 16x512 2w": {"coef_one_token_pred": dict(BLOCK_N=16, BLOCK_R=512, num_warps=2, num_stages=1)},
 }
 
 

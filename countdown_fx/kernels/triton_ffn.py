@@ -137,10 +137,11 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                  M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, ONE_TOKEN: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
     _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
-    union; the gather kernel walks the compacted union rows."""
+    union; the gather kernel walks the compacted union rows. ONE_TOKEN (D-CountDown, M == 1): the logits as
+    fp32 FMA sums over the rank instead of tl.dot, which pads the one token to 16 rows."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,15 +160,26 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
     if MODE == 3:
         # D-CountDown: logits = h @ U^T with h = x V (fp32, from _lowrank_kernel); dense, fp32.
-        logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for r in range(0, R, BLOCK_R):
-            offs_r = r + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < R
-            ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
-                         mask=b_mask[:, None] & r_mask[None, :], other=0.0)
-            ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
-                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-            logits += _dot_f32(ht, tl.trans(ut), UPCAST)
+        if ONE_TOKEN:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for r in range(0, R, BLOCK_R):
+                offs_r = r + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < R
+                h1 = tl.load(h_ptr + offs_r, mask=r_mask, other=0.0)
+                ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
+                             mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(ut * h1[None, :], axis=1)
+            logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32) + acc[None, :]
+        else:
+            logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            for r in range(0, R, BLOCK_R):
+                offs_r = r + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < R
+                ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
+                             mask=b_mask[:, None] & r_mask[None, :], other=0.0)
+                ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
+                             mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+                logits += _dot_f32(ht, tl.trans(ut), UPCAST)
         keep = (logits > thr) & valid
         dv = logits
         union = tl.max(keep.to(tl.int32), axis=0) > 0
@@ -463,6 +475,9 @@ CONFIG = {
     # small union 8x the programs of 16-row tiles. Measured at B=1 (NOTES.md, "one-token gather"): D s=0.9
     # 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns, 2 warps.
     "gather_one_token": dict(BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
+    # D-CountDown's logits for a one-token step on the gather side, without tl.dot (None: as for several
+    # tokens): merged over "coef"; smaller neuron blocks give more programs, each its whole rank in one tile.
+    "coef_one_token_pred": dict(BLOCK_N=16, BLOCK_R=512, num_warps=4, num_stages=1),
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
@@ -540,16 +555,17 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
                 num_warps=r["num_warps"])
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
-    c = cfg["coef"]
+    if cfg["sparse_side"] not in SIDES:
+        raise ValueError(f"sparse_side={cfg['sparse_side']!r}: expected one of {sorted(SIDES)}")
+    side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
+    gather = side == SIDES["gather"]
+    one_token_logits = mode == MODE_PRED and gather and M == 1 and cfg["coef_one_token_pred"] is not None
+    c = {**cfg["coef"], **cfg["coef_one_token_pred"]} if one_token_logits else cfg["coef"]
     block_k = _block_k(c["BLOCK_K"], dtype)
     block_n = c["BLOCK_N"]
     n_blocks = triton.cdiv(N, block_n)
     idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
     cnt = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device)
-    if cfg["sparse_side"] not in SIDES:
-        raise ValueError(f"sparse_side={cfg['sparse_side']!r}: expected one of {sorted(SIDES)}")
-    side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
-    gather = side == SIDES["gather"]
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
     # the union's rows in one list, written by _gather_kernel; without it the down kernel never reads `flat`
     flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
@@ -561,8 +577,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-        BLOCK_B=BLOCK_B, BLOCK_N=c["BLOCK_N"], BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
-        SIDE=side,
+        BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
+        SIDE=side, ONE_TOKEN=one_token_logits,
         num_warps=c["num_warps"],
         num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 

@@ -23,11 +23,14 @@ SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16), "down": dict(B
                 "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
 SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
 ONE_TOKEN = dict(BLOCK_RG=4, BLOCK_K=16, num_warps=4, num_stages=2, programs_per_sm=1)  # used only when M == 1
+ONE_TOKEN_LOGITS = dict(BLOCK_N=16, BLOCK_R=8)  # several rank tiles (rank 13 in test_many_blocks)
 # the ways the sparse side and the down kernel's row list can run (triton_ffn.CONFIG)
 SIDE_VARIANTS = {
     "masked": {"sparse_side": "masked"},
-    "gather": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": None},  # tl.dot at any M
-    "gather-one-token": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": ONE_TOKEN},
+    "gather": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": None,  # tl.dot at any M
+               "coef_one_token_pred": None},
+    "gather-one-token": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": ONE_TOKEN,
+                         "coef_one_token_pred": ONE_TOKEN_LOGITS},
 }
 
 
@@ -106,8 +109,9 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
 
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
 def test_one_token_gather_agrees_with_the_masked_side(mode):
-    """A one-token step's gather sums its dots on the FMA units instead of tl.dot: same mask, and the same
-    coefficients up to the fp32 summation order (one bf16 step at most), so the same output within bf16."""
+    """A one-token step's gather (and D's logits) sum their dots on the FMA units instead of tl.dot: same mask,
+    and the same coefficients up to the fp32 summation order (one bf16 step at most), so the same output
+    within bf16."""
     c = make_case(1, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=23)
     y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-one-token"]})
     check(c, y, a)
