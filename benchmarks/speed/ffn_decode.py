@@ -206,11 +206,9 @@ COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
     "gather side": {"sparse_side": "gather"},
-    # D's one-token logits (gather side, B=1): tl.dot as before, and other tile shapes of the FMA path
+    # D's one-token logits through tl.dot, as before 74e5feb (32x512, 16x256 and 2-warp tiles of the FMA path
+    # were within 1 us of the default or slower there: NOTES.md "one-token logits")
     "logits tl.dot": {"coef_one_token_pred": None},
-    "logits 32x512": {"coef_one_token_pred": dict(BLOCK_N=32, BLOCK_R=512, num_warps=4, num_stages=1)},
-    "logits 16x256": {"coef_one_token_pred": dict(BLOCK_N=16, BLOCK_R=256, num_warps=4, num_stages=2)},
-    "logits 16x512 2w": {"coef_one_token_pred": dict(BLOCK_N=16, BLOCK_R=512, num_warps=2, num_stages=1)},
 }
 
 
