@@ -374,3 +374,28 @@ def test_dtensor_parallelized_ffn_on_two_gpus_nccl():
 def test_dtensor_parallelized_bf16_ffn_on_two_gloo_processes():
     """The 2-GPU test's body on CPU, so CI checks what the GPU run will check (the reference path here)."""
     _spawn(_bf16_worker, _free_port(), "cpu")
+
+
+def test_destroy_process_group_frees_cuda_graphs_first_and_always_destroys(monkeypatch):
+    """The CUDA graphs go first (a captured NCCL collective would hang the destroy), and the group is destroyed
+    even when freeing them fails (a CUDA fault at the end of a run), the failure still raised."""
+    import countdown_fx.distributed as cdist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: calls.append(("destroy", group)))
+    cdist.destroy_process_group("g")
+    assert calls == ["synchronize", "reset", ("destroy", "g")]
+
+    calls.clear()
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cdist.destroy_process_group()
+    assert calls == [("destroy", None)]
