@@ -206,9 +206,11 @@ COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
     "gather side": {"sparse_side": "gather"},
-    # D's one-token logits through tl.dot, as before 74e5feb (32x512, 16x256 and 2-warp tiles of the FMA path
-    # were within 1 us of the default or slower there: NOTES.md "one-token logits")
-    "logits tl.dot": {"coef_one_token_pred": None},
+    # the FMA (no tl.dot) gather and logits for one token only, as before the few-token paths; the logits alone
+    # for one token; 4-row gather groups (NOTES.md "few-token gather")
+    "no-dot 1 token": {"gather_no_dot": {"max_tokens": 1}, "coef_no_dot_pred": {"max_tokens": 1}},
+    "no-dot logits 1 token": {"coef_no_dot_pred": {"max_tokens": 1}},
+    "no-dot 4-row groups": {"gather_no_dot": {"BLOCK_RG": 4}},
 }
 
 

@@ -46,9 +46,10 @@ N_FFN_TENSORS = 7
 # (benchmarks/speed/NOTES.md, "sides" and "crossover"):
 # - the gather sparse side beats the masked one up to a union of ~0.35 (M-CountDown / CATS and D-CountDown
 #   alike since its flat row list lets the down kernel walk only the union at any size: "flat walk");
-#   the choice is speed only: the same mask; the same coefficients bit for bit from two tokens up (a one-token
-#   step's gather sums its dots on the FMA units, triton_ffn.CONFIG["gather_one_token"]); the output within
-#   fp32 rounding (after the gather side the down kernel walks the union in compacted order).
+#   the choice is speed only: the same mask; the same coefficients up to fp32 summation order (bit for bit
+#   where the gather runs tl.dot; a step of a few tokens sums its dots on the FMA units,
+#   triton_ffn.CONFIG["gather_no_dot"]); the output within fp32 rounding (after the gather side the down
+#   kernel walks the union in compacted order).
 # - D-CountDown is slower than the dense FFN from a union of ~0.8 on (the predictor's bytes and compute
 #   come on top of a nearly dense read), M-CountDown / CATS by ~2% at a full union (B=16, union 0.99-1.0:
 #   136.3-136.8 vs 134.3 us): such steps run the dense FFN. This changes the output (to the dense one) for

@@ -104,28 +104,33 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
 
 
 @triton.jit
-def _gemv_one_token(x_ptr, w_ptr, stride_w, rows, r_mask, D,
-                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_gemv for a single token without tl.dot (fp32 products and sums on the FMA units): a dot needs 16 rows
-    per tile, which leaves a one-token step's small union in too few programs (latency-bound, NOTES.md
-    "one-token gather"). Row 0 of the [BLOCK_B, BLOCK_RG] result holds x[0] @ w[rows]^T."""
-    acc = tl.zeros((BLOCK_RG,), dtype=tl.float32)
+def _gemv_no_dot(x_ptr, stride_xm, w_ptr, stride_w, rows, r_mask, M, D,
+                 BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_B, BLOCK_RG] fp32 = x[:M, :D] @ w[rows, :D]^T without tl.dot, for a step of a few tokens
+    (BLOCK_B >= M, a power of two, as small as 1): fp32 products and sums on the FMA units, one token at a
+    time over each weight tile. A dot pads the tokens to 16 rows and needs 16 rows of w per tile, which
+    leaves a small union in too few programs (latency-bound, NOTES.md "one-token gather", "few-token
+    gather"). x may be fp32 (the predictor's h) or the weights' dtype."""
+    offs_b = tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < D
-        xt = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
-                     other=0.0)
-        acc += tl.sum(wt.to(tl.float32) * xt[None, :], axis=1)
-    return tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32) + acc[None, :]
+                     other=0.0).to(tl.float32)
+        for t in tl.static_range(BLOCK_B):
+            # t < M as a tensor: triton's interpreter takes no scalar mask
+            xt = tl.load(x_ptr + t * stride_xm + offs_k, mask=k_mask & (offs_k * 0 + t < M), other=0.0).to(tl.float32)
+            acc = tl.where(offs_b[:, None] == t, acc + tl.sum(wt * xt[None, :], axis=1)[None, :], acc)
+    return acc
 
 
 @triton.jit
-def _rows_gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, D,
-               BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TOKEN: tl.constexpr,
+def _rows_gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, M, D,
+               BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, NO_DOT: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
-    if ONE_TOKEN:
-        acc = _gemv_one_token(x_ptr, w_ptr, stride_w, rows, r_mask, D, BLOCK_B, BLOCK_RG, BLOCK_K)
+    if NO_DOT:
+        acc = _gemv_no_dot(x_ptr, stride_xm, w_ptr, stride_w, rows, r_mask, M, D, BLOCK_B, BLOCK_RG, BLOCK_K)
     else:
         acc = _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, D, D,
                     BLOCK_B, BLOCK_RG, BLOCK_K, PREC, UPCAST)
@@ -137,11 +142,12 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                  M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, ONE_TOKEN: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, NO_DOT: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
     _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
-    union; the gather kernel walks the compacted union rows. ONE_TOKEN (D-CountDown, M == 1): the logits as
-    fp32 FMA sums over the rank instead of tl.dot, which pads the one token to 16 rows."""
+    union; the gather kernel walks the compacted union rows. NO_DOT (D-CountDown on the gather side, a few
+    tokens, BLOCK_B >= M as small as 1): the logits as fp32 FMA sums over the rank instead of tl.dot, which
+    pads the tokens to 16 rows."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,16 +166,8 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
     if MODE == 3:
         # D-CountDown: logits = h @ U^T with h = x V (fp32, from _lowrank_kernel); dense, fp32.
-        if ONE_TOKEN:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for r in range(0, R, BLOCK_R):
-                offs_r = r + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < R
-                h1 = tl.load(h_ptr + offs_r, mask=r_mask, other=0.0)
-                ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
-                             mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(ut * h1[None, :], axis=1)
-            logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32) + acc[None, :]
+        if NO_DOT:
+            logits = _gemv_no_dot(h_ptr, stride_h, pu_ptr, stride_pu, offs_n, n_mask, M, R, BLOCK_B, BLOCK_N, BLOCK_R)
         else:
             logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
             for r in range(0, R, BLOCK_R):
@@ -182,15 +180,18 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                 logits += _dot_f32(ht, tl.trans(ut), UPCAST)
         keep = (logits > thr) & valid
         dv = logits
-        union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = _sparse_k_end(union, D, SIDE)
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
-        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
-        a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
+        if SIDE == 0:
+            union = tl.max(keep.to(tl.int32), axis=0) > 0
+            k_end = _sparse_k_end(union, D, SIDE)
+            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
+                      BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
+                      BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+            g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
+            u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
+            a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
+        else:  # _gather_kernel computes a; no tl.dot here, so BLOCK_B may be below 16 (NO_DOT)
+            a = tl.zeros((BLOCK_B, BLOCK_N), dtype=out_dtype)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
         g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
@@ -277,7 +278,7 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    flat_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NB_P2: tl.constexpr, ONE_TOKEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   NB_P2: tl.constexpr, NO_DOT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
     each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
     a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
@@ -300,16 +301,16 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         valid = b_mask[:, None] & k_mask[None, :]
         dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
         if MODE == 3 or MODE == 1:
-            g = _rows_gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, D,
-                           BLOCK_B, BLOCK_RG, BLOCK_K, ONE_TOKEN, PREC, UPCAST)
+            g = _rows_gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, M, D,
+                           BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
             if HAS_BG:
                 g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
         else:
             ag = dv
         if MODE == 3 or MODE == 0:
-            u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, D,
-                           BLOCK_B, BLOCK_RG, BLOCK_K, ONE_TOKEN, PREC, UPCAST)
+            u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, M, D,
+                           BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
             if HAS_BU:
                 u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             u = _cast(u, out_dtype, UPCAST).to(tl.float32)
@@ -465,19 +466,21 @@ CONFIG = {
     "compact_max_density": 0.15,
     # Sparse side of gate/up: "masked" (in _coef_kernel, masked row loads over each neuron block) or
     # "gather" (_gather_kernel over the compacted union: full tiles of active rows). Same coefficients bit
-    # for bit from two tokens up (one token: see gather_one_token), the output within fp32 rounding (the down
+    # for bit where tl.dot runs (fewer tokens: see gather_no_dot), the output within fp32 rounding (the down
     # kernel then walks the union in compacted order); gather is faster only for small unions, which the ops
     # choose per call from the calibrated union (ops.decode_plan), since the kernels' caller cannot see this
     # step's union without a sync.
     "sparse_side": "masked",
     "gather": dict(BLOCK_RG=16, BLOCK_K=256, num_warps=4, num_stages=4, programs_per_sm=4),
-    # The gather launch of a one-token step, without tl.dot (None: as for several tokens): 2-row groups give a
-    # small union 8x the programs of 16-row tiles. Measured at B=1 (NOTES.md, "one-token gather"): D s=0.9
-    # 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns, 2 warps.
-    "gather_one_token": dict(BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
-    # D-CountDown's logits for a one-token step on the gather side, without tl.dot (None: as for several
-    # tokens): merged over "coef"; smaller neuron blocks give more programs, each its whole rank in one tile.
-    "coef_one_token_pred": dict(BLOCK_N=16, BLOCK_R=512, num_warps=4, num_stages=1),
+    # The gather launch of a step of at most max_tokens tokens, without tl.dot (None: tl.dot at any count):
+    # 2-row groups give a small union 8x the programs of 16-row tiles. Measured at B=1 (NOTES.md, "one-token
+    # gather"): D s=0.9 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns,
+    # 2 warps. max_tokens: NOTES.md "few-token gather".
+    "gather_no_dot": dict(max_tokens=4, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
+    # D-CountDown's logits on the gather side for a step of at most max_tokens tokens, without tl.dot (None:
+    # tl.dot at any count): merged over "coef"; smaller neuron blocks give more programs, each its whole rank
+    # in one tile. Measured at B=1 (NOTES.md, "one-token logits"): D s=0.9 43.1 -> 39.5 us.
+    "coef_no_dot_pred": dict(max_tokens=4, BLOCK_N=16, BLOCK_R=512, num_warps=4, num_stages=1),
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
@@ -490,6 +493,12 @@ def _block_k(block_k: int, dtype: torch.dtype) -> int:
     """The d_model tile of a launch: fp32 tiles (3xTF32 dots) take twice the registers and shared memory of
     16-bit ones, so they stop at 128 columns."""
     return block_k if dtype != torch.float32 else min(block_k, 128)
+
+
+def _no_dot(launch: dict | None, tokens: int) -> bool:
+    """Whether a step of `tokens` tokens runs a launch's FMA path (CONFIG "gather_no_dot", "coef_no_dot_pred";
+    None: never)."""
+    return launch is not None and tokens <= launch["max_tokens"]
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
@@ -559,8 +568,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         raise ValueError(f"sparse_side={cfg['sparse_side']!r}: expected one of {sorted(SIDES)}")
     side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
     gather = side == SIDES["gather"]
-    one_token_logits = mode == MODE_PRED and gather and M == 1 and cfg["coef_one_token_pred"] is not None
-    c = {**cfg["coef"], **cfg["coef_one_token_pred"]} if one_token_logits else cfg["coef"]
+    no_dot_logits = mode == MODE_PRED and gather and _no_dot(cfg["coef_no_dot_pred"], M)
+    c = {**cfg["coef"], **cfg["coef_no_dot_pred"]} if no_dot_logits else cfg["coef"]
     block_k = _block_k(c["BLOCK_K"], dtype)
     block_n = c["BLOCK_N"]
     n_blocks = triton.cdiv(N, block_n)
@@ -577,22 +586,22 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-        BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast,
-        SIDE=side, ONE_TOKEN=one_token_logits,
+        BLOCK_B=triton.next_power_of_2(M) if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast, SIDE=side, NO_DOT=no_dot_logits,
         num_warps=c["num_warps"],
         num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 
     if gather:
-        one_token = M == 1 and cfg["gather_one_token"] is not None
-        c = cfg["gather_one_token"] if one_token else cfg["gather"]
+        no_dot = _no_dot(cfg["gather_no_dot"], M)
+        c = cfg["gather_no_dot"] if no_dot else cfg["gather"]
         grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
         wrap_triton(_gather_kernel)[(grid,)](
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
             dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
             dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
-            HAS_BU=b_up is not None, BLOCK_B=BLOCK_B, BLOCK_RG=c["BLOCK_RG"],
-            BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2, ONE_TOKEN=one_token, PREC=prec,
-            UPCAST=upcast,
+            HAS_BU=b_up is not None, BLOCK_B=triton.next_power_of_2(M) if no_dot else BLOCK_B,
+            BLOCK_RG=c["BLOCK_RG"], BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2,
+            NO_DOT=no_dot, PREC=prec, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]

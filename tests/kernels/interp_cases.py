@@ -22,21 +22,22 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
                 "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
 SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
-ONE_TOKEN = dict(BLOCK_RG=4, BLOCK_K=16, num_warps=4, num_stages=2, programs_per_sm=1)  # used only when M == 1
-ONE_TOKEN_LOGITS = dict(BLOCK_N=16, BLOCK_R=8)  # several rank tiles (rank 13 in test_many_blocks)
+# the FMA paths (no tl.dot) for steps of up to 3 tokens: every M the cases draw (1 and 3)
+NO_DOT = dict(max_tokens=3, BLOCK_RG=4, BLOCK_K=16, num_warps=4, num_stages=2, programs_per_sm=1)
+NO_DOT_LOGITS = dict(max_tokens=3, BLOCK_N=16, BLOCK_R=8)  # several rank tiles (rank 13 in test_many_blocks)
 # the ways the sparse side and the down kernel's row list can run (triton_ffn.CONFIG)
 SIDE_VARIANTS = {
     "masked": {"sparse_side": "masked"},
-    "gather": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": None,  # tl.dot at any M
-               "coef_one_token_pred": None},
-    "gather-one-token": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_one_token": ONE_TOKEN,
-                         "coef_one_token_pred": ONE_TOKEN_LOGITS},
+    "gather": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_no_dot": None,  # tl.dot at any M
+               "coef_no_dot_pred": None},
+    "gather-no-dot": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_no_dot": NO_DOT,
+                      "coef_no_dot_pred": NO_DOT_LOGITS},
 }
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
     ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0],
-    ["masked", "gather", "gather-one-token"])))
+    ["masked", "gather", "gather-no-dot"])))
 def test_modes(mode, M, dtype, sparsity, side):
     """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M;
     every implementation of the sparse side."""
@@ -89,7 +90,7 @@ def test_sides_agree(mode):
         assert rel_err(y_side, y) <= 4 * ULP[torch.bfloat16], side
 
 
-@pytest.mark.parametrize("side", ["masked", "gather", "gather-one-token"])
+@pytest.mark.parametrize("side", ["masked", "gather", "gather-no-dot"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
 def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
     """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that
@@ -107,18 +108,50 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
     check(c, y, a)
 
 
+@pytest.mark.parametrize("M", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
-def test_one_token_gather_agrees_with_the_masked_side(mode):
-    """A one-token step's gather (and D's logits) sum their dots on the FMA units instead of tl.dot: same mask,
+def test_no_dot_gather_agrees_with_the_masked_side(mode, M):
+    """A step of a few tokens gathers (and D computes its logits) with FMA sums instead of tl.dot: same mask,
     and the same coefficients up to the fp32 summation order (one bf16 step at most), so the same output
-    within bf16."""
-    c = make_case(1, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=23)
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-one-token"]})
+    within bf16. M=2 runs a power-of-two token tile with no padding token, M=3 one with a padding token."""
+    c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=23 + M)
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-no-dot"]})
     check(c, y, a)
     y_masked, a_masked = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     assert torch.equal(a != 0, a_masked != 0)
     assert rel_err(a, a_masked) <= TOL[torch.bfloat16]
     assert rel_err(y, y_masked) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("M,max_tokens", [(1, 1), (2, 1), (3, 4), (3, 2)])
+def test_no_dot_max_tokens_picks_the_launch(monkeypatch, M, max_tokens):
+    """At most max_tokens tokens: the gather and D's logits run their FMA path with a token tile of
+    next_power_of_2(M); more: tl.dot with 16-token tiles. The output is right either way."""
+    from countdown_fx.kernels import triton_ffn
+
+    launches = {}
+    real = triton_ffn.wrap_triton
+
+    def recording(kernel):
+        launcher = real(kernel)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches[kernel.__name__] = kwargs
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return Recorder()
+
+    monkeypatch.setattr(triton_ffn, "wrap_triton", recording)
+    c = make_case(M, 53, 131, torch.bfloat16, "cpu", "pred", bias=True, sparsity=0.6, seed=31)
+    limit = {"max_tokens": max_tokens}
+    check(c, *run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-no-dot"],
+                                    "gather_no_dot": limit, "coef_no_dot_pred": limit}))
+    no_dot = M <= max_tokens
+    for name in ("_coef_kernel", "_gather_kernel"):
+        assert launches[name]["NO_DOT"] == no_dot, name
+        assert launches[name]["BLOCK_B"] == (1 << (M - 1).bit_length() if no_dot else 16), name
 
 
 @pytest.mark.parametrize("mode", ["up", "pred"])
