@@ -206,11 +206,9 @@ COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
     "gather side": {"sparse_side": "gather"},
-    # the FMA (no tl.dot) gather and logits for one token only, as before the few-token paths; the logits alone
-    # for one token; 4-row gather groups (NOTES.md "few-token gather")
+    # the FMA (no tl.dot) gather and logits for one token only, as before the few-token paths (NOTES.md
+    # "few-token gather": up to 4 tokens and 4-row groups lost at B=4)
     "no-dot 1 token": {"gather_no_dot": {"max_tokens": 1}, "coef_no_dot_pred": {"max_tokens": 1}},
-    "no-dot logits 1 token": {"coef_no_dot_pred": {"max_tokens": 1}},
-    "no-dot 4-row groups": {"gather_no_dot": {"BLOCK_RG": 4}},
 }
 
 

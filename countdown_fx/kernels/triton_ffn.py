@@ -475,12 +475,14 @@ CONFIG = {
     # The gather launch of a step of at most max_tokens tokens, without tl.dot (None: tl.dot at any count):
     # 2-row groups give a small union 8x the programs of 16-row tiles. Measured at B=1 (NOTES.md, "one-token
     # gather"): D s=0.9 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns,
-    # 2 warps. max_tokens: NOTES.md "few-token gather".
-    "gather_no_dot": dict(max_tokens=4, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
+    # 2 warps. max_tokens from `ffn_decode.py --compare` (NOTES.md "few-token gather"): at 2 tokens it wins
+    # (D s=0.9 62.1 -> 54.8 us with the logits below, M s=0.8 94.5 -> 87.2), at 4 it loses (D s=0.9 79.8 -> 90.9).
+    "gather_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
     # D-CountDown's logits on the gather side for a step of at most max_tokens tokens, without tl.dot (None:
     # tl.dot at any count): merged over "coef"; smaller neuron blocks give more programs, each its whole rank
-    # in one tile. Measured at B=1 (NOTES.md, "one-token logits"): D s=0.9 43.1 -> 39.5 us.
-    "coef_no_dot_pred": dict(max_tokens=4, BLOCK_N=16, BLOCK_R=512, num_warps=4, num_stages=1),
+    # in one tile. Measured (NOTES.md, "one-token logits", "few-token gather"): D s=0.9 B=1 43.1 -> 39.5 us,
+    # B=2 57.2 -> 54.8; neutral at B=4 (90.1 vs 90.9 with the FMA gather), so the same bound as the gather.
+    "coef_no_dot_pred": dict(max_tokens=2, BLOCK_N=16, BLOCK_R=512, num_warps=4, num_stages=1),
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),

@@ -61,7 +61,7 @@ def test_other_shapes(shape, act, mode, bias, sparsity):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 16])
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
 def test_gather_side_full_shape(mode, M, dtype):
     """The sparse side as a gather over the compacted union (config sparse_side="gather"): correct,
