@@ -303,6 +303,8 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated shapes to time (default: all of them)")
     ap.add_argument("--quick", action="store_true", help="llama shape only")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs first (llama shape)")
+    ap.add_argument("--crossover", action="store_true",
+                    help="time the down kernel's compacted and direct walks first (llama shape, B 1 and 4; ~70 s)")
     ap.add_argument("--commit", default=None, help="commit named in the table header (default: git rev-parse)")
     ap.add_argument("--batches", default="1,2,4,8,16", help="comma-separated decode batch sizes (tokens per step)")
     ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9", help="comma-separated target sparsities")
@@ -351,7 +353,8 @@ def main():
         if shape == "llama-3.1-8b":  # launch-config sweep and walk crossover: on the Llama shape only
             if args.sweep:
                 sweep(L, bw, log)
-            crossover(L, log, batches)
+            if args.crossover:
+                crossover(L, log, batches)
         calib = L.tokens(512)
         dense_c = torch.compile(dense_ffn, dynamic=False)  # specialised per shape, as in a model
         for B in batches:
