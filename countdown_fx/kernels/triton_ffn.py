@@ -89,8 +89,10 @@ def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_end,
-          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, :k_end] @ w[offs_n, :k_end]^T, reading only rows where `rows`."""
+          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+          F32: tl.constexpr = False):
+    """[BLOCK_B, BLOCK_N] fp32 = x[offs_b, :k_end] @ w[offs_n, :k_end]^T, reading only rows where `rows`.
+    F32: x is fp32 (the predictor's h) and w is upcast to it, for an fp32-grade dot (_dot_f32)."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -99,8 +101,35 @@ def _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :],
                      mask=rows[:, None] & k_mask[None, :], other=0.0)
-        acc += _dot(xt, tl.trans(wt), PREC, UPCAST)
+        if F32:
+            acc += _dot_f32(xt, tl.trans(wt.to(tl.float32)), UPCAST)
+        else:
+            acc += _dot(xt, tl.trans(wt), PREC, UPCAST)
     return acc
+
+
+@triton.jit
+def _proj(x_ptr, stride_xm, w_ptr, stride_w, bias, offs_b, b_mask, offs_n, rows, D, k_end, out_dtype: tl.constexpr,
+          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """x @ w[offs_n]^T + bias over the rows where `rows`, rounded to out_dtype and back to fp32, as the
+    reference rounds g and u."""
+    acc = _gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, offs_n, rows, D, k_end,
+                BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+    return _cast(acc + bias[None, :], out_dtype, UPCAST).to(tl.float32)
+
+
+@triton.jit
+def _gated(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, bg, bu, offs_b, b_mask, offs_n, rows, D, k_end,
+           out_dtype: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a = act(g) * u for the rows where `rows` (g, u, act(g) and the product rounded to out_dtype, as in the
+    reference), both projections read in the coef kernel."""
+    g = _proj(x_ptr, stride_xm, wg_ptr, stride_wg, bg, offs_b, b_mask, offs_n, rows, D, k_end, out_dtype,
+              BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+    u = _proj(x_ptr, stride_xm, wu_ptr, stride_wu, bu, offs_b, b_mask, offs_n, rows, D, k_end, out_dtype,
+              BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+    return _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
 
 
 @triton.jit
@@ -169,65 +198,41 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         if NO_DOT:
             logits = _gemv_no_dot(h_ptr, stride_h, pu_ptr, stride_pu, offs_n, n_mask, M, R, BLOCK_B, BLOCK_N, BLOCK_R)
         else:
-            logits = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            for r in range(0, R, BLOCK_R):
-                offs_r = r + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < R
-                ht = tl.load(h_ptr + offs_b[:, None] * stride_h + offs_r[None, :],
-                             mask=b_mask[:, None] & r_mask[None, :], other=0.0)
-                ut = tl.load(pu_ptr + offs_n[:, None] * stride_pu + offs_r[None, :],
-                             mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-                logits += _dot_f32(ht, tl.trans(ut), UPCAST)
+            logits = _gemv(h_ptr, stride_h, pu_ptr, stride_pu, offs_b, b_mask, offs_n, n_mask, R, R,
+                           BLOCK_B, BLOCK_N, BLOCK_R, PREC, UPCAST, F32=True)
         keep = (logits > thr) & valid
         dv = logits
         if SIDE == 0:
             union = tl.max(keep.to(tl.int32), axis=0) > 0
-            k_end = _sparse_k_end(union, D, SIDE)
-            g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
-                      BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-            u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
-                      BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-            g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
-            u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
-            a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
+            a = _gated(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, bg, bu, offs_b, b_mask, offs_n, union,
+                       D, _sparse_k_end(union, D, SIDE), out_dtype, ACT, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         else:  # _gather_kernel computes a; no tl.dot here, so BLOCK_B may be below 16 (NO_DOT)
             a = tl.zeros((BLOCK_B, BLOCK_N), dtype=out_dtype)
     elif MODE == 2:
         # threshold on |act(g) * u|: both projections dense, only the down projection is sparse.
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
-        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
-        a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
+        a = _gated(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, bg, bu, offs_b, b_mask, offs_n, n_mask,
+                   D, D, out_dtype, ACT, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         keep = (tl.abs(a.to(tl.float32)) > thr) & valid
     elif MODE == 1:
         # M-CountDown: dense up, keep |u| > t, gather the gate rows of the union.
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, n_mask, D, D,
+        u = _proj(x_ptr, stride_xm, wu_ptr, stride_wu, bu, offs_b, b_mask, offs_n, n_mask, D, D, out_dtype,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(u) > thr) & valid
         dv = u
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = _sparse_k_end(union, D, SIDE)
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, union, D, k_end,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
+        g = _proj(x_ptr, stride_xm, wg_ptr, stride_wg, bg, offs_b, b_mask, offs_n, union, D,
+                  _sparse_k_end(union, D, SIDE), out_dtype, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
     else:
         # CATS: dense gate, keep |act(g)| > t, gather the up rows of the union.
-        g = _gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, offs_n, n_mask, D, D,
+        g = _proj(x_ptr, stride_xm, wg_ptr, stride_wg, bg, offs_b, b_mask, offs_n, n_mask, D, D, out_dtype,
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        g = _cast(g + bg[None, :], out_dtype, UPCAST).to(tl.float32)
         ag = _cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(ag) > thr) & valid
         dv = ag
         union = tl.max(keep.to(tl.int32), axis=0) > 0
-        k_end = _sparse_k_end(union, D, SIDE)
-        u = _gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, offs_n, union, D, k_end,
-                  BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        u = _cast(u + bu[None, :], out_dtype, UPCAST).to(tl.float32)
+        u = _proj(x_ptr, stride_xm, wu_ptr, stride_wu, bu, offs_b, b_mask, offs_n, union, D,
+                  _sparse_k_end(union, D, SIDE), out_dtype, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         a = _cast(ag * u, out_dtype, UPCAST)
 
     a = tl.where(keep, a, 0.0).to(out_dtype)
