@@ -46,6 +46,10 @@ def test_plan_of_typical_unions():
     # M-CountDown at s=0.7: union 0.30 at B = 1 -> gather; 0.5 at B = 2 -> masked; full at 16 -> masked
     union = {1: 0.30, 2: 0.5, 4: 0.68, 8: 0.9, 16: 0.995}
     assert ops.decode_plan("threshold", union) == ops.DecodePlan(gather_max_tokens=1, dense_min_tokens=16)
+    # between the bounds (0.35 < 0.38 <= 0.4): D-CountDown still gathers at B=4, M-CountDown does not
+    union = {1: 0.10, 2: 0.19, 4: 0.38, 8: 0.6, 16: 0.82}
+    assert ops.decode_plan("predictor", union).gather_max_tokens == 4
+    assert ops.decode_plan("threshold", union).gather_max_tokens == 2
     assert ops.decode_plan("predictor", {}) == ops.DecodePlan()  # nothing measured: masked side, never dense
 
 

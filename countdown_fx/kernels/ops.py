@@ -44,14 +44,15 @@ N_FFN_TENSORS = 7
 # Per-call choices of threshold_ffn / predictor_ffn in a decode step, made on the host from the step's
 # token count and the site's calibrated union of masks (Calibration.union_by_batch), measured on the H100
 # (benchmarks/speed/NOTES.md, "sides" and "crossover"):
-# - the gather sparse side beats the masked one up to a union of ~0.35 for M-CountDown / CATS (its flat row
-#   list lets the down kernel walk only the union at any size: "flat walk"; B=2 union 0.34: 87.2 vs 90.5 us,
-#   0.48: 99.4 vs 95.1) and ~0.4 for D-CountDown (union 0.34 at B=4: 79.8 vs 84.6 us; 0.36 at B=2 with the
-#   few-token FMA gather: 77.2 vs 83.2; 0.51 at B=2: 95.8 vs 92.0; "few-token gather");
-#   the choice is speed only: the same mask; the same coefficients up to fp32 summation order (bit for bit
-#   where the gather runs tl.dot; a step of a few tokens sums its dots on the FMA units,
-#   triton_ffn.CONFIG["gather_no_dot"]); the output within fp32 rounding (after the gather side the down
-#   kernel walks the union in compacted order).
+# - the gather sparse side beats the masked one up to a union of ~0.35 for M-CountDown / CATS (after the gather
+#   launch the down kernel walks its flat list of the union's rows at any size: "flat walk"; B=2 union 0.34:
+#   87.2 vs 90.5 us, 0.48: 99.4 vs 95.1) and ~0.4 for D-CountDown (B=2 union 0.36, FMA gather: 77.2 vs 83.2 us;
+#   B=4 union 0.34, tl.dot gather: 79.8 vs 84.6; B=2 union 0.51: 95.8 vs 92.0; `ffn_decode.py --compare` at
+#   5853305, "few-token gather"; no point between 0.36 and 0.5 was measured);
+#   the choice is speed only: the same coefficients up to fp32 summation order (bit for bit where the gather
+#   runs tl.dot; a step of up to 2 tokens sums its dots on the FMA units, triton_ffn.CONFIG["gather_no_dot"],
+#   and D-CountDown's logits too, so a neuron whose logit lies within that rounding of tau can flip); the output
+#   within fp32 rounding (after the gather side the down kernel walks the union in compacted order).
 # - D-CountDown is slower than the dense FFN from a union of ~0.8 on (the predictor's bytes and compute
 #   come on top of a nearly dense read), M-CountDown / CATS by ~2% at a full union (B=16, union 0.99-1.0:
 #   136.3-136.8 vs 134.3 us): such steps run the dense FFN. This changes the output (to the dense one) for

@@ -177,6 +177,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
     union; the gather kernel walks the compacted union rows. NO_DOT (D-CountDown on the gather side, a few
     tokens, BLOCK_B >= M as small as 1): the logits as fp32 FMA sums over the rank instead of tl.dot, which
     pads the tokens to 16 rows."""
+    tl.static_assert(SIDE == 1 or not NO_DOT, "NO_DOT token tiles are below tl.dot's 16 rows: gather side only")
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -497,8 +498,8 @@ CONFIG = {
 
 
 def _block_k(block_k: int, dtype: torch.dtype) -> int:
-    """The d_model tile of a launch: fp32 tiles (3xTF32 dots) take twice the registers and shared memory of
-    16-bit ones, so they stop at 128 columns."""
+    """The d_model tile of a tl.dot launch: fp32 tiles (3xTF32 dots) take twice the registers and shared memory
+    of 16-bit ones, so they stop at 128 columns. (The FMA paths hold fp32 tiles for every dtype: no cap.)"""
     return block_k if dtype != torch.float32 else min(block_k, 128)
 
 
@@ -607,7 +608,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
             dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
             HAS_BU=b_up is not None, BLOCK_B=triton.next_power_of_2(M) if no_dot else BLOCK_B,
-            BLOCK_RG=c["BLOCK_RG"], BLOCK_K=_block_k(c["BLOCK_K"], dtype), BLOCK_N=block_n, NB_P2=nb_p2,
+            BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if no_dot else _block_k(c["BLOCK_K"], dtype),
+            BLOCK_N=block_n, NB_P2=nb_p2,
             NO_DOT=no_dot, PREC=prec, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 

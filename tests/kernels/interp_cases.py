@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
                 "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
 SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
-# the FMA paths (no tl.dot) for steps of up to 3 tokens: every M the cases draw (1 and 3)
+# the FMA paths (no tl.dot) for steps of up to 3 tokens: every M the cases draw (1, 2 and 3)
 NO_DOT = dict(max_tokens=3, BLOCK_RG=4, BLOCK_K=16, num_warps=4, num_stages=2, programs_per_sm=1)
 NO_DOT_LOGITS = dict(max_tokens=3, BLOCK_N=16, BLOCK_R=8)  # several rank tiles (rank 13 in test_many_blocks)
 # the ways the sparse side and the down kernel's row list can run (triton_ffn.CONFIG)
@@ -77,8 +77,8 @@ def test_many_blocks(mode, M, sparsity, walk, side):
 
 @pytest.mark.parametrize("mode", ["up", "gate", "pred"])
 def test_sides_agree(mode):
-    """The masked and gather sides compute the coefficients with the same arithmetic in the same order (bit
-    for bit from two tokens up); the down kernel walks the union in another order after the gather side (its
+    """With tl.dot on both (the "gather" variant turns the few-token FMA paths off), the masked and gather sides
+    compute the coefficients with the same arithmetic in the same order (bit for bit); the down kernel walks the union in another order after the gather side (its
     flat row list), so the outputs agree within rounding. ops pick a side per call for speed alone
     (ops.decode_plan): the output must not depend on the pick beyond that."""
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=21)
@@ -145,9 +145,9 @@ def test_no_dot_max_tokens_picks_the_launch(monkeypatch, M, max_tokens):
 
     monkeypatch.setattr(triton_ffn, "wrap_triton", recording)
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", "pred", bias=True, sparsity=0.6, seed=31)
-    limit = {"max_tokens": max_tokens}
     check(c, *run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-no-dot"],
-                                    "gather_no_dot": limit, "coef_no_dot_pred": limit}))
+                                    "gather_no_dot": {**NO_DOT, "max_tokens": max_tokens},
+                                    "coef_no_dot_pred": {**NO_DOT_LOGITS, "max_tokens": max_tokens}}))
     no_dot = M <= max_tokens
     for name in ("_coef_kernel", "_gather_kernel"):
         assert launches[name]["NO_DOT"] == no_dot, name

@@ -36,7 +36,7 @@ class _HopperTarget:
         return 0
 
 
-def _launches(monkeypatch, case, mode, side):
+def _launches(monkeypatch, case, mode, side, no_dot_tokens):
     """Run the launcher with wrap_triton replaced by a recorder: (kernel, arguments by name) per launch."""
     launches = []
 
@@ -52,7 +52,9 @@ def _launches(monkeypatch, case, mode, side):
     c = case
     triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
-                          config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32}})  # h = x V: 2 chunks
+                          config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
+                                  "gather_no_dot": {"max_tokens": no_dot_tokens},
+                                  "coef_no_dot_pred": {"max_tokens": no_dot_tokens}})
     return launches
 
 
@@ -65,16 +67,19 @@ def _written(kernel, arguments) -> list[str]:
                                                   tensors, {})
 
 
+@pytest.mark.parametrize("M,no_dot_tokens", [(3, 0), (1, 2), (3, 4)], ids=["dot", "fma-1", "fma-3"])
 @pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side):
-    case = make_case(3, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
+def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens):
+    """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred"), so the analysis
+    sees both the tl.dot and the FMA launches."""
+    case = make_case(M, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
     inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
     input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
     # set_active / reset_active would leave triton without a driver on a machine with no GPU: patch the
     # slot itself, which monkeypatch puts back
     monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
-    launches = _launches(monkeypatch, case, mode, side)
+    launches = _launches(monkeypatch, case, mode, side, no_dot_tokens)
     names = [k.fn.__name__ for k, _ in launches]
     assert len(launches) >= 3
     # the chunks of h = x V are summed by a reduce launch of their own

@@ -82,6 +82,24 @@ def test_gather_side_full_shape(mode, M, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("M", [3, 5])
+@pytest.mark.parametrize("mode", ["up", "pred"])
+def test_no_dot_padded_token_tile_full_shape(mode, M, dtype):
+    """The FMA gather and logits forced past the default max_tokens: token tiles of 4 and 8 with padding tokens
+    (the interpreter covers them on small shapes; the default runs them at 1 and 2 tokens only): correct, and
+    the same mask as the masked side."""
+    D, N = SHAPES["llama8b"]
+    c = make_case(M, D, N, dtype, "cuda", mode, sparsity=0.9, rank=512, seed=M, bias=True)
+    limit = {"max_tokens": 8}
+    y, a = run_kernel(c, config={"sparse_side": "gather", "gather_no_dot": limit, "coef_no_dot_pred": limit})
+    check(c, y, a)
+    y_masked, a_masked = run_kernel(c, config={"sparse_side": "masked"})
+    assert torch.equal(a_masked != 0, a != 0)
+    assert rel_err(a, a_masked) <= TOL[dtype] and rel_err(y, y_masked) <= TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_deterministic_gpu():
     c = make_case(8, 4096, 14336, torch.bfloat16, "cuda", "pred", sparsity=0.5, rank=512)
     y1, _ = run_kernel(c)
