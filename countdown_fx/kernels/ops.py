@@ -47,8 +47,9 @@ N_FFN_TENSORS = 7
 # - the gather sparse side beats the masked one up to a union of ~0.35 for M-CountDown / CATS (after the gather
 #   launch the down kernel walks its flat list of the union's rows at any size: "flat walk"; B=2 union 0.34:
 #   87.2 vs 90.5 us, 0.48: 99.4 vs 95.1) and ~0.4 for D-CountDown (B=2 union 0.36, FMA gather: 77.2 vs 83.2 us;
-#   B=4 union 0.34, tl.dot gather: 79.8 vs 84.6; B=2 union 0.51: 95.8 vs 92.0; `ffn_decode.py --compare` at
-#   5853305, "few-token gather"; no point between 0.36 and 0.5 was measured);
+#   B=4 union 0.34, tl.dot gather: 79.8 vs 84.6; B=4 union 0.43: 87.2 vs 86.3; B=2 union 0.51: 95.8 vs 92.0;
+#   `ffn_decode.py --compare` at 5853305 and 0cf3d52, NOTES.md "few-token gather", "plan bound"; M at B=4
+#   union 0.36: 97.2 vs 91.6, so 0.35 is its edge);
 #   the choice is speed only: the same coefficients up to fp32 summation order (bit for bit where the gather
 #   runs tl.dot; a step of up to 2 tokens sums its dots on the FMA units, triton_ffn.CONFIG["gather_no_dot"],
 #   and D-CountDown's logits too, so a neuron whose logit lies within that rounding of tau can flip); the output
