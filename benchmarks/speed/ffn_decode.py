@@ -186,7 +186,8 @@ def sweep(L, bw, log):
         cands = {i: sum(v) for (k, i), v in best.items() if k == kind}
         i = min(cands, key=cands.get)
         log(f"best {kind}: [{i}] {(SWEEP_COEF if kind == 'coef' else SWEEP_DOWN)[i]} (sum {cands[i]:.1f} us)")
-        triton_ffn.CONFIG[kind] = dict((SWEEP_COEF if kind == "coef" else SWEEP_DOWN)[i])
+        # merged: the sweep's tiles leave the kind's other keys (coef's BLOCK_R, num_stages_pred_masked) as they were
+        triton_ffn.CONFIG[kind] = {**triton_ffn.CONFIG[kind], **(SWEEP_COEF if kind == "coef" else SWEEP_DOWN)[i]}
 
 
 def crossover(L, log, batches):

@@ -527,14 +527,29 @@ def _check_shapes(D, N, w_gate, w_up, w_down_t, b_gate, b_up, b_down, pred_v, pr
                              f"d_model={D}, d_inter={N}")
 
 
+def _merged_config(config: dict | None) -> dict:
+    """CONFIG with `config`'s overrides merged in (a dict entry key by key; None switches an optional launch
+    off). A key CONFIG does not have is refused: a misspelt override would otherwise time or test the
+    defaults without a word."""
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONFIG.items()}
+    for k, v in (config or {}).items():
+        if k not in CONFIG:
+            raise ValueError(f"countdown kernels: unknown config key {k!r}; expected one of {sorted(CONFIG)}")
+        if isinstance(v, dict) and isinstance(CONFIG[k], dict):
+            unknown = sorted(set(v) - set(CONFIG[k]))
+            if unknown:
+                raise ValueError(f"countdown kernels: unknown key(s) {unknown} in config[{k!r}]; expected some of "
+                                 f"{sorted(CONFIG[k])}")
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(CONFIG[k], dict) else v
+    return cfg
+
+
 def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation: str,
                mode: int, thr: torch.Tensor, pred_v=None, pred_u=None, config=None, return_coef=False):
     """The decode FFN for x2d [M <= 16, d_model]; returns y [M, d_model] in x's dtype (and the masked
     coefficients a [M, d_inter] with return_coef, for tests). `mode` is MODE_GATE / MODE_UP / MODE_COEF
     (score > thr) or MODE_PRED (predictor logit > thr). thr: a one-element tensor on x's device."""
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONFIG.items()}
-    for k, v in (config or {}).items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    cfg = _merged_config(config)
     M, D = x2d.shape
     N = w_gate.shape[0]
     assert 1 <= M <= MAX_TOKENS, M

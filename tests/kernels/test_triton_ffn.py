@@ -105,3 +105,12 @@ def test_deterministic_gpu():
     y1, _ = run_kernel(c)
     for _ in range(3):
         assert torch.equal(run_kernel(c)[0], y1)
+
+
+@pytest.mark.parametrize("config,named", [({"gather_one_token": None}, "gather_one_token"),
+                                          ({"gather": {"BLOCK_RG": 16, "block_k": 64}}, "block_k")])
+def test_unknown_config_keys_are_refused(config, named):
+    """A misspelt or renamed kernel config override fails loudly instead of running the defaults."""
+    c = make_case(1, 37, 97, torch.bfloat16, "cpu", "up", sparsity=0.5)
+    with pytest.raises(ValueError, match=named):
+        run_kernel(c, config=config)
