@@ -35,7 +35,7 @@ from triton.testing import do_bench
 
 from countdown_fx.kernels import ops, triton_ffn
 from countdown_fx.passes.predictor import default_rank
-from countdown_fx.passes.rewrite import RANK_ALIGN
+from countdown_fx.passes.rewrite import RANK_ALIGN, stored_rank
 
 SHAPES = {"llama-3.1-8b": (4096, 14336), "qwen2.5-14b": (5120, 13824), "gemma-2-9b": (3584, 14336)}
 ROT = 8  # token sets per graph replay
@@ -44,7 +44,7 @@ ROT = 8  # token sets per graph replay
 def predictor_rank(D, N) -> int:
     """The rank calibration gives D-CountDown's predictor at this shape by default, padded to a multiple of
     RANK_ALIGN as the rewrite stores it (Llama-3.1-8B: 477 -> 480)."""
-    return -(-default_rank(D, N) // RANK_ALIGN) * RANK_ALIGN
+    return stored_rank(default_rank(D, N))
 
 
 def copy_bandwidth() -> float:

@@ -540,7 +540,8 @@ def _merged_config(config: dict | None) -> dict:
             if unknown:
                 raise ValueError(f"countdown kernels: unknown key(s) {unknown} in config[{k!r}]; expected some of "
                                  f"{sorted(CONFIG[k])}")
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(CONFIG[k], dict) else v
+            v = {**cfg[k], **v}
+        cfg[k] = v
     return cfg
 
 

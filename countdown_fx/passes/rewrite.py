@@ -198,14 +198,19 @@ LOW_PRECISION_STATE = ("pred_v", "pred_u")
 RANK_ALIGN = 16
 
 
+def stored_rank(rank: int) -> int:
+    """The rank a predictor of `rank` columns is stored with: padded up to a multiple of RANK_ALIGN."""
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN
+
+
 def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
     """Scalars (thresholds, tau) are stored with shape [1]: Inductor lowers a 0-d constant of a graph to an
     inline immediate, which a Triton kernel cannot take as its pointer argument (AOTInductor failed so)."""
     tensor = tensor.detach().to(device)
     if name in LOW_PRECISION_STATE and site.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.to(site.dtype)
-    if name in LOW_PRECISION_STATE and tensor.shape[-1] % RANK_ALIGN:
-        tensor = torch.nn.functional.pad(tensor, (0, RANK_ALIGN - tensor.shape[-1] % RANK_ALIGN))
+    if name in LOW_PRECISION_STATE and stored_rank(tensor.shape[-1]) != tensor.shape[-1]:
+        tensor = torch.nn.functional.pad(tensor, (0, stored_rank(tensor.shape[-1]) - tensor.shape[-1]))
     return _register_state(gm, state_attr(site.key, name), tensor.reshape(1) if tensor.dim() == 0 else tensor)
 
 
