@@ -85,12 +85,16 @@ class Layer:
         self.w_down = (torch.randn(D, N, device=dev, generator=gen) * N ** -0.5).to(dtype)  # nn.Linear layout
         self.w_down_t = self.w_down.t().contiguous()
         self.rank = predictor_rank(D, N)
-        self.pred_v = (torch.randn(D, self.rank, device=dev, generator=gen) * D ** -0.5).to(dtype)
+        # V [D, r] stored transposed and read through a transposed view, as the rewrite stores it
+        v = (torch.randn(D, self.rank, device=dev, generator=gen) * D ** -0.5).to(dtype)
+        self.pred_v = v.t().contiguous().t()
         self.pred_u = (torch.randn(N, self.rank, device=dev, generator=gen) * self.rank ** -0.5).to(dtype)
         # One copy of the predictor per rotating token set: a single 19 MB copy could stay in the 50 MB L2
         # between calls, which a model's 32 layers never allow. (Measured at 627b0c4: no change in the
         # launch times; the in-model gap was the rank's alignment, NOTES.md "predictor rank".)
         self.pred_copies = [(self.pred_v.clone(), self.pred_u.clone()) for _ in range(ROT)]
+        # the same V stored row-major (what a caller of the op may pass): h = x V then always splits d_model
+        self.pred_copies_rows = [(v.clone(), pu) for _, pu in self.pred_copies]
         self.chan = torch.exp(0.7 * torch.randn(D, device=dev, generator=gen))  # outlier-ish channels
         self.D, self.N, self.dtype, self.gen = D, N, dtype, gen
 
@@ -131,9 +135,10 @@ def git_commit():
         return "unknown"
 
 
-def run_sparse(L, xs, thr, mode, config=None):
+def run_sparse(L, xs, thr, mode, config=None, v_rows=False):
     def call(i):
-        pv, pu = L.pred_copies[i] if mode == triton_ffn.MODE_PRED else (None, None)
+        copies = L.pred_copies_rows if v_rows else L.pred_copies
+        pv, pu = copies[i] if mode == triton_ffn.MODE_PRED else (None, None)
         return triton_ffn.sparse_ffn(xs[i], L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr, pv, pu,
                                      config=config)
     return call
@@ -210,7 +215,13 @@ COMPARE = {
     # the FMA (no tl.dot) gather and logits for one token only, as before the few-token paths (NOTES.md
     # "few-token gather": up to 4 tokens and 4-row groups lost at B=4)
     "no-dot 1 token": {"gather_no_dot": {"max_tokens": 1}, "coef_no_dot_pred": {"max_tokens": 1}},
+    # h = x V split over d_model plus its reduce launch at every token count, as before "lowrank FMA"
+    "h split": {"lowrank_no_dot": None},
+    "h 1 col": {"lowrank_no_dot": {"BLOCK_RG": 1, "BLOCK_K": 4096}},
+    "h 4 cols": {"lowrank_no_dot": {"BLOCK_RG": 4, "BLOCK_K": 1024, "num_warps": 4}},
 }
+# D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
+COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
 
 
 def compare_configs(L, log, batches, sps):
@@ -222,6 +233,9 @@ def compare_configs(L, log, batches, sps):
             config = {"sparse_side": side, **override}
             check_once(L, xs[0], thr, mode, config)
             times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
+        for label, override in (COMPARE_V_ROWS.items() if mode == triton_ffn.MODE_PRED else ()):
+            config = {"sparse_side": side, **override}
+            times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config, v_rows=True))
         log(f"compare B={B} s={s} {name} union {union:.2f} (plan: {side}): "
             + ", ".join(f"{label} {t:.1f}" for label, t in times.items()) + " us")
 
@@ -240,13 +254,14 @@ def planned_cases(L, batches, sps):
                 yield B, s, name, mode, xs, thr, union, "gather" if plan.path(B) == "gather" else "masked"
 
 
-KERNELS = ("_lowrank_kernel", "_coef_kernel", "_gather_kernel", "_down_kernel", "_reduce_kernel")
+# launch names, matched as prefixes of the profiler's kernel names ("_lowrank": either h = x V launch)
+KERNELS = ("_lowrank", "_coef_kernel", "_gather_kernel", "_down_kernel", "_reduce_kernel")
 
 
 def kernel_bytes(L, name, side, union) -> dict:
     """Weight bytes each launch must read (what the ceiling counts), by kernel: the dense side and, on the
     masked side, the union's sparse rows in _coef_kernel; the union's rows in _gather_kernel and
-    _down_kernel; the predictor's V in _lowrank_kernel and its U in _coef_kernel."""
+    _down_kernel; the predictor's V in the h = x V launch and its U in _coef_kernel."""
     row = L.D * L.w_gate.element_size()
     sparse_rows = (1 if name == "m" else 2) * union * L.N * row
     pred = L.pred_u.element_size()
@@ -255,7 +270,7 @@ def kernel_bytes(L, name, side, union) -> dict:
     if side == "gather":
         out["_gather_kernel"] = sparse_rows
     if name == "d":
-        out["_lowrank_kernel"] = L.D * L.rank * pred
+        out["_lowrank"] = L.D * L.rank * pred
     return out
 
 
@@ -291,7 +306,7 @@ def profile_kernels(L, log, batches, sps, bw, out, header):
         log(lines[-1])
     text = "\n".join(["# Per-launch GPU time of one FFN call (Llama-3.1-8B shape, bf16)", "", header,
                       f"- copy bandwidth {bw / 1e12:.2f} TB/s; GB/s = weight bytes the launch must read / its time "
-                      "(the reduce launches read only fp32 partials; D has two: h's chunks, the output's splits)",
+                      "(the reduce launches read only fp32 partials: the output's splits, and for D h's chunks where h = x V is split)",
                       "- kernels µs: torch.profiler over 64 eager calls; graph µs/call: the same calls in one CUDA "
                       "graph; gaps = the difference", ""] + lines)
     with open(os.path.join(out, "speed_ffn_profile.md"), "w") as f:

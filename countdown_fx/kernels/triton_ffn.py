@@ -189,10 +189,11 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
     bg = tl.zeros((BLOCK_N,), dtype=tl.float32)
     bu = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_BG:
-        bg = tl.load(bg_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_BU:
-        bu = tl.load(bu_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if MODE != 3 or SIDE == 0:  # D-CountDown's gather side computes no projection here: no bias to read
+        if HAS_BG:
+            bg = tl.load(bg_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_BU:
+            bu = tl.load(bu_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
     if MODE == 3:
         # D-CountDown: logits = h @ U^T with h = x V (fp32, from _lowrank_kernel); dense, fp32.
@@ -206,7 +207,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         if SIDE == 0:
             union = tl.max(keep.to(tl.int32), axis=0) > 0
             a = _gated(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, bg, bu, offs_b, b_mask, offs_n, union,
-                       D, _sparse_k_end(union, D, SIDE), out_dtype, ACT, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+                       D, _sparse_k_end(union, D), out_dtype, ACT, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         else:  # _gather_kernel computes a; no tl.dot here, so BLOCK_B may be below 16 (NO_DOT)
             a = tl.zeros((BLOCK_B, BLOCK_N), dtype=out_dtype)
     elif MODE == 2:
@@ -220,10 +221,13 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                   BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
         keep = (tl.abs(u) > thr) & valid
         dv = u
-        union = tl.max(keep.to(tl.int32), axis=0) > 0
-        g = _proj(x_ptr, stride_xm, wg_ptr, stride_wg, bg, offs_b, b_mask, offs_n, union, D,
-                  _sparse_k_end(union, D, SIDE), out_dtype, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
+        if SIDE == 0:
+            union = tl.max(keep.to(tl.int32), axis=0) > 0
+            g = _proj(x_ptr, stride_xm, wg_ptr, stride_wg, bg, offs_b, b_mask, offs_n, union, D,
+                      _sparse_k_end(union, D), out_dtype, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+            a = _cast(_cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32) * u, out_dtype, UPCAST)
+        else:
+            a = tl.zeros((BLOCK_B, BLOCK_N), dtype=out_dtype)
     else:
         # CATS: dense gate, keep |act(g)| > t, gather the up rows of the union.
         g = _proj(x_ptr, stride_xm, wg_ptr, stride_wg, bg, offs_b, b_mask, offs_n, n_mask, D, D, out_dtype,
@@ -231,10 +235,13 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
         ag = _cast(_act(g, ACT), out_dtype, UPCAST).to(tl.float32)
         keep = (tl.abs(ag) > thr) & valid
         dv = ag
-        union = tl.max(keep.to(tl.int32), axis=0) > 0
-        u = _proj(x_ptr, stride_xm, wu_ptr, stride_wu, bu, offs_b, b_mask, offs_n, union, D,
-                  _sparse_k_end(union, D, SIDE), out_dtype, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
-        a = _cast(ag * u, out_dtype, UPCAST)
+        if SIDE == 0:
+            union = tl.max(keep.to(tl.int32), axis=0) > 0
+            u = _proj(x_ptr, stride_xm, wu_ptr, stride_wu, bu, offs_b, b_mask, offs_n, union, D,
+                      _sparse_k_end(union, D), out_dtype, BLOCK_B, BLOCK_N, BLOCK_K, PREC, UPCAST)
+            a = _cast(ag * u, out_dtype, UPCAST)
+        else:
+            a = tl.zeros((BLOCK_B, BLOCK_N), dtype=out_dtype)
 
     a = tl.where(keep, a, 0.0).to(out_dtype)
     used = (tl.max(keep.to(tl.int32), axis=0) > 0).to(tl.int32)
@@ -261,11 +268,8 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
 
 
 @triton.jit
-def _sparse_k_end(union, D, SIDE: tl.constexpr):
-    """How far the coef kernel's own sparse loop runs: D, or 0 when the union is empty or the gather
-    kernel does the sparse side."""
-    if SIDE == 1:
-        return 0
+def _sparse_k_end(union, D):
+    """How far the coef kernel's masked sparse loop runs: D, or 0 when its block's union is empty."""
     n_used = tl.sum(union.to(tl.int32), axis=0)
     return tl.where(n_used > 0, D, 0)
 
@@ -332,11 +336,11 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
 
 
 @triton.jit
-def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_v, stride_split, stride_om,
-                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_vk, stride_vr, stride_split,
+                    stride_om, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     NATIVE: tl.constexpr, UPCAST: tl.constexpr):
     """out[split] = x[:, chunk] V[chunk, :] in fp32 for one chunk of k_chunk rows of d_model and BLOCK_R
-    columns of V (the predictor's first factor). With one chunk out is h itself; with several,
+    columns of V (the predictor's first factor, either layout). With one chunk out is h itself; with several,
     _reduce_kernel sums the chunks in a fixed order: V is only r columns wide, so without the split a few
     dozen programs would stream all of it (latency-bound: 16 programs read 4 MB at 0.29 TB/s, NOTES.md)."""
     pid_r = tl.program_id(0)
@@ -352,7 +356,7 @@ def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_v
         k_mask = offs_k < k_end
         xt = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_k[None, :],
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-        vt = tl.load(v_ptr + offs_k[:, None] * stride_v + offs_r[None, :],
+        vt = tl.load(v_ptr + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
                      mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         if NATIVE:  # same 16-bit dtype: products are exact in fp32, as in the reference's upcast
             acc += _dot(xt, vt, "tf32", UPCAST)
@@ -360,6 +364,19 @@ def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_v
             acc += _dot_f32(xt.to(tl.float32), vt.to(tl.float32), UPCAST)
     tl.store(out_ptr + pid_k * stride_split + offs_b[:, None] * stride_om + offs_r[None, :], acc,
              mask=b_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _lowrank_no_dot_kernel(x_ptr, vt_ptr, h_ptr, M, D, R, stride_xm, stride_vt, stride_hm,
+                           BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h = x V in fp32 for a step of a few tokens, from V stored transposed (each of its r columns one
+    contiguous row of d_model, as the rewrite stores it): BLOCK_RG columns per program over all of d_model with
+    FMA sums, so h needs no split over d_model and no reduce launch after it."""
+    rows = tl.program_id(0) * BLOCK_RG + tl.arange(0, BLOCK_RG)
+    r_mask = rows < R
+    offs_b = tl.arange(0, BLOCK_B)
+    acc = _gemv_no_dot(x_ptr, stride_xm, vt_ptr, stride_vt, rows, r_mask, M, D, BLOCK_B, BLOCK_RG, BLOCK_K)
+    tl.store(h_ptr + offs_b[:, None] * stride_hm + rows[None, :], acc, mask=(offs_b < M)[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -492,6 +509,10 @@ CONFIG = {
     # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
+    # h = x V for a step of at most max_tokens tokens when V is stored transposed (pred_v.stride(0) == 1, as
+    # the rewrite stores it; None: never): FMA sums over all of d_model, BLOCK_RG of V's columns per program
+    # (r=480: 240 programs), no split and no reduce launch (NOTES.md "lowrank FMA").
+    "lowrank_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2),
     # the fixed-order sums of split partials (the output's, and h's chunks)
     "reduce": dict(BLOCK_D=256, num_warps=4),
 }
@@ -504,8 +525,8 @@ def _block_k(block_k: int, dtype: torch.dtype) -> int:
 
 
 def _no_dot(launch: dict | None, tokens: int) -> bool:
-    """Whether a step of `tokens` tokens runs a launch's FMA path (CONFIG "gather_no_dot", "coef_no_dot_pred";
-    None: never)."""
+    """Whether a step of `tokens` tokens runs a launch's FMA path (CONFIG "gather_no_dot", "coef_no_dot_pred",
+    "lowrank_no_dot"; None: never)."""
     return launch is not None and tokens <= launch["max_tokens"]
 
 
@@ -569,23 +590,30 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     stride_h = stride_pu = 0
     if mode == MODE_PRED:
         R = pred_v.shape[1]
-        pred_v, pred_u = _rows(pred_v), _rows(pred_u)
-        c = cfg["lowrank"]
-        block_kv = _block_k(c["BLOCK_K"], dtype)
-        k_chunk = triton.cdiv(c["K_CHUNK"], block_kv) * block_kv
-        n_chunks = triton.cdiv(D, k_chunk)
+        pred_u = _rows(pred_u)
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
-        h_part = h if n_chunks == 1 else torch.empty((n_chunks, M, R), dtype=torch.float32, device=x2d.device)
-        native = pred_v.dtype == dtype and dtype != torch.float32
-        wrap_triton(_lowrank_kernel)[(triton.cdiv(R, c["BLOCK_R"]), n_chunks)](
-            x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), M * R, R,
-            BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
-        if n_chunks > 1:
-            r = cfg["reduce"]
-            wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
-                h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"], UPCAST=upcast,
-                num_warps=r["num_warps"])
+        if _no_dot(cfg["lowrank_no_dot"], M) and pred_v.stride(0) == 1:
+            c = cfg["lowrank_no_dot"]
+            wrap_triton(_lowrank_no_dot_kernel)[(triton.cdiv(R, c["BLOCK_RG"]),)](
+                x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(1), h.stride(0),
+                BLOCK_B=triton.next_power_of_2(M), BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"],
+                num_warps=c["num_warps"], num_stages=1)
+        else:
+            c = cfg["lowrank"]
+            block_kv = _block_k(c["BLOCK_K"], dtype)
+            k_chunk = triton.cdiv(c["K_CHUNK"], block_kv) * block_kv
+            n_chunks = triton.cdiv(D, k_chunk)
+            h_part = h if n_chunks == 1 else torch.empty((n_chunks, M, R), dtype=torch.float32, device=x2d.device)
+            native = pred_v.dtype == dtype and dtype != torch.float32
+            wrap_triton(_lowrank_kernel)[(triton.cdiv(R, c["BLOCK_R"]), n_chunks)](
+                x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), pred_v.stride(1), M * R, R,
+                BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
+                num_warps=c["num_warps"], num_stages=c["num_stages"])
+            if n_chunks > 1:
+                r = cfg["reduce"]
+                wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
+                    h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"],
+                    UPCAST=upcast, num_warps=r["num_warps"])
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     if cfg["sparse_side"] not in SIDES:

@@ -196,6 +196,9 @@ LOW_PRECISION_STATE = ("pred_v", "pred_u")
 # predictor launches ran ~1.6x their time at rank 512 in the 32-layer model (NOTES.md, "predictor rank").
 # Zero columns add exact zeros to x V and to the logits.
 RANK_ALIGN = 16
+# V [d_model, r] is stored transposed ([r, d_model], the buffer `<site>_pred_v_t`) and handed to the op as a
+# transposed view: each of its r columns is then one contiguous row, which lets a decode step of one or two
+# tokens compute h = x V in one launch without a split over d_model and its reduce (CONFIG "lowrank_no_dot").
 
 
 def stored_rank(rank: int) -> int:
@@ -211,6 +214,9 @@ def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device
         tensor = tensor.to(site.dtype)
     if name in LOW_PRECISION_STATE and stored_rank(tensor.shape[-1]) != tensor.shape[-1]:
         tensor = torch.nn.functional.pad(tensor, (0, stored_rank(tensor.shape[-1]) - tensor.shape[-1]))
+    if name == "pred_v":  # stored as V^T, handed to the op as a transposed view (comment above stored_rank)
+        stored = _register_state(gm, state_attr(site.key, "pred_v_t"), tensor.t().contiguous())
+        return gm.graph.call_function(aten.t.default, (stored,))
     return _register_state(gm, state_attr(site.key, name), tensor.reshape(1) if tensor.dim() == 0 else tensor)
 
 

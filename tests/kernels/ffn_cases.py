@@ -22,9 +22,11 @@ MODES = {"gate": triton_ffn.MODE_GATE, "up": triton_ffn.MODE_UP, "coef": triton_
 
 
 def make_case(M, D, N, dtype, device, mode, act="silu", bias=False, sparsity=0.5, rank=16, seed=0,
-              fused=False):
+              fused=False, v_layout="transposed"):
     """Random inputs, rounded to dtype; `sparsity` 0.0 keeps every neuron, 1.0 none, else a quantile of
-    the fp64 scores of these very tokens (realistic per-token variation)."""
+    the fp64 scores of these very tokens (realistic per-token variation). The predictor's V [D, rank] is
+    stored as the rewrite stores it (v_layout "transposed": a transposed view of a contiguous V^T) or
+    row-major ("rows")."""
     g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: full-shape cases in milliseconds
 
     def rnd(*shape, scale=1.0):
@@ -42,7 +44,8 @@ def make_case(M, D, N, dtype, device, mode, act="silu", bias=False, sparsity=0.5
     c["b_down"] = rnd(D, scale=0.1) if bias else None
     c["pred_v"] = c["pred_u"] = None
     if mode == "pred":
-        c["pred_v"] = torch.randn(D, rank, generator=g, device=device) * D ** -0.5  # fp32 predictor
+        v = torch.randn(D, rank, generator=g, device=device) * D ** -0.5  # fp32 predictor
+        c["pred_v"] = {"transposed": v.t().contiguous().t(), "rows": v}[v_layout]
         c["pred_u"] = torch.randn(N, rank, generator=g, device=device)
     s = scores64(c)
     if sparsity <= 0.0:

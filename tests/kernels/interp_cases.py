@@ -123,10 +123,8 @@ def test_no_dot_gather_agrees_with_the_masked_side(mode, M):
     assert rel_err(y, y_masked) <= TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("M,max_tokens", [(1, 1), (2, 1), (3, 4), (3, 2)])
-def test_no_dot_max_tokens_picks_the_launch(monkeypatch, M, max_tokens):
-    """At most max_tokens tokens: the gather and D's logits run their FMA path with a token tile of
-    next_power_of_2(M); more: tl.dot with 16-token tiles. The output is right either way."""
+def record_launches(monkeypatch) -> dict:
+    """{kernel name: its launch's keyword arguments} for every launch sparse_ffn makes from now on."""
     from countdown_fx.kernels import triton_ffn
 
     launches = {}
@@ -144,6 +142,14 @@ def test_no_dot_max_tokens_picks_the_launch(monkeypatch, M, max_tokens):
         return Recorder()
 
     monkeypatch.setattr(triton_ffn, "wrap_triton", recording)
+    return launches
+
+
+@pytest.mark.parametrize("M,max_tokens", [(1, 1), (2, 1), (3, 4), (3, 2)])
+def test_no_dot_max_tokens_picks_the_launch(monkeypatch, M, max_tokens):
+    """At most max_tokens tokens: the gather and D's logits run their FMA path with a token tile of
+    next_power_of_2(M); more: tl.dot with 16-token tiles. The output is right either way."""
+    launches = record_launches(monkeypatch)
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", "pred", bias=True, sparsity=0.6, seed=31)
     check(c, *run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-no-dot"],
                                     "gather_no_dot": {**NO_DOT, "max_tokens": max_tokens},
@@ -152,6 +158,28 @@ def test_no_dot_max_tokens_picks_the_launch(monkeypatch, M, max_tokens):
     for name in ("_coef_kernel", "_gather_kernel"):
         assert launches[name]["NO_DOT"] == no_dot, name
         assert launches[name]["BLOCK_B"] == (1 << (M - 1).bit_length() if no_dot else 16), name
+
+
+@pytest.mark.parametrize("v_layout", ["transposed", "rows"])
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_lowrank_launch_follows_tokens_and_layout(monkeypatch, M, v_layout):
+    """h = x V runs in one FMA launch (no split, no reduce) for a step of at most lowrank_no_dot's max_tokens
+    tokens with V stored transposed; otherwise split over d_model and reduced. Both give the same mask and the
+    same output within rounding (fp32 sums in another order). Rank 13: a partial last group of columns."""
+    c = make_case(M, 53, 131, torch.bfloat16, "cpu", "pred", bias=True, sparsity=0.7, seed=41 + M, rank=13,
+                  v_layout=v_layout)
+    fma = {"max_tokens": 2, "BLOCK_RG": 2, "BLOCK_K": 32, "num_warps": 2}  # 2 K steps over d_model 53
+    launches = record_launches(monkeypatch)
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, "lowrank_no_dot": fma})
+    check(c, y, a)
+    expect_fma = M <= fma["max_tokens"] and v_layout == "transposed"
+    assert ("_lowrank_no_dot_kernel" in launches) == expect_fma
+    assert ("_lowrank_kernel" in launches) == (not expect_fma)
+    if expect_fma:
+        assert launches["_lowrank_no_dot_kernel"]["BLOCK_B"] == (1 << (M - 1).bit_length())
+    y_split, a_split = run_kernel(c, config={**SMALL_BLOCKS, "lowrank_no_dot": None})
+    assert torch.equal(a != 0, a_split != 0)
+    assert rel_err(a, a_split) <= TOL[torch.bfloat16] and rel_err(y, y_split) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("mode", ["up", "pred"])
@@ -177,12 +205,14 @@ def test_tokens_keep_their_own_masks():
         torch.testing.assert_close(y1[0], y[m], rtol=1e-6, atol=1e-6)
 
 
-def test_predictor_in_model_dtype():
-    """A bf16 predictor with bf16 activations takes the native 16-bit path for h = x V; V given as a
-    transposed view (column-major) must be handled too."""
-    c = make_case(3, 53, 97, torch.bfloat16, "cpu", "pred", sparsity=0.6, seed=13)
-    c["pred_v"], c["pred_u"] = c["pred_v"].to(torch.bfloat16).t().contiguous().t(), c["pred_u"].to(torch.bfloat16)
-    assert c["pred_v"].stride(-1) != 1
+@pytest.mark.parametrize("v_layout", ["transposed", "rows"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_predictor_in_model_dtype(M, v_layout):
+    """A bf16 predictor with bf16 activations (the native 16-bit dot for h = x V where it splits), V in
+    either layout, one token (FMA h where V is transposed) and three (split)."""
+    c = make_case(M, 53, 97, torch.bfloat16, "cpu", "pred", sparsity=0.6, seed=13, v_layout=v_layout)
+    c["pred_v"], c["pred_u"] = c["pred_v"].to(torch.bfloat16), c["pred_u"].to(torch.bfloat16)
+    assert (c["pred_v"].stride(0) == 1) == (v_layout == "transposed")
     c["thr"] = torch.quantile(scores64(c).flatten().float(), 0.6).reshape(())
     check(c, *run_kernel(c, config=SMALL_BLOCKS))
 

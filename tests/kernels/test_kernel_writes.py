@@ -54,7 +54,8 @@ def _launches(monkeypatch, case, mode, side, no_dot_tokens):
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
                           config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
                                   "gather_no_dot": {"max_tokens": no_dot_tokens},
-                                  "coef_no_dot_pred": {"max_tokens": no_dot_tokens}})
+                                  "coef_no_dot_pred": {"max_tokens": no_dot_tokens},
+                                  "lowrank_no_dot": {"max_tokens": no_dot_tokens}})
     return launches
 
 
@@ -71,8 +72,8 @@ def _written(kernel, arguments) -> list[str]:
 @pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens):
-    """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred"), so the analysis
-    sees both the tl.dot and the FMA launches."""
+    """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred", "lowrank_no_dot"),
+    so the analysis sees both the tl.dot and the FMA launches."""
     case = make_case(M, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
     inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
     input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
@@ -82,8 +83,11 @@ def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot
     launches = _launches(monkeypatch, case, mode, side, no_dot_tokens)
     names = [k.fn.__name__ for k, _ in launches]
     assert len(launches) >= 3
-    # the chunks of h = x V are summed by a reduce launch of their own
-    assert names.count("_reduce_kernel") == 1 + (mode == "pred")
+    # h = x V: one FMA launch over V's columns (V stored transposed, a few tokens), or chunks of d_model
+    # summed by a reduce launch of their own
+    fma_h = mode == "pred" and M <= no_dot_tokens
+    assert names.count("_lowrank_no_dot_kernel") == fma_h
+    assert names.count("_reduce_kernel") == 1 + (mode == "pred" and not fma_h)
     assert names.count("_gather_kernel") == (side == "gather" and mode != "coef")
     for kernel, arguments in launches:
         written = _written(kernel, arguments)

@@ -100,6 +100,24 @@ def test_no_dot_padded_token_tile_full_shape(mode, M, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("M", [1, 2])
+def test_lowrank_layouts_agree_full_shape(M, dtype):
+    """h = x V in one FMA launch (V stored transposed, as the rewrite stores it) or split over d_model and
+    reduced (V row-major): the same mask, the coefficients and output within rounding, each correct."""
+    D, N = SHAPES["llama8b"]
+    fma = make_case(M, D, N, dtype, "cuda", "pred", sparsity=0.9, rank=480, seed=M, v_layout="transposed")
+    rows = dict(fma, pred_v=fma["pred_v"].contiguous())
+    assert fma["pred_v"].stride(0) == 1 and rows["pred_v"].stride(1) == 1
+    y, a = run_kernel(fma)
+    check(fma, y, a)
+    y_rows, a_rows = run_kernel(rows)
+    check(rows, y_rows, a_rows)
+    assert torch.equal(a != 0, a_rows != 0)
+    assert rel_err(a, a_rows) <= TOL[dtype] and rel_err(y, y_rows) <= TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_deterministic_gpu():
     c = make_case(8, 4096, 14336, torch.bfloat16, "cuda", "pred", sparsity=0.5, rank=512)
     y1, _ = run_kernel(c)
