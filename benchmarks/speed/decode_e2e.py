@@ -183,8 +183,10 @@ def step_bytes(model, batch: int, context: int, variant: str) -> float:
         u = 1 - c.sparsity
         if c.method == "d-countdown":
             from countdown_fx.passes.predictor import default_rank
+            from countdown_fx.passes.rewrite import stored_rank
 
-            rank = c.predictor_rank or default_rank(cfg.hidden_size, cfg.intermediate_size)
+            # the rank the model reads: zero-padded to aligned rows (477 -> 480 at this shape)
+            rank = stored_rank(c.predictor_rank or default_rank(cfg.hidden_size, cfg.intermediate_size))
             frac = u + rank * (cfg.hidden_size + cfg.intermediate_size) / (3 * cfg.hidden_size * cfg.intermediate_size)
         else:
             frac = (1 + 2 * u) / 3
