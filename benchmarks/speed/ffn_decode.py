@@ -212,16 +212,18 @@ COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
     "gather side": {"sparse_side": "gather"},
-    # the FMA (no tl.dot) gather and logits for one token only, as before the few-token paths (NOTES.md
-    # "few-token gather": up to 4 tokens and 4-row groups lost at B=4)
-    "no-dot 1 token": {"gather_no_dot": {"max_tokens": 1}, "coef_no_dot_pred": {"max_tokens": 1}},
-    # h = x V split over d_model plus its reduce launch at every token count, as before "lowrank FMA"
+    # h = x V split over d_model plus its reduce launch at every token count, as before "lowrank FMA"; one
+    # column of V per program
     "h split": {"lowrank_no_dot": None},
     "h 1 col": {"lowrank_no_dot": {"BLOCK_RG": 1, "BLOCK_K": 4096}},
-    "h 4 cols": {"lowrank_no_dot": {"BLOCK_RG": 4, "BLOCK_K": 1024, "num_warps": 4}},
+    # the reduce summing one split at a time, as before "reduce tiles"
+    "reduce loop": {"reduce": {"BLOCK_D": 256, "SPLIT_TILE": 1}},
+    # D's FMA gather with gate and up in two loops, as before "fused FMA gather"; one d_model tile per row
+    "unfused g+u": {"gather_no_dot": {"fuse_gate_up": False}},
+    "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
-COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
+COMPARE_V_ROWS = {}
 
 
 def compare_configs(L, log, batches, sps):

@@ -155,6 +155,27 @@ def _gemv_no_dot(x_ptr, stride_xm, w_ptr, stride_w, rows, r_mask, M, D,
 
 
 @triton.jit
+def _gemv_no_dot_pair(x_ptr, stride_xm, wa_ptr, stride_wa, wb_ptr, stride_wb, rows, r_mask, M, D,
+                      BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_gemv_no_dot for two weights over the same rows in one loop: both tiles' loads are in flight together,
+    so a program's chain of dependent memory round trips is half as long (gate and up of D-CountDown)."""
+    offs_b = tl.arange(0, BLOCK_B)
+    acc_a = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < D
+        tile_mask = r_mask[:, None] & k_mask[None, :]
+        wa = tl.load(wa_ptr + rows[:, None] * stride_wa + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        wb = tl.load(wb_ptr + rows[:, None] * stride_wb + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        for t in tl.static_range(BLOCK_B):
+            xt = tl.load(x_ptr + t * stride_xm + offs_k, mask=k_mask & (offs_k * 0 + t < M), other=0.0).to(tl.float32)
+            acc_a = tl.where(offs_b[:, None] == t, acc_a + tl.sum(wa * xt[None, :], axis=1)[None, :], acc_a)
+            acc_b = tl.where(offs_b[:, None] == t, acc_b + tl.sum(wb * xt[None, :], axis=1)[None, :], acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _rows_gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, M, D,
                BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, NO_DOT: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -288,7 +309,8 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    flat_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NB_P2: tl.constexpr, NO_DOT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   NB_P2: tl.constexpr, NO_DOT: tl.constexpr, FUSED: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
     each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
     a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
@@ -310,17 +332,22 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
         valid = b_mask[:, None] & k_mask[None, :]
         dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
-        if MODE == 3 or MODE == 1:
+        if MODE == 3 and NO_DOT and FUSED:
+            g, u = _gemv_no_dot_pair(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, rows, k_mask, M, D,
+                                     BLOCK_B, BLOCK_RG, BLOCK_K)
+        elif MODE == 3 or MODE == 1:
             g = _rows_gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, M, D,
                            BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
+        if MODE == 3 or MODE == 1:
             if HAS_BG:
                 g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
         else:
             ag = dv
         if MODE == 3 or MODE == 0:
-            u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, M, D,
-                           BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
+            if not (MODE == 3 and NO_DOT and FUSED):
+                u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, M, D,
+                               BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
             if HAS_BU:
                 u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             u = _cast(u, out_dtype, UPCAST).to(tl.float32)
@@ -445,14 +472,19 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB
 
 @triton.jit
 def _reduce_kernel(part_ptr, bd_ptr, y_ptr, M, D, n_split, stride_ym,
-                   HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
-    """y[b] = sum over splits (fixed order) + b_down, cast to the output dtype."""
+                   HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr):
+    """y[b] = sum over splits + b_down, cast to the output dtype. SPLIT_TILE splits are loaded as one tile and
+    summed by tl.sum (a fixed tree; tiles in order): one round trip to L2 for all of a call's ~33 partials
+    instead of one per split. The order depends only on n_split and SPLIT_TILE: deterministic."""
     pid_b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for s in range(0, n_split):
-        acc += tl.load(part_ptr + (s * M + pid_b) * D + offs_d, mask=d_mask, other=0.0)
+    for s in range(0, n_split, SPLIT_TILE):
+        offs_s = s + tl.arange(0, SPLIT_TILE)
+        tile = tl.load(part_ptr + (offs_s[:, None] * M + pid_b) * D + offs_d[None, :],
+                       mask=(offs_s < n_split)[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     if HAS_BD:
         acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_b * stride_ym + offs_d, _cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=d_mask)
@@ -500,7 +532,9 @@ CONFIG = {
     # gather"): D s=0.9 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns,
     # 2 warps. max_tokens from `ffn_decode.py --compare` (NOTES.md "few-token gather"): at 2 tokens it wins
     # (D s=0.9 62.1 -> 54.8 us with the logits below, M s=0.8 94.5 -> 87.2), at 4 it loses (D s=0.9 79.8 -> 90.9).
-    "gather_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16),
+    # fuse_gate_up: D-CountDown loads its gate and up tiles in one loop (NOTES.md "fused FMA gather").
+    "gather_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16,
+                          fuse_gate_up=True),
     # D-CountDown's logits on the gather side for a step of at most max_tokens tokens, without tl.dot (None:
     # tl.dot at any count): merged over "coef"; smaller neuron blocks give more programs, each its whole rank
     # in one tile. Measured (NOTES.md, "one-token logits", "few-token gather"): D s=0.9 B=1 43.1 -> 39.5 us,
@@ -513,8 +547,9 @@ CONFIG = {
     # the rewrite stores it; None: never): FMA sums over all of d_model, BLOCK_RG of V's columns per program
     # (r=480: 240 programs), no split and no reduce launch (NOTES.md "lowrank FMA").
     "lowrank_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2),
-    # the fixed-order sums of split partials (the output's, and h's chunks)
-    "reduce": dict(BLOCK_D=256, num_warps=4),
+    # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
+    # (1: one split at a time, as before "reduce tiles" in NOTES.md)
+    "reduce": dict(BLOCK_D=64, SPLIT_TILE=64, num_warps=4),
 }
 
 
@@ -613,7 +648,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
                 r = cfg["reduce"]
                 wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
                     h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"],
-                    UPCAST=upcast, num_warps=r["num_warps"])
+                    SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast, num_warps=r["num_warps"])
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     if cfg["sparse_side"] not in SIDES:
@@ -654,7 +689,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             HAS_BU=b_up is not None, BLOCK_B=triton.next_power_of_2(M) if no_dot else BLOCK_B,
             BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if no_dot else _block_k(c["BLOCK_K"], dtype),
             BLOCK_N=block_n, NB_P2=nb_p2,
-            NO_DOT=no_dot, PREC=prec, UPCAST=upcast,
+            NO_DOT=no_dot, FUSED=no_dot and c["fuse_gate_up"], PREC=prec, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]
@@ -673,5 +708,6 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     r = cfg["reduce"]
     wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
         part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
-        HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], UPCAST=upcast, num_warps=r["num_warps"])
+        HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast,
+        num_warps=r["num_warps"])
     return (y, a) if return_coef else y

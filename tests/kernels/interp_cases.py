@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 # several chunks of d_model for the predictor's h = x V (summed by _reduce_kernel); the default chunk
 # covers these small d_model in one, the other path
+# (and the reduce over several tiles of 2 splits, the last one partial where the split count is odd)
 SMALL_BLOCKS = {"coef": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16), "down": dict(BLOCK_R=16, BLOCK_D=16),
-                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16)}
+                "lowrank": dict(BLOCK_R=16, BLOCK_K=16, K_CHUNK=16), "reduce": dict(BLOCK_D=16, SPLIT_TILE=2)}
 SMALL_GATHER = dict(BLOCK_RG=16, BLOCK_K=16, programs_per_sm=1)
 # the FMA paths (no tl.dot) for steps of up to 3 tokens: every M the cases draw (1, 2 and 3)
 NO_DOT = dict(max_tokens=3, BLOCK_RG=4, BLOCK_K=16, num_warps=4, num_stages=2, programs_per_sm=1)
@@ -109,13 +110,16 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
 
 
 @pytest.mark.parametrize("M", [1, 2, 3])
-@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
-def test_no_dot_gather_agrees_with_the_masked_side(mode, M):
+@pytest.mark.parametrize("mode,fused", [("up", True), ("gate", True), ("pred", True), ("pred", False)])
+def test_no_dot_gather_agrees_with_the_masked_side(mode, fused, M):
     """A step of a few tokens gathers (and D computes its logits) with FMA sums instead of tl.dot: same mask,
     and the same coefficients up to the fp32 summation order (one bf16 step at most), so the same output
-    within bf16. M=2 runs a power-of-two token tile with no padding token, M=3 one with a padding token."""
+    within bf16. M=2 runs a power-of-two token tile with no padding token, M=3 one with a padding token.
+    fused: D's gate and up tiles in one loop (CONFIG gather_no_dot's fuse_gate_up; M and CATS gather one)."""
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=23 + M)
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["gather-no-dot"]})
+    variant = SIDE_VARIANTS["gather-no-dot"]
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, **variant,
+                                 "gather_no_dot": {**variant["gather_no_dot"], "fuse_gate_up": fused}})
     check(c, y, a)
     y_masked, a_masked = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     assert torch.equal(a != 0, a_masked != 0)
