@@ -27,10 +27,16 @@ BATCHES = [1, 2, 4, 8, 16]
 def test_plan_stays_on_the_safe_side_of_both_bounds(steps, kind):
     union = dict(zip(BATCHES, sorted(steps)))  # the union of B tokens' masks grows with B
     plan = ops.decode_plan(kind, union)
-    gather_bound, dense_bound = ops.GATHER_MAX_UNION[kind], ops.DENSE_MIN_UNION[kind]
+    dense_bound = ops.DENSE_MIN_UNION[kind]
+
+    def gather_bound(b):  # a one-token step has a bound of its own
+        return (ops.GATHER_MAX_UNION_ONE_TOKEN if b == 1 else ops.GATHER_MAX_UNION)[kind]
+
     gathered = [b for b in BATCHES if b <= plan.gather_max_tokens]
-    assert all(union[b] <= gather_bound for b in gathered)
-    assert all(union[b] > gather_bound for b in BATCHES if b > plan.gather_max_tokens)
+    assert all(union[b] <= gather_bound(b) for b in gathered)
+    # the first size past the plan is over its bound (the union grows with B, so is every later one)
+    first_out = next((b for b in BATCHES if b > plan.gather_max_tokens), None)
+    assert first_out is None or union[first_out] > gather_bound(first_out)
     if plan.dense_min_tokens:
         assert union[plan.dense_min_tokens] >= dense_bound
         assert all(union[b] < dense_bound for b in BATCHES if b < plan.dense_min_tokens)
@@ -51,6 +57,10 @@ def test_plan_of_typical_unions():
     assert ops.decode_plan("predictor", union).gather_max_tokens == 4
     assert ops.decode_plan("threshold", union).gather_max_tokens == 2
     assert ops.decode_plan("predictor", {}) == ops.DecodePlan()  # nothing measured: masked side, never dense
+    # one token at union 0.45: D-CountDown gathers (its one-token bound), M-CountDown does not
+    union = {1: 0.45, 2: 0.6, 4: 0.75, 8: 0.9, 16: 0.99}
+    assert ops.decode_plan("predictor", union).gather_max_tokens == 1
+    assert ops.decode_plan("threshold", union).gather_max_tokens == 0
 
 
 def _site(D=24, N=40, bias=True, seed=0):

@@ -219,7 +219,8 @@ COMPARE = {
     # the reduce summing one split at a time, as before "reduce tiles"
     "reduce loop": {"reduce": {"BLOCK_D": 256, "SPLIT_TILE": 1}},
     # D's FMA gather with gate and up in two loops, as before "fused FMA gather"; one d_model tile per row
-    "unfused g+u": {"gather_no_dot": {"fuse_gate_up": False}},
+    "unfused g+u": {"gather_no_dot": {"fused_max_tokens": 0}},
+    "fused g+u 2 tokens": {"gather_no_dot": {"fused_max_tokens": 2}},
     "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)

@@ -59,6 +59,10 @@ N_FFN_TENSORS = 7
 #   136.3-136.8 vs 134.3 us): such steps run the dense FFN. This changes the output (to the dense one) for
 #   those batch sizes; Calibration.report() and SparsityMeter say where it happens.
 GATHER_MAX_UNION = {"threshold": 0.35, "predictor": 0.4}
+# A one-token step gathers D-CountDown's gate and up rows in one FMA loop (triton_ffn CONFIG "gather_no_dot"),
+# which keeps the gather side ahead at larger unions: union 0.50, 83.7 vs 88.7 us masked (NOTES.md "fused FMA
+# gather"); M-CountDown ties there (94.6 vs 94.1).
+GATHER_MAX_UNION_ONE_TOKEN = {"threshold": 0.35, "predictor": 0.5}
 DENSE_MIN_UNION = {"threshold": 0.99, "predictor": 0.8}
 
 
@@ -90,7 +94,7 @@ def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan
     sizes = sorted(union_by_batch)
     gather = 0
     for b in sizes:  # the union grows with B; stop at the first size over the bound
-        if union_by_batch[b] > GATHER_MAX_UNION[op_kind]:
+        if union_by_batch[b] > (GATHER_MAX_UNION_ONE_TOKEN if b == 1 else GATHER_MAX_UNION)[op_kind]:
             break
         gather = b
     dense = next((b for b in sizes if union_by_batch[b] >= DENSE_MIN_UNION[op_kind]), 0)

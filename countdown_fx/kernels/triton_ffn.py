@@ -532,9 +532,10 @@ CONFIG = {
     # gather"): D s=0.9 53.0 -> 43.3 us, M 68.8 -> 63.6; the tile shape sweep picked 2 rows x 2048 columns,
     # 2 warps. max_tokens from `ffn_decode.py --compare` (NOTES.md "few-token gather"): at 2 tokens it wins
     # (D s=0.9 62.1 -> 54.8 us with the logits below, M s=0.8 94.5 -> 87.2), at 4 it loses (D s=0.9 79.8 -> 90.9).
-    # fuse_gate_up: D-CountDown loads its gate and up tiles in one loop (NOTES.md "fused FMA gather").
+    # fused_max_tokens: up to this many tokens D-CountDown loads its gate and up tiles in one loop (NOTES.md
+    # "fused FMA gather": at 1 token -0.6 us at union 0.1, -2.5 at 0.3; at 2 tokens +1.4 at 0.19).
     "gather_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16,
-                          fuse_gate_up=True),
+                          fused_max_tokens=1),
     # D-CountDown's logits on the gather side for a step of at most max_tokens tokens, without tl.dot (None:
     # tl.dot at any count): merged over "coef"; smaller neuron blocks give more programs, each its whole rank
     # in one tile. Measured (NOTES.md, "one-token logits", "few-token gather"): D s=0.9 B=1 43.1 -> 39.5 us,
@@ -689,7 +690,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             HAS_BU=b_up is not None, BLOCK_B=triton.next_power_of_2(M) if no_dot else BLOCK_B,
             BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if no_dot else _block_k(c["BLOCK_K"], dtype),
             BLOCK_N=block_n, NB_P2=nb_p2,
-            NO_DOT=no_dot, FUSED=no_dot and c["fuse_gate_up"], PREC=prec, UPCAST=upcast,
+            NO_DOT=no_dot, FUSED=no_dot and M <= c["fused_max_tokens"], PREC=prec, UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]

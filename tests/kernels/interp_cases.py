@@ -115,11 +115,11 @@ def test_no_dot_gather_agrees_with_the_masked_side(mode, fused, M):
     """A step of a few tokens gathers (and D computes its logits) with FMA sums instead of tl.dot: same mask,
     and the same coefficients up to the fp32 summation order (one bf16 step at most), so the same output
     within bf16. M=2 runs a power-of-two token tile with no padding token, M=3 one with a padding token.
-    fused: D's gate and up tiles in one loop (CONFIG gather_no_dot's fuse_gate_up; M and CATS gather one)."""
+    fused: D's gate and up tiles in one loop (CONFIG gather_no_dot's fused_max_tokens; M and CATS gather one)."""
     c = make_case(M, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.85, seed=23 + M)
     variant = SIDE_VARIANTS["gather-no-dot"]
     y, a = run_kernel(c, config={**SMALL_BLOCKS, **variant,
-                                 "gather_no_dot": {**variant["gather_no_dot"], "fuse_gate_up": fused}})
+                                 "gather_no_dot": {**variant["gather_no_dot"], "fused_max_tokens": 3 if fused else 0}})
     check(c, y, a)
     y_masked, a_masked = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS["masked"]})
     assert torch.equal(a != 0, a_masked != 0)
