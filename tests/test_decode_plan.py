@@ -57,8 +57,8 @@ def test_plan_of_typical_unions():
     assert ops.decode_plan("predictor", union).gather_max_tokens == 4
     assert ops.decode_plan("threshold", union).gather_max_tokens == 2
     assert ops.decode_plan("predictor", {}) == ops.DecodePlan()  # nothing measured: masked side, never dense
-    # one token at union 0.45: D-CountDown gathers (its one-token bound), M-CountDown does not
-    union = {1: 0.45, 2: 0.6, 4: 0.75, 8: 0.9, 16: 0.99}
+    # one token at union 0.6: D-CountDown gathers (its one-token bound), M-CountDown does not
+    union = {1: 0.6, 2: 0.75, 4: 0.85, 8: 0.9, 16: 0.99}
     assert ops.decode_plan("predictor", union).gather_max_tokens == 1
     assert ops.decode_plan("threshold", union).gather_max_tokens == 0
 

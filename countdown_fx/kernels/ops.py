@@ -60,9 +60,10 @@ N_FFN_TENSORS = 7
 #   those batch sizes; Calibration.report() and SparsityMeter say where it happens.
 GATHER_MAX_UNION = {"threshold": 0.35, "predictor": 0.4}
 # A one-token step gathers D-CountDown's gate and up rows in one FMA loop (triton_ffn CONFIG "gather_no_dot"),
-# which keeps the gather side ahead at larger unions: union 0.50, 83.7 vs 88.7 us masked (NOTES.md "fused FMA
-# gather"); M-CountDown ties there (94.6 vs 94.1).
-GATHER_MAX_UNION_ONE_TOKEN = {"threshold": 0.35, "predictor": 0.5}
+# which keeps the gather side ahead up to where D runs dense: at unions 0.5 / 0.6 / 0.7 / 0.8, 83.4 / 95.1 / 106.2
+# / 117.8 us against 88.4 / 98.0 / 108.9 / 120.3 masked (NOTES.md "fused FMA gather"). M-CountDown ties or loses
+# there (union 0.5: 94.2 vs 94.1; 0.8: 116.7 vs 114.9), so it keeps its bound.
+GATHER_MAX_UNION_ONE_TOKEN = {"threshold": 0.35, "predictor": 0.8}
 DENSE_MIN_UNION = {"threshold": 0.99, "predictor": 0.8}
 
 

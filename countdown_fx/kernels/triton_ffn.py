@@ -545,8 +545,9 @@ CONFIG = {
     # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
     # h = x V for a step of at most max_tokens tokens when V is stored transposed (pred_v.stride(0) == 1, as
-    # the rewrite stores it; None: never): FMA sums over all of d_model, BLOCK_RG of V's columns per program
-    # (r=480: 240 programs), no split and no reduce launch (NOTES.md "lowrank FMA").
+    # the rewrite stores it; None: never): FMA sums over all of d_model, BLOCK_RG of V's columns per program at
+    # one token, BLOCK_RG / 2 at two (r=480: 240 programs; 480), no split and no reduce launch (NOTES.md
+    # "lowrank FMA": B=1 s=0.9 D 39.6 -> 37.8 us; one column per program was -0.7 us at 2 tokens, +0.9 at 1).
     "lowrank_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2),
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
@@ -630,9 +631,11 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
         if _no_dot(cfg["lowrank_no_dot"], M) and pred_v.stride(0) == 1:
             c = cfg["lowrank_no_dot"]
-            wrap_triton(_lowrank_no_dot_kernel)[(triton.cdiv(R, c["BLOCK_RG"]),)](
+            block_b = triton.next_power_of_2(M)
+            block_rg = max(1, c["BLOCK_RG"] // block_b)  # the same products per program at any token count
+            wrap_triton(_lowrank_no_dot_kernel)[(triton.cdiv(R, block_rg),)](
                 x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(1), h.stride(0),
-                BLOCK_B=triton.next_power_of_2(M), BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"],
+                BLOCK_B=block_b, BLOCK_RG=block_rg, BLOCK_K=c["BLOCK_K"],
                 num_warps=c["num_warps"], num_stages=1)
         else:
             c = cfg["lowrank"]
