@@ -309,7 +309,8 @@ def profile_kernels(L, log, batches, sps, bw, out, header):
         log(lines[-1])
     text = "\n".join(["# Per-launch GPU time of one FFN call (Llama-3.1-8B shape, bf16)", "", header,
                       f"- copy bandwidth {bw / 1e12:.2f} TB/s; GB/s = weight bytes the launch must read / its time "
-                      "(the reduce launches read only fp32 partials: the output's splits, and for D h's chunks where h = x V is split)",
+                      "(the reduce launches read only fp32 partials: the output's splits, and for D h's chunks "
+                      "where h = x V is split)",
                       "- kernels µs: torch.profiler over 64 eager calls; graph µs/call: the same calls in one CUDA "
                       "graph; gaps = the difference", ""] + lines)
     with open(os.path.join(out, "speed_ffn_profile.md"), "w") as f:
