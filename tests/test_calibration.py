@@ -271,10 +271,13 @@ def test_incomplete_state_is_refused_naming_the_site():
         Calibration(cfg, sites, {"a.mlp": good, "b.mlp": {**good, "pred_u": torch.zeros(7, 2)}})
 
 
-def test_predictor_rank_is_padded_to_aligned_rows_without_changing_the_output():
+def test_predictor_rank_is_padded_to_aligned_rows_without_changing_the_output(monkeypatch):
     """A rank that is not a multiple of 16 (here 8) is stored zero-padded, so the kernels' row loads are aligned
-    (rewrite.RANK_ALIGN); the program's output equals the reference with the calibrated, unpadded factors."""
+    (rewrite.RANK_ALIGN); V is stored transposed and reaches the op as a view whose columns are contiguous (what
+    its one-launch h = x V needs on CUDA); the program's output equals the reference with the calibrated,
+    unpadded factors."""
     from countdown_fx import sparsify
+    from countdown_fx.kernels import ops
     from countdown_fx.passes.rewrite import RANK_ALIGN
 
     model = tiny_llama(layers=1)
@@ -287,6 +290,15 @@ def test_predictor_rank_is_padded_to_aligned_rows_without_changing_the_output():
     for name, b in factors.items():
         b = b.t() if name.endswith("pred_v_t") else b  # V is stored transposed: [rank, d_model]
         assert b.shape[-1] == RANK_ALIGN and b[..., 8:].eq(0).all() and b[..., :8].ne(0).any()
+    v_strides = []
+    real = ops._predictor_impl
+
+    def recording(*args, **kwargs):
+        v_strides.append(args[8].stride())  # pred_v, as the op receives it at run time
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_predictor_impl", recording)
     with torch.no_grad():
         got = sparse.module()(ids, use_cache=False).logits
+    assert v_strides and all(stride[0] == 1 for stride in v_strides), v_strides
     torch.testing.assert_close(got, reference_logits(model, cal, ids), rtol=1e-5, atol=1e-5)

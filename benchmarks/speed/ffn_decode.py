@@ -215,7 +215,7 @@ COMPARE = {
     # h = x V split over d_model plus its reduce launch at every token count, as before "lowrank FMA"; one
     # column of V per program
     "h split": {"lowrank_no_dot": None},
-    "h 1 col": {"lowrank_no_dot": {"BLOCK_RG": 1, "BLOCK_K": 4096}},
+    "h 1 col K4096": {"lowrank_no_dot": {"BLOCK_RG": 1, "BLOCK_K": 4096}},
     # the reduce summing one split at a time, as before "reduce tiles"
     "reduce loop": {"reduce": {"BLOCK_D": 256, "SPLIT_TILE": 1}},
     # D's FMA gather with gate and up in two loops, as before "fused FMA gather"; one d_model tile per row
@@ -224,7 +224,7 @@ COMPARE = {
     "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
-COMPARE_V_ROWS = {}
+COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
 
 
 def compare_configs(L, log, batches, sps):

@@ -63,6 +63,8 @@ GATHER_MAX_UNION = {"threshold": 0.35, "predictor": 0.4}
 # which keeps the gather side ahead up to where D runs dense: at unions 0.5 / 0.6 / 0.7 / 0.8, 83.4 / 95.1 / 106.2
 # / 117.8 us against 88.4 / 98.0 / 108.9 / 120.3 masked (NOTES.md "fused FMA gather"). M-CountDown ties or loses
 # there (union 0.5: 94.2 vs 94.1; 0.8: 116.7 vs 114.9), so it keeps its bound.
+# At one token the gather side also beats the dense FFN at 0.8 (117.8 vs 131.2 us): DENSE_MIN_UNION's 0.8 for D
+# was measured with the masked side at B=8; a one-token dense bound near 0.9 (extrapolated) is not measured yet.
 GATHER_MAX_UNION_ONE_TOKEN = {"threshold": 0.35, "predictor": 0.8}
 DENSE_MIN_UNION = {"threshold": 0.99, "predictor": 0.8}
 

@@ -1,8 +1,9 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
-Three launches per FFN call (for D-CountDown's h = x V, `_lowrank_kernel` over chunks of d_model and,
-when d_model spans more than one chunk, `_reduce_kernel` to sum them; one more with the "gather" sparse side,
-`_gather_kernel`), all with grids known on the host, so a CUDA graph captures them:
+Three launches per FFN call (one more with the "gather" sparse side, `_gather_kernel`; for D-CountDown's
+h = x V first either `_lowrank_no_dot_kernel`, for 1-2 tokens with V stored transposed, or `_lowrank_kernel` over
+chunks of d_model and, when d_model spans more than one chunk, `_reduce_kernel` to sum them), all with grids
+known on the host, so a CUDA graph captures them:
 
 1. `_coef_kernel`, one program per block of BLOCK_N neurons and all tokens of the step:
    the dense side (up for M-CountDown, gate for CATS, both for the "coef" score, the low-rank predictor
@@ -217,7 +218,7 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
             bu = tl.load(bu_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
     if MODE == 3:
-        # D-CountDown: logits = h @ U^T with h = x V (fp32, from _lowrank_kernel); dense, fp32.
+        # D-CountDown: logits = h @ U^T with h = x V (fp32, from the h launch before this one); dense, fp32.
         if NO_DOT:
             logits = _gemv_no_dot(h_ptr, stride_h, pu_ptr, stride_pu, offs_n, n_mask, M, R, BLOCK_B, BLOCK_N, BLOCK_R)
         else:
@@ -475,7 +476,8 @@ def _reduce_kernel(part_ptr, bd_ptr, y_ptr, M, D, n_split, stride_ym,
                    HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr):
     """y[b] = sum over splits + b_down, cast to the output dtype. SPLIT_TILE splits are loaded as one tile and
     summed by tl.sum (a fixed tree; tiles in order): one round trip to L2 for all of a call's ~33 partials
-    instead of one per split. The order depends only on n_split and SPLIT_TILE: deterministic."""
+    instead of one per split. The order is fixed by the launch config (n_split, SPLIT_TILE, BLOCK_D, warps):
+    deterministic for the same shapes and config. SPLIT_TILE: a power of two (tl.arange)."""
     pid_b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -541,13 +543,15 @@ CONFIG = {
     # in one tile. Measured (NOTES.md, "one-token logits", "few-token gather"): D s=0.9 B=1 43.1 -> 39.5 us,
     # B=2 57.2 -> 54.8; neutral at B=4 (90.1 vs 90.9 with the FMA gather), so the same bound as the gather.
     "coef_no_dot_pred": dict(max_tokens=2, BLOCK_N=16, BLOCK_R=512, num_warps=4, num_stages=1),
-    # h = x V of the predictor: programs over BLOCK_R columns of V and K_CHUNK rows of d_model each
-    # (Llama shape, r=512: 8 x 16 = 128 programs), chunks summed by _reduce_kernel.
+    # h = x V of the predictor for 3+ tokens or a row-major V (else "lowrank_no_dot"): programs over BLOCK_R
+    # columns of V and K_CHUNK rows of d_model each (Llama shape, r=480: 8 x 16 = 128 programs), chunks summed by
+    # _reduce_kernel.
     "lowrank": dict(BLOCK_R=64, BLOCK_K=128, K_CHUNK=256, num_warps=4, num_stages=3),
     # h = x V for a step of at most max_tokens tokens when V is stored transposed (pred_v.stride(0) == 1, as
     # the rewrite stores it; None: never): FMA sums over all of d_model, BLOCK_RG of V's columns per program at
     # one token, BLOCK_RG / 2 at two (r=480: 240 programs; 480), no split and no reduce launch (NOTES.md
-    # "lowrank FMA": B=1 s=0.9 D 39.6 -> 37.8 us; one column per program was -0.7 us at 2 tokens, +0.9 at 1).
+    # "lowrank FMA": B=1 s=0.9 D 39.6 -> 37.8 us; one column per program over 4096 columns was -0.4 to -0.8 us
+    # at 2 tokens, +0.3 to +0.9 at 1; the 2-token setting, one column over 2048, was not timed on its own).
     "lowrank_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2),
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)

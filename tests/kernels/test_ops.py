@@ -133,6 +133,8 @@ class _FixedCalibration:
 def test_tiny_llama_reduce_overhead(method):
     pytest.importorskip("transformers")
     backend = pytest.importorskip("countdown_fx.backend")
+    from torch._inductor.utils import run_and_get_code
+
     from countdown_fx.config import CountDownConfig
     from tiny_models import hf_model
 
@@ -148,9 +150,14 @@ def test_tiny_llama_reduce_overhead(method):
         model = model.cuda()
         before = backend.counters["sites_rewritten"]
         compiled = torch.compile(model, backend="countdown", options={**opts, "mode": "reduce-overhead"})
+        _, code = run_and_get_code(compiled, input_ids=ids[0].cuda(), use_cache=False)
         for _ in range(3):  # warm-up, record, replay
             got = [compiled(input_ids=i.cuda(), use_cache=False).logits.cpu() for i in ids]
     assert backend.counters["sites_rewritten"] - before >= 2
+    src = "\n".join(code)
+    assert "_coef_kernel" in src
+    if method == "d-countdown":  # V stored transposed reaches the kernels so: h = x V in one launch at 2 tokens
+        assert "_lowrank_no_dot_kernel" in src and "_lowrank_kernel" not in src
     for g_, w_, d_ in zip(got, want, dense):
         assert not torch.allclose(w_, d_, rtol=1e-3, atol=1e-3)  # sparsity changed the output
         torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4)
