@@ -28,15 +28,11 @@ def test_plan_stays_on_the_safe_side_of_both_bounds(steps, kind):
     union = dict(zip(BATCHES, sorted(steps)))  # the union of B tokens' masks grows with B
     plan = ops.decode_plan(kind, union)
     dense_bound = ops.DENSE_MIN_UNION[kind]
-
-    def gather_bound(b):  # a one-token step has a bound of its own
-        return (ops.GATHER_MAX_UNION_ONE_TOKEN if b == 1 else ops.GATHER_MAX_UNION)[kind]
-
     gathered = [b for b in BATCHES if b <= plan.gather_max_tokens]
-    assert all(union[b] <= gather_bound(b) for b in gathered)
+    assert all(union[b] <= ops.gather_max_union(kind, b) for b in gathered)
     # the first size past the plan is over its bound (the union grows with B, so is every later one)
     first_out = next((b for b in BATCHES if b > plan.gather_max_tokens), None)
-    assert first_out is None or union[first_out] > gather_bound(first_out)
+    assert first_out is None or union[first_out] > ops.gather_max_union(kind, first_out)
     if plan.dense_min_tokens:
         assert union[plan.dense_min_tokens] >= dense_bound
         assert all(union[b] < dense_bound for b in BATCHES if b < plan.dense_min_tokens)

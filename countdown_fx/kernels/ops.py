@@ -69,6 +69,11 @@ GATHER_MAX_UNION_ONE_TOKEN = {"threshold": 0.35, "predictor": 0.8}
 DENSE_MIN_UNION = {"threshold": 0.99, "predictor": 0.8}
 
 
+def gather_max_union(op_kind: str, tokens: int) -> float:
+    """The largest calibrated union at which a decode step of `tokens` tokens takes the gather side."""
+    return (GATHER_MAX_UNION_ONE_TOKEN if tokens == 1 else GATHER_MAX_UNION)[op_kind]
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """What a site's op does in a decode step of T tokens: gather sparse side for T <= gather_max_tokens,
@@ -97,7 +102,7 @@ def decode_plan(op_kind: str, union_by_batch: Mapping[int, float]) -> DecodePlan
     sizes = sorted(union_by_batch)
     gather = 0
     for b in sizes:  # the union grows with B; stop at the first size over the bound
-        if union_by_batch[b] > (GATHER_MAX_UNION_ONE_TOKEN if b == 1 else GATHER_MAX_UNION)[op_kind]:
+        if union_by_batch[b] > gather_max_union(op_kind, b):
             break
         gather = b
     dense = next((b for b in sizes if union_by_batch[b] >= DENSE_MIN_UNION[op_kind]), 0)

@@ -315,7 +315,8 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
     each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
     a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
-    _down_kernel need not search the per-block lists."""
+    _down_kernel need not search the per-block lists. FUSED: D-CountDown's FMA path reads gate and up in one loop."""
+    tl.static_assert(not FUSED or (MODE == 3 and NO_DOT), "FUSED is D-CountDown's FMA gather only")
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -333,7 +334,7 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
         valid = b_mask[:, None] & k_mask[None, :]
         dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
-        if MODE == 3 and NO_DOT and FUSED:
+        if FUSED:
             g, u = _gemv_no_dot_pair(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, rows, k_mask, M, D,
                                      BLOCK_B, BLOCK_RG, BLOCK_K)
         elif MODE == 3 or MODE == 1:
@@ -346,7 +347,7 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
         else:
             ag = dv
         if MODE == 3 or MODE == 0:
-            if not (MODE == 3 and NO_DOT and FUSED):
+            if not FUSED:
                 u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, M, D,
                                BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
             if HAS_BU:
@@ -622,7 +623,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     dtype = x2d.dtype
     prec = _prec(dtype)
     upcast = x2d.device.type == "cpu"  # only the interpreter runs these kernels on CPU tensors
-    BLOCK_B = 16
+    BLOCK_B = 16  # tl.dot launches pad the tokens to 16 rows
+    BLOCK_B_FMA = triton.next_power_of_2(M)  # the FMA (no tl.dot) launches' token tile
     dummy = x2d  # stands for absent optional pointers (never read: HAS_* flags are off)
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
@@ -635,11 +637,10 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
         if _no_dot(cfg["lowrank_no_dot"], M) and pred_v.stride(0) == 1:
             c = cfg["lowrank_no_dot"]
-            block_b = triton.next_power_of_2(M)
-            block_rg = max(1, c["BLOCK_RG"] // block_b)  # the same products per program at any token count
+            block_rg = max(1, c["BLOCK_RG"] // BLOCK_B_FMA)  # the same products per program at any token count
             wrap_triton(_lowrank_no_dot_kernel)[(triton.cdiv(R, block_rg),)](
                 x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(1), h.stride(0),
-                BLOCK_B=block_b, BLOCK_RG=block_rg, BLOCK_K=c["BLOCK_K"],
+                BLOCK_B=BLOCK_B_FMA, BLOCK_RG=block_rg, BLOCK_K=c["BLOCK_K"],
                 num_warps=c["num_warps"], num_stages=1)
         else:
             c = cfg["lowrank"]
@@ -681,7 +682,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-        BLOCK_B=triton.next_power_of_2(M) if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_B=BLOCK_B_FMA if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast, SIDE=side, NO_DOT=no_dot_logits,
         num_warps=c["num_warps"],
         num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
@@ -694,10 +695,11 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
             dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
             dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
-            HAS_BU=b_up is not None, BLOCK_B=triton.next_power_of_2(M) if no_dot else BLOCK_B,
+            HAS_BU=b_up is not None, BLOCK_B=BLOCK_B_FMA if no_dot else BLOCK_B,
             BLOCK_RG=c["BLOCK_RG"], BLOCK_K=c["BLOCK_K"] if no_dot else _block_k(c["BLOCK_K"], dtype),
             BLOCK_N=block_n, NB_P2=nb_p2,
-            NO_DOT=no_dot, FUSED=no_dot and M <= c["fused_max_tokens"], PREC=prec, UPCAST=upcast,
+            NO_DOT=no_dot, FUSED=mode == MODE_PRED and no_dot and M <= c["fused_max_tokens"], PREC=prec,
+            UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]

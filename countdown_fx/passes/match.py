@@ -457,8 +457,8 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
     """(output node, shard, group name) of a DTensor column/row-parallel FFN, or None (logged) when the
     layout is another one: gate/up weights and biases Shard(0) (each rank holds its neurons' biases), down
     weight Shard(1), a down bias replicated (the rewrite adds it once, after the all-reduce), output
-    redistributed to Replicate (an all-reduce) and made local, no fusion (a fused gate_up weight split by rows would put all gate rows on one rank and
-    all up rows on the other)."""
+    redistributed to Replicate (an all-reduce) and made local, no fusion (a fused gate_up weight split by rows
+    would put all gate rows on one rank and all up rows on the other)."""
     from torch.distributed.tensor import Replicate, Shard
 
     placements = [w.placements for w in (wg, wu, wd)]

@@ -196,9 +196,9 @@ LOW_PRECISION_STATE = ("pred_v", "pred_u")
 # predictor launches ran ~1.6x their time at rank 512 in the 32-layer model (NOTES.md, "predictor rank").
 # Zero columns add exact zeros to x V and to the logits.
 RANK_ALIGN = 16
-# V [d_model, r] is stored transposed ([r, d_model], the buffer state_attr(key, "pred_v_t")) and handed to the op as a
-# transposed view: each of its r columns is then one contiguous row, which lets a decode step of one or two
-# tokens compute h = x V in one launch without a split over d_model and its reduce (CONFIG "lowrank_no_dot").
+# V [d_model, r] is stored transposed ([r, d_model], the buffer state_attr(key, "pred_v_t")) and handed to the
+# op as a transposed view: each of its r columns is then one contiguous row, which lets a decode step of one or
+# two tokens compute h = x V in one launch without a split over d_model and its reduce (CONFIG "lowrank_no_dot").
 
 
 def stored_rank(rank: int) -> int:
