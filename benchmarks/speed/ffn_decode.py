@@ -356,6 +356,7 @@ def main():
     cmd = "PYTHONPATH=. python3 " + " ".join(sys.argv)
     bw = copy_bandwidth()
     log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    log(f"commit {commit}; command: {cmd}")  # every log, the --compare and --profile ones too, says what made it
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
     if args.compare:
