@@ -350,9 +350,15 @@ def _bf16_worker(rank, port, device_type):
                                          progress=False)
             thresholds = [None] * WORLD
             dist.all_gather_object(thresholds, float(cal.state[f"<root>@tp{rank}of{WORLD}"]["threshold"]))
+            from countdown_fx.passes.rewrite import counters
+
+            stored_before = counters["w_down_t_bytes"]
             step = _countdown(model, calibration=cal, mode="reduce-overhead" if cuda else None)
             for _ in range(3):  # warm-up, record, replay
                 out = step(x).clone()
+            # on CUDA the shard's W_down^T is stored once (a transposed view would be copied every step)
+            stored, shard_bytes = counters["w_down_t_bytes"] - stored_before, d_model * d_inter // WORLD * 2
+            assert (stored > 0 and stored % shard_bytes == 0) if cuda else stored == 0, stored
             n = d_inter // WORLD
             want = 0
             for r, t in enumerate(thresholds):

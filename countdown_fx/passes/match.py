@@ -377,7 +377,7 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
         log.info("countdown: skipping a gated FFN at %s: weight shapes unknown", down.name)
         return None
     output, shard, group = down, _tensor_parallel_shard(down), None
-    if _is_dtensor(wg):
+    if is_dtensor(wg):
         biases = [weight_value(gm, b, example_inputs) if b is not None else None for b in (b_gate, b_up, b_down)]
         if any(b is not None and v is None for b, v in zip((b_gate, b_up, b_down), biases)):
             log.info("countdown: skipping the DTensor FFN at %s: a bias of unknown layout", down.name)
@@ -441,7 +441,7 @@ def _dtensor_source(node):
     return node
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -450,7 +450,7 @@ def _is_dtensor(t) -> bool:
 def _placements(node: fx.Node):
     """The placements of the DTensor a graph node produces (Dynamo's example value), None when unknown."""
     value = node.meta.get("example_value")
-    return tuple(value.placements) if _is_dtensor(value) else None
+    return tuple(value.placements) if is_dtensor(value) else None
 
 
 def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
@@ -470,9 +470,9 @@ def _dtensor_tensor_parallel(down, wg, wu, wd, fused, bg, bu, bd):
         reason = f"placements {placements} are not column-parallel gate/up and row-parallel down"
     elif fused:
         reason = "a fused gate_up weight under DTensor TP is not supported"
-    elif any(b is not None and not (_is_dtensor(b) and tuple(b.placements) == (Shard(0),)) for b in (bg, bu)):
+    elif any(b is not None and not (is_dtensor(b) and tuple(b.placements) == (Shard(0),)) for b in (bg, bu)):
         reason = "a gate/up bias is not sharded with its rows (Shard(0))"
-    elif bd is not None and not (_is_dtensor(bd) and tuple(bd.placements) == (Replicate(),)):
+    elif bd is not None and not (is_dtensor(bd) and tuple(bd.placements) == (Replicate(),)):
         reason = "its down bias is not a replicated DTensor"
     elif not _is_dtensor_call(to_local, "to_local"):
         reason = "its output is not redistributed to a local tensor"

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..config import CountDownConfig
 from ..kernels import ops
-from .match import Site, WeightRef, weight_value
+from .match import Site, WeightRef, is_dtensor, weight_value
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -172,11 +172,16 @@ def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs):
     """W_down^T [d_inter, d_model]. On CUDA it is materialised once as a contiguous graph buffer (the
     kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing."""
     value = weight_value(gm, site.down_weight, example_inputs)
-    if (not site.dtensor_group and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
-            and value.is_cuda):
+    if site.dtensor_group:  # this rank's shard (the kernels would copy a transposed view of it every call)
+        value = value.to_local() if is_dtensor(value) else None
+    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
         counters["w_down_t_bytes"] += value.numel() * value.element_size()
-        if w_down.op == "get_attr" and not w_down.users:
+        # the stored W_down is read no more: drop its get_attr (and, for a shard, the to_local we put after it)
+        while w_down is not None and not w_down.users and (
+                w_down.op == "get_attr" or (w_down.op, w_down.target) == ("call_method", "to_local")):
+            source = w_down.args[0] if w_down.op == "call_method" else None
             gm.graph.erase_node(w_down)
+            w_down = source
         return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
     return gm.graph.call_function(aten.t.default, (w_down,))
 
