@@ -260,6 +260,7 @@ def decode_arg_parser(description: str, layers: int, variants: str, tiny_help: s
                     help="feed each step the argmax token (default: random tokens, see forced_tokens)")
     ap.add_argument("--prompts", type=int, default=4,
                     help="prompts timed per row: what a step keeps varies with the context")
+    ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
     return ap
 
 
@@ -291,7 +292,6 @@ def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
 
 def main():
     ap = decode_arg_parser(__doc__, 8, "dense,m0.7,m0.9,d0.7,d0.9", "CPU smoke test: tiny model, no CUDA graphs")
-    ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
     ap.add_argument("--metered-steps", type=int, default=8,
                     help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()

@@ -63,19 +63,22 @@ def main() -> None:
         variants = args.variants.split(",")
         calibrations = calibrate_variants(model, variants, device)
         rows = []
-        for variant in variants:
-            torch._dynamo.reset()
-            before = counters["sites_rewritten"]
-            if variant == "dense":
-                step = torch.compile(model.forward, mode=mode)
-            else:
-                cal = calibrations[variant]
-                assert all(key.endswith(f"@tp{rank}of{world}") for key in cal.state), list(cal.state)[:2]
-                step = torch.compile(model.forward, backend="countdown",
-                                     options={"calibration": cal, "apply_to": "decode", "mode": mode})
-            for b in (int(b) for b in args.batches.split(",")):
+        for b in (int(b) for b in args.batches.split(",")):  # batch outer: a cut run has every variant at the first
+            for variant in variants:
+                # one static-shape compile per batch size (as decode_e2e): a second batch size in the same
+                # compiled function would make Dynamo mark the batch dim dynamic
+                torch._dynamo.reset()
+                before = counters["sites_rewritten"]
+                if variant == "dense":
+                    step = torch.compile(model.forward, mode=mode, dynamic=False)
+                else:
+                    cal = calibrations[variant]
+                    assert all(key.endswith(f"@tp{rank}of{world}") for key in cal.state), list(cal.state)[:2]
+                    step = torch.compile(model.forward, backend="countdown", dynamic=False,
+                                         options={"calibration": cal, "apply_to": "decode", "mode": mode})
                 t0 = time.time()
-                tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy)
+                tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
+                                                args.profile)  # every rank runs the profiled pass (collectives)
                 check_sites_rewritten(variant, counters["sites_rewritten"] - before, layers)
                 same = [None] * world
                 dist.all_gather_object(same, [t.cpu() for t in toks])  # every prompt's tokens
