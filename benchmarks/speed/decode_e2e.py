@@ -165,6 +165,9 @@ def _print_profile(prof, steps: int, elapsed: float) -> None:
           f"{sum(e.count for e in events) / steps:.0f} kernels/step", flush=True)
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:10]:
         print(f"    {e.self_device_time_total / steps:8.1f} us/step  x{e.count / steps:.0f}  {e.key[:90]}", flush=True)
+    cpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:6]:  # where a gap's host time goes
+        print(f"    cpu {e.self_cpu_time_total / steps:8.1f} us/step  x{e.count / steps:.0f}  {e.key[:86]}", flush=True)
     from torch._dynamo.utils import counters
 
     skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
