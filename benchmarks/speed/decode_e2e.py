@@ -54,14 +54,19 @@ def variant_config(name: str):
 
 
 def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device, prompts: int = 1,
-                        greedy: bool = True, profile: bool = False) -> tuple[float, list[torch.Tensor]]:
+                        greedy: bool = True, profile: bool = False,
+                        skip_guard_eval: bool = False) -> tuple[float, list[torch.Tensor]]:
     """Prefill `context` random tokens eagerly, then `new` decode steps through `step`, for each of
     `prompts` prompts; tokens/s over all of them (a first, untimed run compiles and records the CUDA
     graphs). Several prompts, because the neurons a step keeps vary with the context: one prompt can sit
     far from the calibrated sparsity. One cache serves every run (reset by prefill): a new cache would be
     new static addresses, re-recorded graphs inside the timed runs.
     greedy=False feeds random tokens instead of the argmax (see forced_tokens); the work is the same.
-    profile: also print where a decode step's time goes (GPU kernel time vs wall time, top kernels)."""
+    profile: also print where a decode step's time goes (GPU kernel time vs wall time, top kernels).
+    skip_guard_eval: after the warm-up, run the steps under torch.compiler.set_stance(skip_guard_eval_unsafe=
+    True): Dynamo then skips its guard checks (one compiled entry per function here, so nothing else can be
+    picked), as a server that calls its captured step directly would. On a DTensor-parallel model those checks
+    took ~6 ms of host time per step, more than the GPU work of a sparse step."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context + new)
@@ -76,7 +81,9 @@ def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
             if device.type == "cuda":
                 torch.cuda.synchronize()
             prof = _profiler() if kind == "profile" else contextlib.nullcontext()
-            with prof:
+            stance = (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                      if skip_guard_eval and kind != "warm-up" else contextlib.nullcontext())
+            with prof, stance:
                 start = time.perf_counter()
                 for i in range(new - 1):
                     logits = step(input_ids=tok, past_key_values=cache, cache_position=positions[i],
@@ -264,6 +271,9 @@ def decode_arg_parser(description: str, layers: int, variants: str, tiny_help: s
     ap.add_argument("--prompts", type=int, default=4,
                     help="prompts timed per row: what a step keeps varies with the context")
     ap.add_argument("--profile", action="store_true", help="print GPU kernel time vs wall time per step")
+    ap.add_argument("--skip-guard-eval", action="store_true",
+                    help="time the steps with Dynamo's guard checks skipped, dense and sparse alike (see "
+                         "decode_tokens_per_s)")
     return ap
 
 
@@ -333,7 +343,7 @@ def main():
                                      options={"calibration": cal, "apply_to": "decode", "mode": mode})
             t0 = time.time()
             tps, _ = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
-                                         args.profile)
+                                         args.profile, args.skip_guard_eval)
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
             check_sites_rewritten(variant, sites, layers)

@@ -78,7 +78,7 @@ def main() -> None:
                                          options={"calibration": cal, "apply_to": "decode", "mode": mode})
                 t0 = time.time()
                 tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
-                                                args.profile)  # every rank runs the profiled pass (collectives)
+                                                args.profile, args.skip_guard_eval)  # on every rank (collectives)
                 check_sites_rewritten(variant, counters["sites_rewritten"] - before, layers)
                 same = [None] * world
                 dist.all_gather_object(same, [t.cpu() for t in toks])  # every prompt's tokens
