@@ -28,6 +28,7 @@ the product is rounded; dots accumulate in fp32 (fp32 inputs: 3xTF32 dots on the
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -572,9 +573,19 @@ def _no_dot(launch: dict | None, tokens: int) -> bool:
     return launch is not None and tokens <= launch["max_tokens"]
 
 
-def _rows(w: torch.Tensor) -> torch.Tensor:
-    """Kernels need unit stride along d_model; row slices of a fused gate_up weight already have it."""
-    return w if w.stride(-1) == 1 else w.contiguous()
+def _rows(w: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Kernels need unit stride along d_model; row slices of a fused gate_up weight already have it. A named
+    weight without it is copied on every call, which can cost as much as the FFN itself: say so (once per
+    trace or eager call site, not silently)."""
+    if w.stride(-1) == 1:
+        return w
+    if name is not None:
+        warnings.warn(
+            f"countdown: the kernels' {name} {tuple(w.shape)} has no contiguous rows (strides {tuple(w.stride())}), "
+            f"so it is copied ({w.numel() * w.element_size() / 1e6:.1f} MB) on every call. Store it once as "
+            f"[d_inter, d_model] rows (the countdown backend does this for W_down^T on CUDA), or pass "
+            f".contiguous() weights.", stacklevel=3)
+    return w.contiguous()
 
 
 def _check_shapes(D, N, w_gate, w_up, w_down_t, b_gate, b_up, b_down, pred_v, pred_u) -> None:
@@ -619,7 +630,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     assert 1 <= M <= MAX_TOKENS, M
     _check_shapes(D, N, w_gate, w_up, w_down_t, b_gate, b_up, b_down, pred_v, pred_u)
     x2d = _rows(x2d)
-    w_gate, w_up, w_down_t = _rows(w_gate), _rows(w_up), _rows(w_down_t)
+    w_gate, w_up, w_down_t = _rows(w_gate, "w_gate"), _rows(w_up, "w_up"), _rows(w_down_t, "w_down_t")
     dtype = x2d.dtype
     prec = _prec(dtype)
     upcast = x2d.device.type == "cpu"  # only the interpreter runs these kernels on CPU tensors
@@ -633,7 +644,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     stride_h = stride_pu = 0
     if mode == MODE_PRED:
         R = pred_v.shape[1]
-        pred_u = _rows(pred_u)
+        pred_u = _rows(pred_u, "pred_u")
         h = torch.empty((M, R), dtype=torch.float32, device=x2d.device)
         if _no_dot(cfg["lowrank_no_dot"], M) and pred_v.stride(0) == 1:
             c = cfg["lowrank_no_dot"]

@@ -230,3 +230,19 @@ def test_deterministic():
     y1, _ = run_kernel(c, config=SMALL_BLOCKS)
     y2, _ = run_kernel(c, config=SMALL_BLOCKS)
     assert torch.equal(y1, y2)
+
+
+def test_weight_without_contiguous_rows_is_copied_with_a_warning():
+    """A W_down^T handed over as a transposed view (W_down's own storage) still gives the reference result,
+    but the per-call copy it costs is announced, not silent; contiguous weights raise no warning."""
+    import warnings
+
+    c = make_case(1, 37, 97, torch.bfloat16, "cpu", "up", sparsity=0.5, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, a = run_kernel(c)
+    c["w_down_t"] = c["w_down_t"].t().contiguous().t()  # same values, column-major
+    with pytest.warns(UserWarning, match=r"w_down_t \(97, 37\) has no contiguous rows.*copied"):
+        y_view, a_view = run_kernel(c)
+    check(c, y_view, a_view)
+    assert torch.equal(y_view, y)
