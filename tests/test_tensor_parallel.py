@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -354,11 +355,13 @@ def _bf16_worker(rank, port, device_type):
 
             stored_before = counters["w_down_t_bytes"]
             step = _countdown(model, calibration=cal, mode="reduce-overhead" if cuda else None)
-            for _ in range(3):  # warm-up, record, replay
-                out = step(x).clone()
-            # on CUDA the shard's W_down^T is stored once (a transposed view would be copied every step)
-            stored, shard_bytes = counters["w_down_t_bytes"] - stored_before, d_model * d_inter // WORLD * 2
-            assert (stored > 0 and stored % shard_bytes == 0) if cuda else stored == 0, stored
+            with warnings.catch_warnings():  # the kernels announce a weight they must copy on every call
+                warnings.filterwarnings("error", message=".*no contiguous rows")
+                for _ in range(3):  # warm-up, record, replay
+                    out = step(x).clone()
+            # on CUDA this shard's W_down^T (not the whole W_down) is stored once, at compile time
+            stored = counters["w_down_t_bytes"] - stored_before
+            assert stored == (d_model * d_inter // WORLD * 2 if cuda else 0), stored
             n = d_inter // WORLD
             want = 0
             for r, t in enumerate(thresholds):
