@@ -3,7 +3,7 @@ wheel's ptxas assembles it). Used to explain timings that a device run leaves op
 
     PYTHONPATH=. python3 benchmarks/speed/ptx_registers.py
 
-Prints one line per variant of `_gather_kernel` for D-CountDown (bf16, 2-row groups, 2048 columns, 2 warps):
+Prints one line per variant of `_gather_kernel` for D-CountDown (bf16, 2-row groups, 2048 columns): 2 or 4 warps,
 tokens 1 and 2, gate and up in one loop (FUSED) or two.
 """
 
@@ -48,12 +48,14 @@ def ptxas_report(kernel, constants: dict, num_warps: int) -> str:
 
 
 def main():
-    for tokens in (1, 2):
-        for fused in (False, True):
-            constants = dict(MODE=triton_ffn.MODE_PRED, ACT=0, HAS_BG=False, HAS_BU=False, BLOCK_B=tokens,
-                             BLOCK_RG=2, BLOCK_K=2048, BLOCK_N=16, NB_P2=1024, NO_DOT=True, FUSED=fused, PREC="tf32",
-                             UPCAST=False)
-            print(f"gather FMA, {tokens} token(s), fused={fused}: {ptxas_report(triton_ffn._gather_kernel, constants, 2)}")
+    for warps in (2, 4):  # 2: the default (CONFIG["gather_no_dot"]); 4: half the columns per thread
+        for tokens in (1, 2):
+            for fused in (False, True):
+                constants = dict(MODE=triton_ffn.MODE_PRED, ACT=0, HAS_BG=False, HAS_BU=False, BLOCK_B=tokens,
+                                 BLOCK_RG=2, BLOCK_K=2048, BLOCK_N=16, NB_P2=1024, NO_DOT=True, FUSED=fused,
+                                 PREC="tf32", UPCAST=False)
+                report = ptxas_report(triton_ffn._gather_kernel, constants, warps)
+                print(f"gather FMA, {warps} warps, {tokens} token(s), fused={fused}: {report}")
 
 
 if __name__ == "__main__":
