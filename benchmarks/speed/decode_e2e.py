@@ -278,6 +278,18 @@ def decode_arg_parser(description: str, layers: int, variants: str, tiny_help: s
     return ap
 
 
+def compile_step(forward, calibration, mode):
+    """A fresh static-shape compile of `forward`: dense Inductor (calibration None) or the countdown backend
+    with `calibration`, sparse in decode steps only. Call it once per batch size, as servers capture one CUDA
+    graph per batch size: a second batch size in the same compiled function would make Dynamo mark the batch
+    dim dynamic."""
+    torch._dynamo.reset()
+    if calibration is None:
+        return torch.compile(forward, mode=mode, dynamic=False)
+    return torch.compile(forward, backend="countdown", dynamic=False,
+                         options={"calibration": calibration, "apply_to": "decode", "mode": mode})
+
+
 def calibrate_variants(model, variants, device) -> dict:
     """Calibrations of every sparse variant from one sweep (shared passes: device time is scarce), on random
     token ids; Dynamo is reset afterwards so no calibration graph is reused by a decode step."""
@@ -332,16 +344,9 @@ def main():
     print(f"calibration: {time.time() - t_start:.0f}s", flush=True)
     for b in batches:  # batch sizes outer: a run cut at its time limit has every variant at the first one
         for variant in variants:
-            # one static-shape compile per batch size, as servers capture one CUDA graph per batch size: a
-            # second batch size in the same compiled function would make Dynamo mark the batch dim dynamic
-            torch._dynamo.reset()
             before = counters["sites_rewritten"]
-            if variant == "dense":
-                step = torch.compile(plain, mode=mode, dynamic=False)
-            else:
-                cal = calibrations[variant]
-                step = torch.compile(plain, backend="countdown", dynamic=False,
-                                     options={"calibration": cal, "apply_to": "decode", "mode": mode})
+            cal = calibrations.get(variant)
+            step = compile_step(plain, cal, mode)
             t0 = time.time()
             tps, _ = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
                                          args.profile, args.skip_guard_eval)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_e2e import (LLAMA8B, TINY, build, calibrate_variants, check_sites_rewritten,  # noqa: E402
-                        decode_arg_parser, decode_tokens_per_s)
+                        compile_step, decode_arg_parser, decode_tokens_per_s)
 from ffn_decode import git_commit  # noqa: E402
 
 from countdown_fx.distributed import destroy_process_group  # noqa: E402
@@ -65,17 +65,11 @@ def main() -> None:
         rows = []
         for b in (int(b) for b in args.batches.split(",")):  # batch outer: a cut run has every variant at the first
             for variant in variants:
-                # one static-shape compile per batch size (as decode_e2e): a second batch size in the same
-                # compiled function would make Dynamo mark the batch dim dynamic
-                torch._dynamo.reset()
                 before = counters["sites_rewritten"]
-                if variant == "dense":
-                    step = torch.compile(model.forward, mode=mode, dynamic=False)
-                else:
-                    cal = calibrations[variant]
+                cal = calibrations.get(variant)
+                if cal is not None:
                     assert all(key.endswith(f"@tp{rank}of{world}") for key in cal.state), list(cal.state)[:2]
-                    step = torch.compile(model.forward, backend="countdown", dynamic=False,
-                                         options={"calibration": cal, "apply_to": "decode", "mode": mode})
+                step = compile_step(model.forward, cal, mode)  # one per batch size
                 t0 = time.time()
                 tps, toks = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
                                                 args.profile, args.skip_guard_eval)  # on every rank (collectives)

@@ -136,8 +136,9 @@ def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
     site.output.replace_all_uses_with(result)
 
 
-def erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node) -> None:
-    """Erase the replaced site: `root` and whatever it alone used, back to the FFN input `stop`.
+def erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node | None) -> None:
+    """Erase `root` (a replaced site, an unread weight) and whatever it alone used, back to `stop` (the FFN's
+    input; placeholders are never erased).
     Not a graph-wide dead-code elimination, which would also drop unused in-place ops (KV cache writes)."""
     pending = [root]
     while pending:
@@ -177,11 +178,7 @@ def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs):
     if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
         counters["w_down_t_bytes"] += value.numel() * value.element_size()
         # the stored W_down is read no more: drop its get_attr (and, for a shard, the to_local we put after it)
-        while w_down is not None and not w_down.users and (
-                w_down.op == "get_attr" or (w_down.op, w_down.target) == ("call_method", "to_local")):
-            source = w_down.args[0] if w_down.op == "call_method" else None
-            gm.graph.erase_node(w_down)
-            w_down = source
+        erase_unused(gm.graph, w_down, stop=None)
         return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
     return gm.graph.call_function(aten.t.default, (w_down,))
 
