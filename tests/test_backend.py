@@ -123,17 +123,39 @@ def test_varying_lengths_compile_no_more_graphs_than_plain_inductor_would():
     assert ours == plain and ours <= 3  # one static graph, then one dynamic graph (plus a batch-dynamic one)
 
 
-def test_parameters_requiring_grad_still_compile_and_backprop():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_parameters_requiring_grad_still_compile_and_backprop(device, monkeypatch):
+    """W_down^T is stored once as a buffer where the kernels read rows (CUDA; here CPU too, to test the rule
+    without a GPU), but never when W_down needs a gradient: a stored copy would train without one."""
+    from countdown_fx.passes import rewrite
+
+    monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
     torch.manual_seed(0)
-    model = Stack(GptFastFeedForward)  # parameters require grad, no torch.no_grad()
-    x = torch.randn(2, 3, 32)
-    out = torch.compile(model, backend="countdown", options={"sparsity": 0.0, "apply_to": "all"})(x)
+    model = Stack(GptFastFeedForward).to(device)  # parameters require grad, no torch.no_grad()
+    x = torch.randn(2, 3, 32, device=device)
+    options = {"sparsity": 0.0, "apply_to": "all"}
+    rewrite.counters.clear()
+    with pytest.warns(UserWarning, match=r"W_down requires grad and grad mode is on.*torch.no_grad"):
+        out = torch.compile(model, backend="countdown", options=options)(x)
+    assert rewrite.counters["w_down_t_bytes"] == 0
+    assert rewrite.counters["w_down_t_views_for_grad"] == len(model.blocks)
     out.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(x).sum().backward()
     for got, want in zip(grads, [p.grad for p in model.parameters()]):
+        assert got.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    # the same model for inference: W_down^T stored once per block, the same output
+    torch._dynamo.reset()
+    rewrite.counters.clear()
+    with torch.no_grad():
+        got = torch.compile(model, backend="countdown", options=options)(x)
+        want = model(x)
+    block = model.blocks[0].w2.weight
+    assert rewrite.counters["w_down_t_bytes"] == len(model.blocks) * block.numel() * block.element_size()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_mode_maps_to_inductor_patches():

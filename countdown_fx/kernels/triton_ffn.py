@@ -583,7 +583,8 @@ def _rows(w: torch.Tensor, name: str | None = None) -> torch.Tensor:
         warnings.warn(
             f"countdown: the kernels' {name} {tuple(w.shape)} has no contiguous rows (strides {tuple(w.stride())}), "
             f"so it is copied ({w.numel() * w.element_size() / 1e6:.1f} MB) on every call. Store it once "
-            f"row-major (the countdown backend does this for W_down^T on CUDA), or pass .contiguous() weights.", stacklevel=3)
+            f"row-major (the countdown backend does this for W_down^T on CUDA when no gradient is needed), or "
+            f"pass .contiguous() weights.", stacklevel=3)
     return w.contiguous()
 
 

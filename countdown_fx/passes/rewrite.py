@@ -169,17 +169,33 @@ def gate_up_nodes(gm, site: Site, gate_ref, up_ref):
     return (first, second) if site.fused == "gate-up" else (second, first)
 
 
+# Devices whose kernels read W_down^T row by row, so it pays to store it once row-major (a test adds "cpu").
+ROW_MAJOR_DEVICE_TYPES = {"cuda"}
+
+
 def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs):
     """W_down^T [d_inter, d_model]. On CUDA it is materialised once as a contiguous graph buffer (the
-    kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing."""
+    kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing.
+    A W_down that needs a gradient keeps the view: a stored copy would be cut off from autograd, so the
+    model would train with no gradient for W_down, silently (Dynamo recompiles when grad mode changes)."""
     value = weight_value(gm, site.down_weight, example_inputs)
     if site.dtensor_group:  # this rank's shard (the kernels would copy a transposed view of it every call)
         value = value.to_local() if is_dtensor(value) else None
-    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and value.is_cuda:
-        counters["w_down_t_bytes"] += value.numel() * value.element_size()
-        # the stored W_down is read no more: drop its get_attr (and, for a shard, the to_local we put after it)
-        erase_unused(gm.graph, w_down, stop=None)
-        return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
+    if (isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+            and value.device.type in ROW_MAJOR_DEVICE_TYPES):
+        if value.requires_grad and torch.is_grad_enabled():
+            counters["w_down_t_views_for_grad"] += 1
+            warnings.warn(
+                f"countdown: {site.key}'s W_down requires grad and grad mode is on, so the kernels read it through "
+                f"a transposed view (its gradient flows) and copy it ({value.numel() * value.element_size() / 1e6:.1f}"
+                " MB) on every call. For inference, compile and run under torch.no_grad() or "
+                "torch.inference_mode() (or call model.requires_grad_(False)): W_down^T is then stored once.",
+                stacklevel=2)
+        else:
+            counters["w_down_t_bytes"] += value.numel() * value.element_size()
+            # the stored W_down is read no more: drop its get_attr (and, for a shard, the to_local after it)
+            erase_unused(gm.graph, w_down, stop=None)
+            return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
     return gm.graph.call_function(aten.t.default, (w_down,))
 
 
