@@ -208,19 +208,23 @@ def crossover(L, log, batches):
 # Launch-config variants timed against the defaults by --compare (the defaults are the empty override;
 # each variant runs the sparse side the plan picks unless it names one). Add the next kernel step's variant
 # here; the variants of past sessions and their outcomes are in NOTES.md ("Variants").
-GD = triton_ffn.GATHER_DOWN
 COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
-    # the gather and the down product in one launch at 1-2 tokens (NOTES.md "gather+down"): rows per step,
-    # warps per program, programs per SM
-    "g+d rg4 w16 p1": {"gather_down": GD},
-    "g+d rg8 w16 p1": {"gather_down": {**GD, "BLOCK_RG": 8}},
-    "g+d rg2 w8 p2": {"gather_down": {**GD, "BLOCK_RG": 2, "num_warps": 8, "programs_per_sm": 2}},
-    "g+d rg2 w4 p4": {"gather_down": {**GD, "BLOCK_RG": 2, "num_warps": 4, "programs_per_sm": 4}},
+    "gather side": {"sparse_side": "gather"},
+    # h = x V split over d_model plus its reduce launch at every token count, as before "lowrank FMA"; one
+    # column of V per program
+    "h split": {"lowrank_no_dot": None},
+    "h 1 col K4096": {"lowrank_no_dot": {"BLOCK_RG": 1, "BLOCK_K": 4096}},
+    # the reduce summing one split at a time, as before "reduce tiles"
+    "reduce loop": {"reduce": {"BLOCK_D": 256, "SPLIT_TILE": 1}},
+    # D's FMA gather with gate and up in two loops, as before "fused FMA gather"; one d_model tile per row
+    "unfused g+u": {"gather_no_dot": {"fused_max_tokens": 0}},
+    "fused g+u 2 tokens": {"gather_no_dot": {"fused_max_tokens": 2}},
+    "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
 }
-# D only: the variants above with V passed row-major instead of transposed (none this session)
-COMPARE_V_ROWS = {}
+# D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
+COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
 
 
 def compare_configs(L, log, batches, sps):

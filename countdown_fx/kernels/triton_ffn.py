@@ -366,72 +366,6 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
 
 
 @triton.jit
-def _gather_down_kernel(x_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
-                        part_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_wd, stride_dv, stride_am,
-                        MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NB_P2: tl.constexpr, UPCAST: tl.constexpr):
-    """_gather_kernel and _down_kernel in one launch, for a step of a few tokens (FMA sums, BLOCK_B >= M as
-    small as 1) and d_model <= BLOCK_D: each program takes an equal share of the union's compacted rows,
-    BLOCK_RG rows at a time over all of d_model. It loads their gate/up rows and their W_down^T rows together
-    (no dependency between them), forms a = act(g) * u * keep per token, and adds a @ W_down^T[rows] to a
-    [tokens, d_model] fp32 partial held in registers; _reduce_kernel sums the programs' partials in order.
-    Against the two launches it saves the down launch, the gap before it and the coefficients' round trip
-    through memory, and its few wide programs keep many rows in flight each (NOTES.md "gather+down")."""
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    offs_b = tl.arange(0, BLOCK_B)
-    b_mask = offs_b < M
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    offs_blk = tl.arange(0, NB_P2)
-    cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
-    cum = tl.cumsum(cnts, axis=0)
-    total = tl.sum(cnts, axis=0)
-    thr = tl.load(thr_ptr).to(tl.float32)
-    out_dtype = a_ptr.dtype.element_ty
-    xs = tl.load(x_ptr + offs_b[:, None] * stride_xm + offs_d[None, :], mask=b_mask[:, None] & d_mask[None, :],
-                 other=0.0).to(tl.float32)
-    share = (total + n_prog - 1) // n_prog
-    k_start = pid * share
-    k_end = tl.minimum(k_start + share, total)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_RG):
-        offs_k = k + tl.arange(0, BLOCK_RG)
-        k_mask = offs_k < k_end
-        rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
-        tile_mask = k_mask[:, None] & d_mask[None, :]
-        valid = b_mask[:, None] & k_mask[None, :]
-        wd = tl.load(wd_ptr + rows[:, None] * stride_wd + offs_d[None, :], mask=tile_mask, other=0.0)
-        dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
-        if MODE == 3 or MODE == 1:
-            wg = tl.load(wg_ptr + rows[:, None] * stride_wg + offs_d[None, :], mask=tile_mask, other=0.0)
-            g = tl.sum(wg.to(tl.float32)[None, :, :] * xs[:, None, :], axis=2)
-            if HAS_BG:
-                g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
-        else:
-            ag = dv
-        if MODE == 3 or MODE == 0:
-            wu = tl.load(wu_ptr + rows[:, None] * stride_wu + offs_d[None, :], mask=tile_mask, other=0.0)
-            u = tl.sum(wu.to(tl.float32)[None, :, :] * xs[:, None, :], axis=2)
-            if HAS_BU:
-                u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            u = _cast(u, out_dtype, UPCAST).to(tl.float32)
-        else:
-            u = dv
-        if MODE == 3:
-            keep = (dv > thr) & valid
-        else:
-            keep = (tl.abs(dv) > thr) & valid
-        a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
-        tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
-        acc += tl.sum(a.to(tl.float32)[:, :, None] * wd.to(tl.float32)[None, :, :], axis=1)
-    tl.store(part_ptr + (pid * M + offs_b[:, None]) * D + offs_d[None, :], acc,
-             mask=b_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
 def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_vk, stride_vr, stride_split,
                     stride_om, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     NATIVE: tl.constexpr, UPCAST: tl.constexpr):
@@ -606,10 +540,6 @@ CONFIG = {
     # "fused FMA gather": at 1 token -0.6 us at union 0.1, -2.5 at 0.3; at 2 tokens +1.4 at 0.19).
     "gather_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2, num_stages=1, programs_per_sm=16,
                           fused_max_tokens=1),
-    # The gather side and the down product in one launch (`_gather_down_kernel`) for a step of at most max_tokens
-    # tokens and d_model <= max_d_model (the program holds a whole row of d_model per tile; None: never): a few
-    # wide programs per SM, BLOCK_RG rows of gate/up and W_down^T in flight per step. Opt-in until measured.
-    "gather_down": None,  # e.g. GATHER_DOWN
     # D-CountDown's logits on the gather side for a step of at most max_tokens tokens, without tl.dot (None:
     # tl.dot at any count): merged over "coef"; smaller neuron blocks give more programs, each its whole rank
     # in one tile. Measured (NOTES.md, "one-token logits", "few-token gather"): D s=0.9 B=1 43.1 -> 39.5 us,
@@ -629,10 +559,6 @@ CONFIG = {
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
     "reduce": dict(BLOCK_D=64, SPLIT_TILE=64, num_warps=4),
 }
-
-
-# A "gather_down" launch config (CONFIG["gather_down"] takes it whole; benchmarks/speed/ffn_decode.py times it).
-GATHER_DOWN = dict(max_tokens=2, max_d_model=8192, BLOCK_RG=4, num_warps=16, programs_per_sm=1)
 
 
 def _block_k(block_k: int, dtype: torch.dtype) -> int:
@@ -757,9 +683,8 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
     cnt = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device)
     dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
-    gather_down = gather and _no_dot(cfg["gather_down"], M) and D <= cfg["gather_down"]["max_d_model"]
     # the union's rows in one list, written by _gather_kernel; without it the down kernel never reads `flat`
-    flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather and not gather_down else idx
+    flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
@@ -773,18 +698,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         num_warps=c["num_warps"],
         num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 
-    if gather_down:
-        c = cfg["gather_down"]
-        n_split = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
-        part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
-        wrap_triton(_gather_down_kernel)[(n_split,)](
-            x2d, w_gate, w_up, w_down_t, b_gate if b_gate is not None else dummy,
-            b_up if b_up is not None else dummy, dv, thr, a, idx, cnt, part, M, D, n_blocks, x2d.stride(0),
-            w_gate.stride(0), w_up.stride(0), w_down_t.stride(0), dv.stride(0), a.stride(0),
-            MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-            BLOCK_B=BLOCK_B_FMA, BLOCK_RG=c["BLOCK_RG"], BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n,
-            NB_P2=nb_p2, UPCAST=upcast, num_warps=c["num_warps"], num_stages=1)
-    elif gather:
+    if gather:
         no_dot = _no_dot(cfg["gather_no_dot"], M)
         c = cfg["gather_no_dot"] if no_dot else cfg["gather"]
         grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
@@ -799,18 +713,17 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    if not gather_down:
-        c = cfg["down"]
-        col_blocks = triton.cdiv(D, c["BLOCK_D"])
-        want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
-        n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
-        part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
-        wrap_triton(_down_kernel)[(col_blocks, n_split)](
-            a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
-            a.stride(0), w_down_t.stride(0),
-            BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
-            NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
+    c = cfg["down"]
+    col_blocks = triton.cdiv(D, c["BLOCK_D"])
+    want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
+    n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
+    part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
+    wrap_triton(_down_kernel)[(col_blocks, n_split)](
+        a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
+        a.stride(0), w_down_t.stride(0),
+        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
+        NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)
     r = cfg["reduce"]

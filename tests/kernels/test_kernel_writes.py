@@ -52,10 +52,7 @@ def _launches(monkeypatch, case, mode, side, no_dot_tokens):
     c = case
     triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
-                          config={"sparse_side": "gather" if side == "gather-down" else side,
-                                  "gather_down": ({**triton_ffn.GATHER_DOWN, "max_tokens": no_dot_tokens}
-                                                  if side == "gather-down" else None),
-                                  "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
+                          config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
                                   "gather_no_dot": {"max_tokens": no_dot_tokens},
                                   "coef_no_dot_pred": {"max_tokens": no_dot_tokens},
                                   "lowrank_no_dot": {"max_tokens": no_dot_tokens}})
@@ -72,11 +69,11 @@ def _written(kernel, arguments) -> list[str]:
 
 
 @pytest.mark.parametrize("M,no_dot_tokens", [(3, 0), (1, 2), (3, 4)], ids=["dot", "fma-1", "fma-3"])
-@pytest.mark.parametrize("side", ["masked", "gather", "gather-down"])
+@pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens):
-    """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred", "lowrank_no_dot",
-    and "gather_down" on the "gather-down" side), so the analysis sees both the tl.dot and the FMA launches."""
+    """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred", "lowrank_no_dot"),
+    so the analysis sees both the tl.dot and the FMA launches."""
     case = make_case(M, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
     inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
     input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
@@ -91,11 +88,7 @@ def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot
     fma_h = mode == "pred" and M <= no_dot_tokens
     assert names.count("_lowrank_no_dot_kernel") == fma_h
     assert names.count("_reduce_kernel") == 1 + (mode == "pred" and not fma_h)
-    gather = side != "masked" and mode != "coef"
-    fused = gather and side == "gather-down" and M <= no_dot_tokens  # gather and down in one launch
-    assert names.count("_gather_down_kernel") == fused
-    assert names.count("_gather_kernel") == (gather and not fused)
-    assert names.count("_down_kernel") == (not fused)
+    assert names.count("_gather_kernel") == (side == "gather" and mode != "coef")
     for kernel, arguments in launches:
         written = _written(kernel, arguments)
         assert written, f"{kernel.fn.__name__}: the analysis found no output at all"

@@ -100,26 +100,6 @@ def test_no_dot_padded_token_tile_full_shape(mode, M, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("shape,M,sparsity", [("llama8b", 1, 0.9), ("llama8b", 2, 0.9), ("llama8b", 1, 0.5),
-                                              ("qwen14b", 1, 0.7), ("gemma9b", 2, 0.0)])
-@pytest.mark.parametrize("mode", ["up", "gate", "pred"])
-def test_gather_down_full_shape(mode, shape, M, sparsity, dtype):
-    """The gather and the down product in one launch (CONFIG "gather_down", triton_ffn.GATHER_DOWN): correct at
-    full shapes (Qwen's d_model 5120 in a 8192-column tile), deterministic, the same mask as the two launches
-    and the output within rounding."""
-    D, N = SHAPES[shape]
-    c = make_case(M, D, N, dtype, "cuda", mode, sparsity=sparsity, rank=512, seed=M, bias=shape == "qwen14b")
-    config = {"sparse_side": "gather", "gather_down": triton_ffn.GATHER_DOWN}
-    y, a = run_kernel(c, config=config)
-    check(c, y, a)
-    assert torch.equal(run_kernel(c, config=config)[0], y)
-    y_two, a_two = run_kernel(c, config={"sparse_side": "gather"})
-    assert torch.equal(a_two != 0, a != 0)
-    assert rel_err(a, a_two) <= TOL[dtype] and rel_err(y, y_two) <= TOL[dtype]
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("M", [1, 2])
 def test_lowrank_layouts_agree_full_shape(M, dtype):
