@@ -137,30 +137,22 @@ def _gated(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, bg, bu, offs_
 @triton.jit
 def _gemv_no_dot(x_ptr, stride_xm, w_ptr, stride_w, rows, r_mask, M, D,
                  BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_B, BLOCK_RG] fp32 = x[:M, :D] @ w[rows, :D]^T without tl.dot, for a step of a few tokens
-    (BLOCK_B >= M, a power of two, as small as 1): fp32 products and sums on the FMA units, one token at a
-    time over each weight tile. A dot pads the tokens to 16 rows and needs 16 rows of w per tile, which
-    leaves a small union in too few programs (latency-bound, NOTES.md "one-token gather", "few-token
-    gather"). x may be fp32 (the predictor's h) or the weights' dtype."""
-    offs_b = tl.arange(0, BLOCK_B)
-    acc = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        wt = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
-                     other=0.0).to(tl.float32)
-        for t in tl.static_range(BLOCK_B):
-            # t < M as a tensor: triton's interpreter takes no scalar mask
-            xt = tl.load(x_ptr + t * stride_xm + offs_k, mask=k_mask & (offs_k * 0 + t < M), other=0.0).to(tl.float32)
-            acc = tl.where(offs_b[:, None] == t, acc + tl.sum(wt * xt[None, :], axis=1)[None, :], acc)
+    """[BLOCK_B, BLOCK_RG] fp32 = x[:M, :D] @ w[rows, :D]^T without tl.dot (_gemv_no_dot_pair with one weight)."""
+    acc, _ = _gemv_no_dot_pair(x_ptr, stride_xm, w_ptr, stride_w, w_ptr, stride_w, rows, r_mask, M, D,
+                               BLOCK_B, BLOCK_RG, BLOCK_K, PAIR=False)
     return acc
 
 
 @triton.jit
 def _gemv_no_dot_pair(x_ptr, stride_xm, wa_ptr, stride_wa, wb_ptr, stride_wb, rows, r_mask, M, D,
-                      BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_gemv_no_dot for two weights over the same rows in one loop: both tiles' loads are in flight together,
-    so a program's chain of dependent memory round trips is half as long (gate and up of D-CountDown)."""
+                      BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, PAIR: tl.constexpr = True):
+    """x[:M, :D] @ wa[rows, :D]^T and, with PAIR, x @ wb[rows, :D]^T ([BLOCK_B, BLOCK_RG] fp32 each; without PAIR
+    the second is zeros and wb is never read) without tl.dot, for a step of a few tokens (BLOCK_B >= M, a power of
+    two, as small as 1): fp32 products and sums on the FMA units, one token at a time over each weight tile. A
+    dot pads the tokens to 16 rows and needs 16 rows of w per tile, which leaves a small union in too few programs
+    (latency-bound, NOTES.md "one-token gather", "few-token gather"). With PAIR both tiles' loads are in flight
+    together, so a program's chain of dependent memory round trips is half as long (D-CountDown's gate and up).
+    x may be fp32 (the predictor's h) or the weights' dtype."""
     offs_b = tl.arange(0, BLOCK_B)
     acc_a = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_B, BLOCK_RG), dtype=tl.float32)
@@ -169,11 +161,14 @@ def _gemv_no_dot_pair(x_ptr, stride_xm, wa_ptr, stride_wa, wb_ptr, stride_wb, ro
         k_mask = offs_k < D
         tile_mask = r_mask[:, None] & k_mask[None, :]
         wa = tl.load(wa_ptr + rows[:, None] * stride_wa + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        wb = tl.load(wb_ptr + rows[:, None] * stride_wb + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        if PAIR:
+            wb = tl.load(wb_ptr + rows[:, None] * stride_wb + offs_k[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         for t in tl.static_range(BLOCK_B):
+            # t < M as a tensor: triton's interpreter takes no scalar mask
             xt = tl.load(x_ptr + t * stride_xm + offs_k, mask=k_mask & (offs_k * 0 + t < M), other=0.0).to(tl.float32)
             acc_a = tl.where(offs_b[:, None] == t, acc_a + tl.sum(wa * xt[None, :], axis=1)[None, :], acc_a)
-            acc_b = tl.where(offs_b[:, None] == t, acc_b + tl.sum(wb * xt[None, :], axis=1)[None, :], acc_b)
+            if PAIR:
+                acc_b = tl.where(offs_b[:, None] == t, acc_b + tl.sum(wb * xt[None, :], axis=1)[None, :], acc_b)
     return acc_a, acc_b
 
 
