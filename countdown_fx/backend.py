@@ -69,17 +69,17 @@ def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
 
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: CountDownConfig,
-              calibration=None, dense_fallback: bool = True) -> fx.GraphModule:
+              calibration=None, dense_fallback: bool = True, keep_grad: bool | None = None) -> fx.GraphModule:
     """The graph pass alone, in place: match + rewrite (no Inductor). Weights must be reachable: get_attr,
     call_module, or placeholders with `example_inputs`. Warns when there is nothing to rewrite.
-    dense_fallback: see rewrite_sites."""
+    dense_fallback, keep_grad: see rewrite_sites."""
     sites = match_sites(gm, example_inputs)
     counters["sites_found"] += len(sites)
     if not sites:
         counters["graphs_without_sites"] += 1
         warnings.warn(NO_SITE_WARNING, stacklevel=2)
         return gm
-    return rewrite_sites(gm, sites, config, calibration, example_inputs, dense_fallback)
+    return rewrite_sites(gm, sites, config, calibration, example_inputs, dense_fallback, keep_grad)
 
 
 def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:

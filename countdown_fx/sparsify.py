@@ -45,7 +45,8 @@ def _dynamic_shapes(ep: ExportedProgram):
 
 def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=None) -> ExportedProgram:
     """Rewrite an ExportedProgram: unlift it to a GraphModule, rewrite, export again keeping the
-    dims that were dynamic dynamic. The new state becomes buffers of the program."""
+    dims that were dynamic dynamic. The new state becomes buffers of the program. An exported program is
+    for inference (saved, packaged by AOTInductor), so W_down^T is stored whatever the grad mode."""
     if ep.example_inputs is None:
         raise ValueError("this ExportedProgram carries no example inputs; export it with torch.export.export "
                          "(which records them) before calling sparsify")
@@ -54,7 +55,7 @@ def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=
     is_dynamic = any(d is not None for d in torch.utils._pytree.tree_leaves((dyn_args, dyn_kwargs),
                                                                         is_leaf=lambda x: x is None))
     # warns when there is nothing to rewrite; a dynamic program cannot switch to dense by batch size
-    gm = transform(ep.module(), None, config, calibration, dense_fallback=not is_dynamic)
+    gm = transform(ep.module(), None, config, calibration, dense_fallback=not is_dynamic, keep_grad=False)
     if not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
         return ep
     dynamic = None
@@ -75,6 +76,9 @@ def sparsify(obj: Any, calibration_or_config: Any, *, example_inputs: Sequence |
 
     calibration_or_config: a CountDownConfig (regime "ideal", or "prac" with its calibration), a
     Calibration, or a path to a saved calibration (regime "prac", method and sparsity from the file).
+    A GraphModule may be trained afterwards: where W_down requires grad and grad mode is on, it keeps its
+    gradient (with a warning that the CUDA kernels then copy it per call); sparsify under torch.no_grad() for
+    inference.
     """
     config, calibration = resolve_target(calibration_or_config)
     if isinstance(obj, ExportedProgram):

@@ -12,7 +12,9 @@ from tiny_models import GptFastFeedForward, Stack
 
 def _package_and_run(model, x, config, tmp_path, other_x, via_disk=False):
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},))
-    sparse = countdown_fx.sparsify(ep, config)
+    sparse = countdown_fx.sparsify(ep, config)  # under grad mode, as at top level
+    if x.is_cuda and getattr(config, "regime", "prac") == "prac":  # the kernels read W_down^T stored once
+        assert sum(name.endswith("__w_down_t") for name in sparse.state_dict) == len(model.blocks)
     check_toolchain()  # a compiler that would make the package segfault at load fails here, with the fix
     if via_disk:  # the packaging step often runs on a program another process saved
         torch.export.save(sparse, tmp_path / "sparse.pt2")

@@ -93,3 +93,47 @@ def test_wrong_object_and_no_site():
     gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 4)))
     with pytest.warns(UserWarning, match="no gated FFN"):
         assert sparsify(gm, IDEAL) is gm
+
+
+def test_w_down_t_storage_follows_the_way_in(monkeypatch):
+    """Where the kernels read W_down^T row by row (CUDA; here CPU too, patched): an exported program is for
+    inference, so sparsify stores it once even under grad mode (the default at top level) and says nothing; a
+    GraphModule sparsified under grad mode may be trained, so its W_down keeps a gradient, with a warning;
+    under torch.no_grad() it is stored. Either way the output is unchanged."""
+    import warnings
+
+    from countdown_fx.calibration import calibrate
+    from countdown_fx.passes import rewrite
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    cal = calibrate(model, [torch.randn(4, 8, 32) for _ in range(2)],
+                    CountDownConfig(method="m-countdown", sparsity=0.5, regime="prac"), progress=False)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        want = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
+    monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
+    one_w_down = model.blocks[0].w2.weight.numel() * 4
+
+    rewrite.counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ep = sparsify(torch.export.export(model, (x,)), cal)
+    assert rewrite.counters["w_down_t_bytes"] == N_LAYERS * one_w_down
+    assert sum(name.endswith("__w_down_t") for name in ep.state_dict) == N_LAYERS
+    torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
+
+    rewrite.counters.clear()
+    with pytest.warns(UserWarning, match=r"requires grad and grad mode is on"):
+        gm = sparsify(fx.symbolic_trace(model), cal)
+    assert rewrite.counters["w_down_t_bytes"] == 0
+    out = gm(x)
+    out.sum().backward()
+    assert model.blocks[0].w2.weight.grad is not None
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+
+    rewrite.counters.clear()
+    with torch.no_grad():
+        gm = sparsify(fx.symbolic_trace(model), cal)
+        torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+    assert rewrite.counters["w_down_t_bytes"] == N_LAYERS * one_w_down

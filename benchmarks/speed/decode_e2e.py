@@ -67,7 +67,8 @@ def decode_tokens_per_s(model, step, batch: int, context: int, new: int, device,
     True): Dynamo then checks only the guards that tell its compiled entries apart (tensor checks on inputs and
     buffers such as the KV cache remain; those on parameters go), as a server that calls its captured step
     directly would skip them all. There is one compiled entry per function here, so nothing else can be picked.
-    A profile of a DTensor-parallel model put 6-7 ms of host time per step into Dynamo's cache lookup."""
+    On a DTensor-parallel model the guards cost milliseconds per step (guard_cost.py), enough to make a decode
+    step host-bound (benchmarks/results/speed_decode_tp2.md)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context + new)

@@ -1,6 +1,7 @@
 """Replace each gated FFN site by one countdown::* op whose state lives in the graph.
 
-Per-site state (thresholds, predictor weights, and W_down^T when a CUDA kernel reads it) is registered
+Per-site state (thresholds, predictor weights, and W_down^T when a CUDA kernel reads it and no gradient is needed
+for W_down) is registered
 as buffers on the GraphModule and read through get_attr nodes, so it is data the compiled code reads,
 not constants baked into it, and it travels with the graph into export.
 """
@@ -43,6 +44,7 @@ def rewrite_sites(
     calibration=None,
     example_inputs: Sequence | None = None,
     dense_fallback: bool = True,
+    keep_grad: bool | None = None,
 ) -> fx.GraphModule:
     """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
 
@@ -50,6 +52,8 @@ def rewrite_sites(
     with `check_sites(sites)`, `state_for(site) -> dict[str, Tensor]` and `decode_plan(site)`).
     dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN): a
     program exported with a dynamic batch dim cannot branch on the batch size at run time.
+    keep_grad: whether a W_down that requires grad must keep its gradient (None: whether grad mode is on now;
+    the backend runs in its caller's grad mode, and Dynamo recompiles when that changes). See _down_transposed.
     """
     if config.regime == "prac":
         if calibration is None:
@@ -61,13 +65,17 @@ def rewrite_sites(
             )
         calibration.check_sites(sites)
     op = ops.op_for(config.regime, config.method)
+    keep_grad = torch.is_grad_enabled() if keep_grad is None else keep_grad
+    kernels_read_rows = config.regime == "prac"  # the Triton kernels run the prac ops; "ideal" is the reference
+    copied_per_call = []  # (site key, MB) of the W_down^T that stay views because W_down keeps its gradient
     dropped_dense = []
     decode_only = config.apply_to == "decode"
     graph = gm.graph
     for site in sites:
         with graph.inserting_before(site.output):
             x, w_gate, w_up, w_down, b_gate, b_up, b_down = site_input_nodes(gm, site)
-            w_down_t = _down_transposed(gm, site, w_down, example_inputs)
+            w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
+                                        copied_per_call)
             ffn = (x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
             if config.regime == "ideal":
                 args = (*ffn, config.score, config.sparsity, decode_only)
@@ -89,6 +97,14 @@ def rewrite_sites(
         counters["sites_rewritten"] += 1
         log.info("countdown: rewrote %s (%s, d_model=%d, d_inter=%d, %s) -> %s", site.key, site.activation,
                  site.d_model, site.d_inter, site.layout, op)
+    if copied_per_call:
+        warnings.warn(
+            f"countdown: W_down of {len(copied_per_call)} site(s) (first: {copied_per_call[0][0]}) requires grad "
+            "and grad mode is on, so it keeps its gradient: the ops read it through a transposed view, and the "
+            f"decode steps that the CUDA kernels run copy it on every call ({sum(mb for _, mb in copied_per_call):.0f}"
+            " MB over these sites). For inference, compile (or sparsify) and run under torch.no_grad() or "
+            "torch.inference_mode(), or call model.requires_grad_(False): W_down^T is then stored once.",
+            stacklevel=3)
     if dropped_dense:
         warnings.warn(
             f"countdown: {len(dropped_dense)} site(s) would run the dense FFN in decode steps of at "
@@ -173,24 +189,20 @@ def gate_up_nodes(gm, site: Site, gate_ref, up_ref):
 ROW_MAJOR_DEVICE_TYPES = {"cuda"}
 
 
-def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs):
-    """W_down^T [d_inter, d_model]. On CUDA it is materialised once as a contiguous graph buffer (the
-    kernels read a skipped neuron as one contiguous row); elsewhere a transposed view costs nothing.
-    A W_down that needs a gradient keeps the view: a stored copy would be cut off from autograd, so the
-    model would train with no gradient for W_down, silently (Dynamo recompiles when grad mode changes)."""
+def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs, kernels_read_rows: bool, keep_grad: bool,
+                     copied_per_call: list):
+    """W_down^T [d_inter, d_model]. Where the kernels read it (the prac ops on CUDA) it is materialised once as a
+    contiguous graph buffer (they read a skipped neuron as one contiguous row); elsewhere a transposed view
+    costs nothing. A W_down that requires grad keeps the view when keep_grad: a stored copy is cut off from
+    autograd, so the model would train with no gradient for W_down, silently (appended to copied_per_call)."""
     value = weight_value(gm, site.down_weight, example_inputs)
     if site.dtensor_group:  # this rank's shard (the kernels would copy a transposed view of it every call)
         value = value.to_local() if is_dtensor(value) else None
-    if (isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+    if (kernels_read_rows and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
             and value.device.type in ROW_MAJOR_DEVICE_TYPES):
-        if value.requires_grad and torch.is_grad_enabled():
+        if value.requires_grad and keep_grad:
             counters["w_down_t_views_for_grad"] += 1
-            warnings.warn(
-                f"countdown: {site.key}'s W_down requires grad and grad mode is on, so the kernels read it through "
-                f"a transposed view (its gradient flows) and copy it ({value.numel() * value.element_size() / 1e6:.1f}"
-                " MB) on every call. For inference, compile and run under torch.no_grad() or "
-                "torch.inference_mode() (or call model.requires_grad_(False)): W_down^T is then stored once.",
-                stacklevel=2)
+            copied_per_call.append((site.key, value.numel() * value.element_size() / 1e6))
         else:
             counters["w_down_t_bytes"] += value.numel() * value.element_size()
             # the stored W_down is read no more: drop its get_attr (and, for a shard, the to_local after it)
