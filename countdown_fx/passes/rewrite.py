@@ -1,9 +1,8 @@
 """Replace each gated FFN site by one countdown::* op whose state lives in the graph.
 
-Per-site state (thresholds, predictor weights, and W_down^T when a CUDA kernel reads it and no gradient is needed
-for W_down) is registered
-as buffers on the GraphModule and read through get_attr nodes, so it is data the compiled code reads,
-not constants baked into it, and it travels with the graph into export.
+Per-site state (thresholds, predictor weights, and W_down^T when a CUDA kernel reads it and W_down needs no
+gradient) is registered as buffers on the GraphModule and read through get_attr nodes, so it is data the compiled
+code reads, not constants baked into it, and it travels with the graph into export.
 """
 
 from __future__ import annotations
