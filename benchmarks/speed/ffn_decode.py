@@ -222,21 +222,35 @@ COMPARE = {
     "unfused g+u": {"gather_no_dot": {"fused_max_tokens": 0}},
     "fused g+u 2 tokens": {"gather_no_dot": {"fused_max_tokens": 2}},
     "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
+    # the down launch writes y itself (one share per column block: no partials, no reduce launch) after the
+    # gather side ("final"), or after the masked side ("final masked")
+    "final R128 D32": {"down_final": {"side": "gather", "BLOCK_R": 128, "BLOCK_D": 32, "num_warps": 4,
+                                      "num_stages": 3}},
+    "final R64 D32": {"down_final": {"side": "gather", "BLOCK_R": 64, "BLOCK_D": 32, "num_warps": 4,
+                                     "num_stages": 4}},
+    "final R64 D64": {"down_final": {"side": "gather", "BLOCK_R": 64, "BLOCK_D": 64, "num_warps": 4,
+                                     "num_stages": 4}},
+    "final R128 D16": {"down_final": {"side": "gather", "BLOCK_R": 128, "BLOCK_D": 16, "num_warps": 4,
+                                      "num_stages": 3}},
+    "final masked R64 D32": {"down_final": {"side": "masked", "BLOCK_R": 64, "BLOCK_D": 32, "num_warps": 4,
+                                            "num_stages": 4}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
 
 
-def compare_configs(L, log, batches, sps):
-    """Every COMPARE variant at each (batch, sparsity), M and D, each checked against the fp32 reference
-    first: which launch configs (and sparse side) win, from one call."""
+def compare_configs(L, log, batches, sps, labels=None):
+    """Every COMPARE variant (or those named in `labels`) at each (batch, sparsity), M and D, each checked
+    against the fp32 reference first: which launch configs (and sparse side) win, from one call."""
+    variants = {k: v for k, v in COMPARE.items() if labels is None or k in labels}
     for B, s, name, mode, xs, thr, union, side in planned_cases(L, batches, sps):
         times = {}
-        for label, override in COMPARE.items():
+        for label, override in variants.items():
             config = {"sparse_side": side, **override}
             check_once(L, xs[0], thr, mode, config)
             times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
-        for label, override in (COMPARE_V_ROWS.items() if mode == triton_ffn.MODE_PRED else ()):
+        v_rows = {k: v for k, v in COMPARE_V_ROWS.items() if labels is None or k in labels}
+        for label, override in (v_rows.items() if mode == triton_ffn.MODE_PRED else ()):
             config = {"sparse_side": side, **override}
             times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config, v_rows=True))
         log(f"compare B={B} s={s} {name} union {union:.2f} (plan: {side}): "
@@ -330,6 +344,8 @@ def main():
     ap.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9", help="comma-separated target sparsities")
     ap.add_argument("--compare", action="store_true",
                     help="only time the COMPARE launch-config variants against the defaults (Llama shape), no table")
+    ap.add_argument("--variants", default="",
+                    help="with --compare: comma-separated COMPARE labels to time (default: all of them)")
     ap.add_argument("--profile", action="store_true",
                     help="only time each launch against its bytes (Llama shape, torch.profiler), no table")
     args = ap.parse_args()
@@ -359,8 +375,12 @@ def main():
     log(f"commit {commit}; command: {cmd}")  # every log, the --compare and --profile ones too, says what made it
     batches = [int(b) for b in args.batches.split(",")]
     sps = [float(s) for s in args.sparsities.split(",")]
+    labels = args.variants.split(",") if args.variants else None
+    unknown = sorted(set(labels or ()) - set(COMPARE) - set(COMPARE_V_ROWS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {sorted(COMPARE) + sorted(COMPARE_V_ROWS)}")
     if args.compare:
-        compare_configs(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps)
+        compare_configs(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps, labels)
         return
     if args.profile:
         profile_kernels(Layer(*SHAPES["llama-3.1-8b"]), log, batches, sps, bw, args.out,
