@@ -222,18 +222,6 @@ COMPARE = {
     "unfused g+u": {"gather_no_dot": {"fused_max_tokens": 0}},
     "fused g+u 2 tokens": {"gather_no_dot": {"fused_max_tokens": 2}},
     "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
-    # the down launch writes y itself (one share per column block: no partials, no reduce launch) after the
-    # gather side ("final"), or after the masked side ("final masked")
-    "final R128 D32": {"down_final": {"side": "gather", "BLOCK_R": 128, "BLOCK_D": 32, "num_warps": 4,
-                                      "num_stages": 3}},
-    "final R64 D32": {"down_final": {"side": "gather", "BLOCK_R": 64, "BLOCK_D": 32, "num_warps": 4,
-                                     "num_stages": 4}},
-    "final R64 D64": {"down_final": {"side": "gather", "BLOCK_R": 64, "BLOCK_D": 64, "num_warps": 4,
-                                     "num_stages": 4}},
-    "final R128 D16": {"down_final": {"side": "gather", "BLOCK_R": 128, "BLOCK_D": 16, "num_warps": 4,
-                                      "num_stages": 3}},
-    "final masked R64 D32": {"down_final": {"side": "masked", "BLOCK_R": 64, "BLOCK_D": 32, "num_warps": 4,
-                                            "num_stages": 4}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}

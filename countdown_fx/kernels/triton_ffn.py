@@ -405,13 +405,11 @@ def _lowrank_no_dot_kernel(x_ptr, vt_ptr, h_ptr, M, D, R, stride_xm, stride_vt, 
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, bd_ptr, y_ptr, M, N, D, NB, n_split,
-                 compact_max_rows, stride_am, stride_w, stride_ym,
+def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB, n_split, compact_max_rows,
+                 stride_am, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 NB_P2: tl.constexpr, FLAT: tl.constexpr, FINAL: tl.constexpr, HAS_BD: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows. FINAL (one share,
-    n_split == 1): y[:, cols] = that + b_down in y's dtype instead, so no reduce launch follows.
+                 NB_P2: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows.
 
     Two walks, chosen on the device from the size of the union (no host sync):
     - sparse union (<= compact_max_rows rows), or any union after _gather_kernel (FLAT: its flat row list
@@ -466,14 +464,8 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, bd_ptr, y_p
             wt = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_d[None, :],
                          mask=active[:, None] & d_mask[None, :], other=0.0)
             acc += _dot(at, wt, PREC, UPCAST)
-    if FINAL:
-        if HAS_BD:
-            acc += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_b[:, None] * stride_ym + offs_d[None, :], _cast(acc, y_ptr.dtype.element_ty, UPCAST),
-                 mask=b_mask[:, None] & d_mask[None, :])
-    else:
-        tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
-                 mask=b_mask[:, None] & d_mask[None, :])
+    tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
+             mask=b_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -558,9 +550,6 @@ CONFIG = {
     # "lowrank FMA": B=1 s=0.9 D 39.6 -> 37.8 us; one column per program over 4096 columns was -0.4 to -0.8 us
     # at 2 tokens, +0.3 to +0.9 at 1; the 2-token setting, one column over 2048, was not timed on its own).
     "lowrank_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2),
-    # The down product in one share per column block, writing y itself (no partials, no reduce launch), on the
-    # named sparse side only (None: never): each program walks the whole union for BLOCK_D columns.
-    "down_final": None,
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
     "reduce": dict(BLOCK_D=64, SPLIT_TILE=64, num_warps=4),
@@ -719,22 +708,19 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             UPCAST=upcast,
             num_warps=c["num_warps"], num_stages=c["num_stages"])
 
-    y = torch.empty((M, D), dtype=dtype, device=x2d.device)
-    final = cfg["down_final"] is not None and SIDES[cfg["down_final"]["side"]] == side
-    c = cfg["down_final"] if final else cfg["down"]
+    c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
-    want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks) if not final else 1
+    want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
     n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
-    part = y if final else torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
+    part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, idx, cnt, flat, part, b_down if b_down is not None else dummy, y, M, N, D, n_blocks, n_split,
-        int(cfg["compact_max_density"] * N), a.stride(0), w_down_t.stride(0), y.stride(0),
+        a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
+        a.stride(0), w_down_t.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
-        NB_P2=nb_p2, FLAT=gather, FINAL=final, HAS_BD=b_down is not None, PREC=prec, UPCAST=upcast,
+        NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
-    if final:
-        return (y, a) if return_coef else y
 
+    y = torch.empty((M, D), dtype=dtype, device=x2d.device)
     r = cfg["reduce"]
     wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
         part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
