@@ -222,6 +222,11 @@ COMPARE = {
     "unfused g+u": {"gather_no_dot": {"fused_max_tokens": 0}},
     "fused g+u 2 tokens": {"gather_no_dot": {"fused_max_tokens": 2}},
     "gather K4096 4w": {"gather_no_dot": {"BLOCK_K": 4096, "num_warps": 4}},
+    # shorter FMA gather tiles: fewer registers per thread (ptx_registers.py, D fused at 1 token: 222 at K2048,
+    # 127 at K1024, 138 at K512 with 1 warp), so more programs resident per SM and a small union's groups in one wave
+    "gather K1024": {"gather_no_dot": {"BLOCK_K": 1024}},
+    "gather K1024 RG4": {"gather_no_dot": {"BLOCK_K": 1024, "BLOCK_RG": 4}},
+    "gather K512 1w": {"gather_no_dot": {"BLOCK_K": 512, "num_warps": 1}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
