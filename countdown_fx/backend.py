@@ -35,10 +35,22 @@ NO_SITE_WARNING = (
 CALIBRATED_FIELDS = ("method", "sparsity", "threshold_rule", "predictor_rank")
 
 
+def _stated(base: CountDownConfig | None) -> dict:
+    """The fields of a config that differ from their defaults: what its author chose. A field left at its
+    default cannot be told from one never set, so it does not count as stated (and cannot contradict a
+    calibration)."""
+    if base is None:
+        return {}
+    default = CountDownConfig()
+    return {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+            if f.name != "calibration" and getattr(base, f.name) != getattr(default, f.name)}
+
+
 def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
-    """(config, calibration) from backend options. A calibration supplies method, sparsity and regime
-    unless the options name them; options (or an explicit `config`) that contradict it are refused, and a
-    `tau` option shifts a D-CountDown calibration's logit threshold at every site."""
+    """(config, calibration) from backend options. A calibration supplies method, sparsity, apply_to and
+    regime unless the options (or a `config` given in them) state them; stated values that contradict it are
+    refused, and a stated `tau` shifts a D-CountDown calibration's logit threshold at every site. Options
+    win over the fields of a `config`."""
     given = dict(options or {})
     base = given.pop("config", None)
     if base is not None and not isinstance(base, CountDownConfig):
@@ -50,21 +62,25 @@ def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
         from .calibration import Calibration
 
         calibration = Calibration.load(calibration)
+    if not hasattr(calibration, "config") or not hasattr(calibration, "state_for"):
+        raise ValueError(
+            f"option calibration must be a countdown_fx.Calibration or the path of a saved one, got "
+            f"{type(calibration).__name__}; make one with countdown_fx.calibrate(model, batches, config)")
     cal_cfg = calibration.config
-    stated = {**({f: getattr(base, f) for f in CALIBRATED_FIELDS} if base is not None else {}), **given}
+    stated = {**_stated(base), **{k: v for k, v in given.items() if k != "calibration"}}
     for key in CALIBRATED_FIELDS:
         if key in stated and stated[key] != getattr(cal_cfg, key):
             raise ValueError(
                 f"option {key}={stated[key]!r} contradicts the calibration, which was made with "
                 f"{key}={getattr(cal_cfg, key)!r}; calibrate again for {key}={stated[key]!r} or drop the option"
             )
-    if given.get("tau") is not None and given["tau"] != cal_cfg.tau:
-        calibration = calibration.with_tau(given["tau"])  # refuses methods other than d-countdown
+    if stated.get("tau") is not None and stated["tau"] != cal_cfg.tau:
+        calibration = calibration.with_tau(stated["tau"])  # refuses methods other than d-countdown
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)} if base is not None else {}
     fields.update(given)
     fields.update({key: getattr(cal_cfg, key) for key in CALIBRATED_FIELDS})
-    fields.update(calibration=calibration, tau=calibration.config.tau, regime=given.get("regime", "prac"),
-                  apply_to=given.get("apply_to", cal_cfg.apply_to))
+    fields.update(calibration=calibration, tau=calibration.config.tau, regime=stated.get("regime", "prac"),
+                  apply_to=stated.get("apply_to", cal_cfg.apply_to))
     return CountDownConfig.from_options(fields), calibration
 
 

@@ -100,30 +100,50 @@ class Calibration:
         return f" {self.source!r}" if self.source else ""
 
     # -- what the rewrite asks ------------------------------------------------------------------------
+    def key_for(self, site_key: str) -> str:
+        """The calibrated site that a graph's site `site_key` is: the same key, or the one calibrated key that
+        it ends (or that ends it) at a dot. A graph compiled from a part of the calibrated model
+        (`model.model`) or from a wrapper around it names its sites relative to what was compiled."""
+        if site_key in self.sites:
+            return site_key
+        matches = [k for k in self.sites if k.endswith("." + site_key) or site_key.endswith("." + k)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise ValueError(
+                f"calibration{self._from()} has no state for site {site_key!r}; it was made for "
+                f"{len(self.sites)} site(s): {_preview(list(self.sites))}. Calibrate this model "
+                f"(countdown_fx.calibrate or `countdown-fx calibrate`) instead of reusing another model's file.")
+        raise ValueError(
+            f"site {site_key!r} of the compiled graph could be any of {len(matches)} calibrated sites "
+            f"({_preview(matches)}): its path inside the calibrated model is not known, as when each layer is "
+            "compiled on its own. Compile the whole model (or the module that holds all its layers) with this "
+            "calibration.")
+
     def check_sites(self, sites: Sequence) -> None:
         """Raise ValueError naming the first site of `sites` this calibration has no state for, or whose
-        shapes differ from the calibrated ones. Calibrated sites absent from `sites` are fine (a graph
-        break splits a model's sites over several graphs)."""
+        sizes or activation differ from the calibrated ones. Calibrated sites absent from `sites` are fine (a
+        graph break splits a model's sites over several graphs)."""
         for site in sites:
-            info = self.sites.get(site.key)
-            if info is None:
-                raise ValueError(
-                    f"calibration{self._from()} has no state for site {site.key!r}; it was made for "
-                    f"{len(self.sites)} site(s): {_preview(list(self.sites))}. Calibrate this model "
-                    f"(countdown_fx.calibrate or `countdown-fx calibrate`) instead of reusing another model's file.")
+            key = self.key_for(site.key)
+            info = self.sites[key]
+            named = f"site {site.key!r}" + (f" (calibrated as {key!r})" if key != site.key else "")
             if (info["d_model"], info["d_inter"]) != (site.d_model, site.d_inter):
                 raise ValueError(
-                    f"calibration{self._from()} does not fit site {site.key!r}: calibrated for d_model="
+                    f"calibration{self._from()} does not fit {named}: calibrated for d_model="
                     f"{info['d_model']}, d_inter={info['d_inter']}, but the model has d_model={site.d_model}, "
                     f"d_inter={site.d_inter}")
+            if info.get("activation") and info["activation"] != site.activation:
+                raise ValueError(
+                    f"calibration{self._from()} does not fit {named}: calibrated with activation "
+                    f"{info['activation']!r}, but the model's FFN uses {site.activation!r}; thresholds of one "
+                    "activation's scores mean nothing for another. Calibrate this model.")
             if info.get("dtype") and info["dtype"] != str(site.dtype).replace("torch.", ""):
                 log.info("countdown: site %s calibrated in %s, runs in %s", site.key, info["dtype"], site.dtype)
 
     def state_for(self, site) -> dict[str, torch.Tensor]:
         """The tensors the rewrite registers as buffers for `site` (fresh copies, fp32)."""
-        key = site if isinstance(site, str) else site.key
-        if key not in self.state:
-            raise ValueError(f"calibration{self._from()} has no state for site {key!r}")
+        key = self.key_for(site if isinstance(site, str) else site.key)
         return {name: self.state[key][name].clone() for name in self._needed()}
 
     def with_tau(self, tau: float) -> "Calibration":
@@ -249,7 +269,7 @@ class Calibration:
     def decode_plan(self, site) -> ops.DecodePlan:
         """How the op of `site` runs decode steps of each batch size (gather side, or the dense FFN at
         nearly full unions), from the union measured at calibration."""
-        key = site if isinstance(site, str) else site.key
+        key = self.key_for(site if isinstance(site, str) else site.key)
         return ops.decode_plan(ops.op_kind(self.method), self.site_union_by_batch(key))
 
     def _plan_summary(self) -> str:

@@ -201,8 +201,20 @@ def test_calibration_options_contradictions_are_refused_and_tau_shifts_the_predi
     assert (config.method, config.sparsity, config.regime) == ("d-countdown", 0.7, "prac")
     with pytest.raises(ValueError, match=r"sparsity=0.5 contradicts the calibration.*sparsity=0.7"):
         resolve({"calibration": cal, "sparsity": 0.5})
-    with pytest.raises(ValueError, match=r"method='m-countdown' contradicts"):  # an explicit config counts too
-        resolve({"config": CountDownConfig(method="m-countdown", sparsity=0.7), "calibration": cal})
+    with pytest.raises(ValueError, match=r"method='cats' contradicts"):  # an explicit config counts too
+        resolve({"config": CountDownConfig(method="cats", sparsity=0.7), "calibration": cal})
+    # a config's fields left at their defaults state nothing (method 'm-countdown', apply_to 'decode' here) ...
+    config, _ = resolve({"config": CountDownConfig(regime="prac", calibration=cal)})
+    assert (config.method, config.apply_to, config.regime) == ("d-countdown", "decode", "prac")
+    # ... and the ones it sets are used, not replaced by the calibration's
+    config, shifted = resolve({"config": CountDownConfig(method="d-countdown", sparsity=0.7, apply_to="all",
+                                                         tau=2.5, calibration=cal)})
+    assert config.apply_to == "all" and config.tau == 2.5
+    assert all(float(s["tau"]) == 2.5 for s in shifted.state.values())
+    config, _ = resolve({"config": CountDownConfig(apply_to="all", calibration=cal), "apply_to": "decode"})
+    assert config.apply_to == "decode"  # options win over the config's fields
+    with pytest.raises(ValueError, match=r"option calibration must be a countdown_fx.Calibration.*got int"):
+        resolve({"calibration": 123})
     config, shifted = resolve({"calibration": cal, "tau": 2.5})
     assert config.tau == 2.5 and all(float(s["tau"]) == 2.5 for s in shifted.state.values())
     x = torch.randn(2, 1, 32)

@@ -197,6 +197,47 @@ def test_mismatched_sites_are_named(llama, batches):
         torch.compile(wider, backend=eager_backend({"calibration": cal, "apply_to": "all"}))(ids)
 
 
+def test_other_activation_is_refused(llama, batches):
+    cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
+    (gm, ex), = capture_graphs(tiny_llama(act="gelu_pytorch_tanh"), batches[0])
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp'.*activation 'silu'.*'gelu_tanh'"):
+        cal.check_sites(match_sites(gm, ex))
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, ids):
+        return self.inner(ids).logits
+
+
+def test_a_part_or_a_wrapper_of_the_calibrated_model_finds_its_sites(llama, batches):
+    """Compiling llama.model (site keys "layers.N.mlp") or a wrapper ("inner.model.layers.N.mlp") with a
+    calibration of the whole model (keys "model.layers.N.mlp") reads each layer's own thresholds: the same
+    output as compiling the whole model, and not the dense one."""
+    cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
+    ids = batches[0]
+    opts = {"calibration": cal, "apply_to": "all"}
+    with torch.no_grad():
+        dense = llama(ids).logits
+        torch._dynamo.reset()
+        whole = torch.compile(llama, backend=eager_backend(opts))(ids).logits
+        torch._dynamo.reset()
+        part = llama.lm_head(torch.compile(llama.model, backend=eager_backend(opts))(ids).last_hidden_state)
+        torch._dynamo.reset()
+        wrapped = torch.compile(_Wrapper(llama), backend=eager_backend(opts))(ids)
+        torch._dynamo.reset()
+    assert (whole - dense).abs().max() > 1e-3
+    torch.testing.assert_close(part, whole, rtol=0, atol=0)
+    torch.testing.assert_close(wrapped, whole, rtol=0, atol=0)
+    assert cal.key_for("layers.1.mlp") == cal.key_for("inner.model.layers.1.mlp") == "model.layers.1.mlp"
+    # a layer compiled on its own names its FFN "mlp": which layer it is cannot be known
+    with pytest.raises(ValueError, match=r"site 'mlp'.*any of 2 calibrated sites.*each layer is compiled"):
+        cal.key_for("mlp")
+
+
 # --------------------------------------------------------------------------------------------- compiled use
 @pytest.mark.parametrize("make,method", [(tiny_llama, "m-countdown"), (tiny_llama, "d-countdown"),
                                          (tiny_phi3, "cats")])
