@@ -223,3 +223,48 @@ def test_calibration_options_contradictions_are_refused_and_tau_shifts_the_predi
         torch._dynamo.reset()
         high_tau = torch.compile(model, backend="countdown", options={"calibration": cal, "tau": 1e6})(x)
     assert (base - high_tau).abs().max() > 1e-4  # tau = 1e6 keeps no neuron: a different output
+
+
+class _FlatFFN(torch.nn.Module):
+    """A MoE-style shared expert: the FFN sees the tokens flattened to [batch * seq, d_model]."""
+
+    def __init__(self, dim=32, hidden=72):
+        super().__init__()
+        self.ffn = GptFastFeedForward(dim, hidden)
+
+    def forward(self, x):
+        return self.ffn(x.view(-1, x.shape[-1])).view(x.shape)
+
+
+def test_flattened_ffn_input_still_tells_prefill_from_decode():
+    """apply_to='decode' with an FFN fed x.view(-1, d): the op runs on the [batch, seq, d] tensor the graph
+    holds, so a prefill of 8 tokens stays dense and a decode step (seq 1, batch 3) is sparse, per token."""
+    from countdown_fx.backend import eager_backend
+
+    torch.manual_seed(0)
+    model = _FlatFFN().eval()
+    opts = {"sparsity": 0.8, "apply_to": "decode"}
+    prefill, step = torch.randn(2, 8, 32), torch.randn(3, 1, 32)
+    f = model.ffn
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=eager_backend(opts), dynamic=False)
+        torch.testing.assert_close(compiled(prefill), model(prefill), rtol=0, atol=0)
+        expected = R.topk_ffn(step, f.w1.weight, f.w3.weight, f.w2.weight.t(), None, None, None, "silu", "up", 0.8)
+        out = compiled(step)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert (out - model(step)).abs().max() > 1e-3
+        torch._dynamo.reset()
+
+
+def test_two_dim_graph_input_warns_that_prefill_cannot_be_told():
+    """A graph whose FFN input is 2-D with no [batch, seq, d] form in it: every call counts as decode; the
+    rewrite says so once, naming the site and the two ways out."""
+    from countdown_fx.backend import eager_backend
+
+    torch.manual_seed(0)
+    ffn = GptFastFeedForward().eval()
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"FFN input of 1 site\(s\) .* is 2-D .*apply_to='all'"):
+        torch.compile(ffn, backend=eager_backend({"sparsity": 0.5, "apply_to": "decode"}))(torch.randn(6, 32))
+    torch._dynamo.reset()

@@ -180,13 +180,19 @@ def _as_activation(gm, node):
     return None
 
 
-def _rank(node: fx.Node) -> int | None:
-    val = node.meta.get("val", node.meta.get("example_value"))
+def node_value(node: fx.Node):
+    """The (fake) tensor a traced node stands for, where the tracer recorded one (Dynamo, export; not
+    fx.symbolic_trace)."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def node_rank(node: fx.Node) -> int | None:
+    val = node_value(node)
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 def _is_last_dim(dim, node) -> bool:
-    rank = _rank(node)
+    rank = node_rank(node)
     return dim == -1 or (rank is not None and dim == rank - 1)
 
 
@@ -200,7 +206,7 @@ def _as_half(gm, node):
         if isinstance(index, tuple) and isinstance(src, fx.Node) and _as_linear(gm, src) and isinstance(index[-1], slice):
             if any(i not in (Ellipsis, slice(None)) for i in index[:-1]):
                 return None
-            if index[0] is not Ellipsis and _rank(src) not in (None, len(index)):
+            if index[0] is not Ellipsis and node_rank(src) not in (None, len(index)):
                 return None
             return _half_from_slice(gm, src, index[-1].start, index[-1].stop, index[-1].step)
         # chunk(2, -1)[i] / split(I, -1)[i]
@@ -228,7 +234,7 @@ def _half_from_slice(gm, src, start, stop, step):
 
 def _out_features(gm, node: fx.Node) -> int | None:
     """Width of a linear's output: from node meta, else from its weight (symbolic_trace has no meta)."""
-    val = node.meta.get("val", node.meta.get("example_value"))
+    val = node_value(node)
     if isinstance(val, torch.Tensor):
         return int(val.shape[-1])
     lin = _as_linear(gm, node)
@@ -279,7 +285,7 @@ def weight_value(gm: fx.GraphModule, ref: WeightRef, example_inputs: Sequence | 
         idx = placeholders.index(ref)
         if idx < len(example_inputs) and isinstance(example_inputs[idx], torch.Tensor):
             return example_inputs[idx]
-    return ref.meta.get("val", ref.meta.get("example_value"))
+    return node_value(ref)
 
 
 def _get_attr(gm, target: str):

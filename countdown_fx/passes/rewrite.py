@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..config import CountDownConfig
 from ..kernels import ops
-from .match import Site, WeightRef, is_dtensor, weight_value
+from .match import Site, WeightRef, is_dtensor, node_rank, node_value, weight_value
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -69,10 +69,16 @@ def rewrite_sites(
     copied_per_call = []  # (site key, MB) of the W_down^T that stay views because W_down keeps its gradient
     dropped_dense = []
     decode_only = config.apply_to == "decode"
+    flat_inputs = []  # keys of sites whose 2-D input has no [batch, seq, d_model] form in the graph
     graph = gm.graph
     for site in sites:
         with graph.inserting_before(site.output):
             x, w_gate, w_up, w_down, b_gate, b_up, b_down = site_input_nodes(gm, site)
+            tokens = token_source(x, site.d_model) if decode_only else None
+            if tokens is not None:  # the op sees the sequence dim, so it can tell prefill from decode
+                x = tokens
+            elif decode_only and node_rank(x) == 2:
+                flat_inputs.append(site.key)
             w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
                                         copied_per_call)
             ffn = (x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
@@ -89,8 +95,10 @@ def rewrite_sites(
                         else (config.score, state["threshold"]))
                 args = (*ffn, *rule, decode_only, plan.gather_max_tokens, plan.dense_min_tokens)
             new = graph.call_function(op, args)
-            replace_site(gm, site, new)
-        new.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            out = new if tokens is None else graph.call_function(aten.reshape.default, (new, [-1, site.d_model]))
+            replace_site(gm, site, out)
+        for node in {new, out}:
+            node.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
         new.meta["countdown_site"] = site.key
         erase_unused(graph, site.output, stop=site.x)
         counters["sites_rewritten"] += 1
@@ -104,6 +112,14 @@ def rewrite_sites(
             " MB over these sites). For inference, compile (or sparsify) and run under torch.no_grad() or "
             "torch.inference_mode(), or call model.requires_grad_(False): W_down^T is then stored once.",
             stacklevel=3)
+    if flat_inputs:
+        warnings.warn(
+            f"countdown: the FFN input of {len(flat_inputs)} site(s) (first: {flat_inputs[0]}) is 2-D [tokens, "
+            "d_model], and this graph does not hold the [batch, seq, d_model] tensor it came from, so prefill cannot "
+            "be told from decode there: with apply_to='decode' every call counts as a decode step of single tokens "
+            "and runs sparse, prefill included. If these sites see prefill, give them [batch, seq, d_model] input "
+            "(reshape after the FFN), or pass apply_to='all' to make sparse prefill the stated choice.",
+            stacklevel=3)
     if dropped_dense:
         warnings.warn(
             f"countdown: {len(dropped_dense)} site(s) would run the dense FFN in decode steps of at "
@@ -115,6 +131,28 @@ def rewrite_sites(
     graph.lint()
     gm.recompile()
     return gm
+
+
+# Calls that only reshape a tensor (the same elements in the same order).
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                      aten.flatten.using_ints}
+
+
+def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
+    """The [..., seq, d_model] tensor that a 2-D FFN input [tokens, d_model] was only reshaped from (a MoE
+    shared expert's `x.view(-1, d)`), if the graph holds it: its rows are the same tokens in the same order, so
+    the op can run on it and see the sequence dim that tells prefill from decode (ops.is_decode_step)."""
+    if node_rank(x) != 2:
+        return None
+    node = x
+    while isinstance(node, fx.Node) and (
+            (node.op == "call_method" and node.target in _RESHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)):
+        node = node.args[0]
+        if isinstance(node, fx.Node) and (node_rank(node) or 0) >= 3 and node_value(node).shape[-1] == d_model:
+            return node
+    return None
 
 
 def site_input_nodes(gm: fx.GraphModule, site: Site) -> tuple:
