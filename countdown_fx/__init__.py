@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import aoti, distributed  # small and cheap: `countdown_fx.aoti.check_toolchain()` works after the import
 from .backend import countdown_backend
 from .calibration import Calibration, calibrate
 from .capture import find_sites

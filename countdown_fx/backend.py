@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 NO_SITE_WARNING = (
     "countdown: no gated FFN (gate -> act -> * up -> down) was found in a graph Dynamo captured, so it runs "
     "unchanged (dense) through Inductor. If the model has graph breaks, its other graphs may still be "
-    "sparsified: countdown_fx.find_sites(model, *inputs) lists what is found."
+    "sparsified: countdown_fx.find_sites(model, *inputs) lists what is found. Mixture-of-experts layers whose "
+    "experts are routed per token (Mixtral, Qwen3-MoE) are not matched: only dense gated FFNs, a MoE's "
+    "shared expert included."
 )
 
 

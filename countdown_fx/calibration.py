@@ -33,6 +33,7 @@ from .config import CountDownConfig
 from .kernels import ops, reference
 from .passes.observe import ObserveSession, run_pass
 from .passes.predictor import PredictorTrainer, default_rank, oracle_mask, predictor_fraction
+from .passes.rewrite import stored_rank
 from .passes.thresholds import MeanKth, SelectionCounts, StreamingQuantile, drop_count
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ class Calibration:
             row = [key, info["d_model"], info["d_inter"]]
             if d:
                 r = self.state[key]["pred_v"].shape[-1]
-                row += [r, f"{predictor_fraction(r, info['d_model'], info['d_inter']):.1%}",
+                # the bytes it adds as deployed: the rewrite stores it with its rank padded (rewrite.stored_rank)
+                row += [r, f"{predictor_fraction(stored_rank(r), info['d_model'], info['d_inter']):.1%}",
                         f"{float(self.state[key]['tau']):.4g}"]
             else:
                 row.append(f"{float(self.state[key]['threshold']):.4g}")
@@ -239,6 +241,10 @@ class Calibration:
                      "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on "
                      + ("held-out calibration batches (not used to train the predictor)" if held_out
                         else "calibration data"))
+        lines.append("realised_s is the fit, not the deployment: measured on the tokens the "
+                     + ("tau" if d else "thresholds") + " were chosen on, with every layer fed its dense input. In a "
+                     "deployed model the sparse layers shift the inputs of later ones, which can then keep more "
+                     "neurons than this: measure the deployed model on your text with countdown_fx.meter")
         union = self.union_by_batch()
         if union:
             lines.append("neurons a decode step of B tokens reads (union of their masks, random calibration tokens): "
@@ -362,6 +368,22 @@ def _batch_list(batches, device) -> list:
     return out
 
 
+def _token_count(batches) -> int | None:
+    """Tokens in batches of input_ids (or kwargs with an attention_mask, padding not counted); None where
+    the batches do not say (other model inputs)."""
+    total = 0
+    for b in batches:
+        if isinstance(b, torch.Tensor) and not b.is_floating_point():
+            total += b.numel()
+        elif isinstance(b, Mapping) and isinstance(b.get("attention_mask"), torch.Tensor):
+            total += int(b["attention_mask"].sum())
+        elif isinstance(b, Mapping) and isinstance(b.get("input_ids"), torch.Tensor):
+            total += b["input_ids"].numel()
+        else:
+            return None
+    return total
+
+
 def _check_finite(key: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
@@ -391,6 +413,12 @@ class _Sweep:
             if len(batches) >= 2:
                 held_out = max(1, len(batches) // 5)
                 self.train_batches, self.measure_batches = batches[:-held_out], batches[-held_out:]
+                tokens = _token_count(self.measure_batches)
+                if tokens is not None and tokens < MIN_CALIBRATION_TOKENS:  # refuse before training, not after
+                    raise ValueError(
+                        f"calibration data too short: the held-out batches (the last {held_out} of {len(batches)}, "
+                        f"where D-CountDown chooses tau and measures its predictor) hold {tokens} token(s), fewer "
+                        f"than the {MIN_CALIBRATION_TOKENS} needed; pass more or longer batches")
             else:
                 warnings.warn(
                     "countdown: D-CountDown calibration got one batch, so tau and the reported sparsity come "

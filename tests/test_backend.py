@@ -33,6 +33,7 @@ def test_entry_point_resolves_in_a_fresh_interpreter_without_import():
         "assert fn.__module__ == 'countdown_fx.backend', fn.__module__\n"
         "import countdown_fx\n"  # importing afterwards must not re-register (duplicate name error)
         "assert 'countdown' in torch._dynamo.list_backends()\n"
+        "assert callable(countdown_fx.aoti.check_toolchain) and callable(countdown_fx.distributed.destroy_process_group)\n"
         "m = torch.nn.Linear(4, 4)\n"
         "torch.compile(m, backend='countdown', options={'sparsity': 0.0})(torch.randn(2, 4))\n"
         "print('ok')\n"

@@ -118,6 +118,24 @@ def test_empty_and_too_short_data_are_refused(llama):
         calibrate(llama, [short], prac("cats", 0.7), progress=False)
 
 
+def test_short_held_out_data_is_refused_before_predictor_training(llama, monkeypatch):
+    """D-CountDown holds out the last batches: too few tokens there is said before any predictor trains."""
+    from countdown_fx import calibration
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a predictor was trained before the held-out data was checked")
+
+    monkeypatch.setattr(calibration, "PredictorTrainer", no_training)
+    long, short = torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (1, MIN_CALIBRATION_TOKENS // 2))
+    with pytest.raises(ValueError, match=r"too short: the held-out batches \(the last 1 of 2.*32 token"):
+        calibrate(llama, [long, short], prac("d-countdown", 0.7), progress=False)
+    mask = torch.ones(1, 128, dtype=torch.long)
+    mask[:, 40:] = 0  # padding does not count
+    with pytest.raises(ValueError, match=r"held-out batches.*40 token"):
+        calibrate(llama, [long, {"input_ids": torch.randint(0, 100, (1, 128)), "attention_mask": mask}],
+                  prac("d-countdown", 0.7), progress=False)
+
+
 def test_nan_activations_name_the_site(batches):
     model = tiny_llama(layers=3)
     with torch.no_grad():
@@ -155,6 +173,16 @@ def test_save_load_round_trip(llama, batches, tmp_path, method):
     union = back.union_by_batch()  # a decode step of 16 tokens reads more neurons than one of a single token
     assert list(union) == [1, 2, 4, 8, 16] and union[1] < union[16] <= 1.0
     assert union[1] == pytest.approx(1 - back.overall_sparsity()) and "B=16" in back.report()
+    assert "the fit, not the deployment" in back.report()
+    if method == "d-countdown":  # the predictor's share of the FFN's bytes as deployed: its rank padded
+        from countdown_fx.passes.predictor import predictor_fraction
+        from countdown_fx.passes.rewrite import stored_rank
+
+        key, info = next(iter(cal.sites.items()))
+        r = cal.state[key]["pred_v"].shape[-1]
+        row = next(line for line in back.report().splitlines() if line.startswith(key))
+        assert stored_rank(r) != r  # the tiny model's automatic rank is not a multiple of 16
+        assert f"{predictor_fraction(stored_rank(r), info['d_model'], info['d_inter']):.1%}" in row.split()
 
 
 def test_union_of_batch_masks():
