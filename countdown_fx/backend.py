@@ -76,12 +76,15 @@ def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
                 f"option {key}={stated[key]!r} contradicts the calibration, which was made with "
                 f"{key}={getattr(cal_cfg, key)!r}; calibrate again for {key}={stated[key]!r} or drop the option"
             )
+    if stated.get("regime") == "ideal":
+        raise ValueError("option regime='ideal' (an oracle top-k) uses no calibration, but one was given; drop "
+                         "regime to run the calibration (regime 'prac'), or drop the calibration to run the oracle")
     if stated.get("tau") is not None and stated["tau"] != cal_cfg.tau:
         calibration = calibration.with_tau(stated["tau"])  # refuses methods other than d-countdown
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)} if base is not None else {}
     fields.update(given)
     fields.update({key: getattr(cal_cfg, key) for key in CALIBRATED_FIELDS})
-    fields.update(calibration=calibration, tau=calibration.config.tau, regime=stated.get("regime", "prac"),
+    fields.update(calibration=calibration, tau=calibration.config.tau, regime="prac",
                   apply_to=stated.get("apply_to", cal_cfg.apply_to))
     return CountDownConfig.from_options(fields), calibration
 

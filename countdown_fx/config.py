@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,6 +24,25 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"CountDownConfig.{key}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
+def _refuse(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"CountDownConfig.{key}={value!r} is not allowed; it must be {allowed}")
+
+
+def _integer(key: str, value: Any, allowed: str, minimum: int | None = None) -> int:
+    """`value` as an int if it is an integer (not a bool: True is an int in Python) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
+        _refuse(key, value, allowed)
+    return int(value)
+
+
+def _number(key: str, value: Any, allowed: str, positive: bool = False) -> float:
+    """`value` as a float if it is a finite real number (not a bool, NaN or inf), > 0 if `positive`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (positive and not value > 0):
+        _refuse(key, value, allowed)
+    return float(value)
+
+
 @dataclass(frozen=True)
 class CountDownConfig:
     """What to sparsify and how.
@@ -34,6 +55,7 @@ class CountDownConfig:
     threshold_rule: how calibration turns scores into a per-site threshold ("mean-kth" as in the paper,
                 "quantile" as in CATS).
     predictor_rank: rank r of the D-CountDown predictor; None picks min(512, what keeps it <= 5% of the FFN).
+                Like tau, used by calibration and regime "prac" only (running "ideal" with it set warns).
     predictor_steps / predictor_lr / predictor_batch_tokens: D-CountDown predictor training (AdamW steps,
                 peak learning rate, tokens per step).
     tau:        fixed predictor logit threshold; None lets calibration choose it per site to meet the sparsity.
@@ -63,37 +85,34 @@ class CountDownConfig:
         _choice("apply_to", self.apply_to, APPLY_TO)
         _choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         _choice("mode", self.mode, MODES)
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise ValueError(f"CountDownConfig.sparsity must be a number in [0, 1), got {self.sparsity!r}")
-        if not (0.0 <= float(self.sparsity) < 1.0) or math.isnan(self.sparsity):
+        checked = {  # stored as plain int / float (a calibration saves them as JSON)
+            "sparsity": _number("sparsity", self.sparsity, "a number in [0, 1) (the fraction of neurons skipped)"),
+            "predictor_rank": None if self.predictor_rank is None else _integer(
+                "predictor_rank", self.predictor_rank, "a positive int or None (automatic)", minimum=1),
+            "predictor_steps": _integer("predictor_steps", self.predictor_steps,
+                                        "a positive int (predictor AdamW steps)", minimum=1),
+            "predictor_batch_tokens": _integer("predictor_batch_tokens", self.predictor_batch_tokens,
+                                               "a positive int (tokens per predictor training step)", minimum=1),
+            "predictor_lr": _number("predictor_lr", self.predictor_lr,
+                                    "a positive finite number (peak learning rate, e.g. 2e-2)", positive=True),
+            "tau": None if self.tau is None else _number(
+                "tau", self.tau, "a finite number (predictor logit threshold) or None (calibrated)"),
+            "seed": _integer("seed", self.seed, "an int (not a bool)"),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
                 f"CountDownConfig.sparsity={self.sparsity!r} is out of range; it is the fraction of neurons "
                 "skipped and must be in [0, 1) (e.g. 0.7)"
             )
-        object.__setattr__(self, "sparsity", float(self.sparsity))
-        if self.predictor_rank is not None and (not isinstance(self.predictor_rank, int) or self.predictor_rank < 1):
-            raise ValueError(
-                f"CountDownConfig.predictor_rank={self.predictor_rank!r} must be a positive int or None (automatic)"
-            )
-        if not isinstance(self.predictor_steps, int) or self.predictor_steps < 1:
-            raise ValueError(f"CountDownConfig.predictor_steps={self.predictor_steps!r} must be a positive int")
-        if isinstance(self.predictor_batch_tokens, bool) or not isinstance(self.predictor_batch_tokens, int) \
-                or self.predictor_batch_tokens < 1:
-            raise ValueError(
-                f"CountDownConfig.predictor_batch_tokens={self.predictor_batch_tokens!r} must be a positive int "
-                "(tokens per predictor training step)"
-            )
-        if not (self.predictor_lr > 0):
-            raise ValueError(f"CountDownConfig.predictor_lr={self.predictor_lr!r} must be > 0")
-        if self.tau is not None and not math.isfinite(self.tau):
-            raise ValueError(f"CountDownConfig.tau={self.tau!r} must be a finite float or None (calibrated)")
         if self.tau is not None and self.method != "d-countdown":
             raise ValueError(
                 f"CountDownConfig.tau applies to method 'd-countdown' only (got method={self.method!r}); "
                 "CATS and M-CountDown use calibrated thresholds"
             )
-        if not isinstance(self.inductor_options, Mapping):
-            raise ValueError("CountDownConfig.inductor_options must be a dict of Inductor config patches")
+        if not isinstance(self.inductor_options, Mapping) or not all(isinstance(k, str) for k in self.inductor_options):
+            _refuse("inductor_options", self.inductor_options, "a dict of Inductor config patches (str keys)")
         if self.predictor_rank is not None and self.method != "d-countdown":
             raise ValueError(
                 f"CountDownConfig.predictor_rank applies to method 'd-countdown' only (got method={self.method!r})"
@@ -106,12 +125,30 @@ class CountDownConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "CountDownConfig":
-        """Build from the backend's `options=` dict; unknown keys are refused, naming the allowed ones."""
+        """Build from the backend's `options=` dict; unknown keys are refused, naming the allowed ones.
+        This is the config a compile or sparsify() runs with (backend.resolve() ends here)."""
         options = dict(options or {})
         if isinstance(options.get("config"), CountDownConfig):
             base = options.pop("config")
-            return dataclasses.replace(base, **_checked_keys(options)) if options else base
-        return cls(**_checked_keys(options))
+            config = dataclasses.replace(base, **_checked_keys(options)) if options else base
+        else:
+            config = cls(**_checked_keys(options))
+        config._warn_ignored_by_ideal()
+        return config
+
+    def _warn_ignored_by_ideal(self) -> None:
+        """Regime "ideal" is an oracle top-k: it uses no predictor, so tau and predictor_rank do nothing there.
+        Not refused in __post_init__: a config with the default regime "ideal" legitimately carries them into
+        calibrate() (which makes a "prac" calibration) or, with calibration=..., into the backend (which turns
+        it "prac"). Warned here, where a config without a calibration is about to run as "ideal"."""
+        if self.regime != "ideal" or self.calibration is not None:
+            return
+        for key in ("tau", "predictor_rank"):
+            if getattr(self, key) is not None:
+                warnings.warn(
+                    f"CountDownConfig.{key}={getattr(self, key)!r} is ignored: regime 'ideal' is an oracle top-k "
+                    "and uses no predictor. To use it, calibrate with regime='prac' and pass the calibration "
+                    "(options={'calibration': ...}).", UserWarning, stacklevel=3)
 
     def replace(self, **changes: Any) -> "CountDownConfig":
         return dataclasses.replace(self, **_checked_keys(changes))

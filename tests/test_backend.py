@@ -214,6 +214,8 @@ def test_calibration_options_contradictions_are_refused_and_tau_shifts_the_predi
     assert all(float(s["tau"]) == 2.5 for s in shifted.state.values())
     config, _ = resolve({"config": CountDownConfig(apply_to="all", calibration=cal), "apply_to": "decode"})
     assert config.apply_to == "decode"  # options win over the config's fields
+    with pytest.raises(ValueError, match=r"regime='ideal' \(an oracle top-k\) uses no calibration"):
+        resolve({"calibration": cal, "regime": "ideal"})
     with pytest.raises(ValueError, match=r"option calibration must be a countdown_fx.Calibration.*got int"):
         resolve({"calibration": 123})
     config, shifted = resolve({"calibration": cal, "tau": 2.5})
