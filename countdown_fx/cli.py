@@ -2,9 +2,12 @@
 
     countdown-fx calibrate --model PATH --data FILE --method m-countdown --sparsity 0.7 --out cal.safetensors
     countdown-fx inspect   --model PATH
-    countdown-fx evaluate  --model PATH [harness options]      (benchmarks/quality/evaluate.py of a checkout)
+    countdown-fx evaluate  --model PATH [harness options]      (benchmarks/quality/evaluate.py of a checkout;
+                                                             writes ./countdown-results unless --out-dir)
 
-Each subcommand is one small function; `main(argv)` returns an exit code, so tests call it in-process.
+Each subcommand is one small function; `main(argv)` returns an exit code, so tests call it in-process. A bad
+input (option value, missing file, data that does not fit the model) raises CliError, which main prints as
+`countdown-fx <cmd>: error: ...` and exits with 2, as argparse does for a malformed option: no traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +22,75 @@ import torch
 from .config import CountDownConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `countdown-fx evaluate` writes here (relative to the current folder) unless --out-dir is given: the script's own
+# default is the checkout's benchmarks/results, where the committed results live
+EVALUATE_OUT_DIR = "countdown-results"
+# the calibrate flag of each CountDownConfig field, so that its validation errors name what the user typed
+CONFIG_FLAGS = {"method": "--method", "sparsity": "--sparsity", "threshold_rule": "--rule", "predictor_rank": "--rank",
+                "predictor_steps": "--steps", "predictor_lr": "--lr", "predictor_batch_tokens": "--batch-tokens",
+                "tau": "--tau", "seed": "--seed", "apply_to": "--apply-to"}
+
+
+class CliError(Exception):
+    """A bad input of the command; main() prints it as one `countdown-fx <cmd>: error: ...` line and exits 2."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def check_model_dir(path: str) -> None:
+    """Refuse a --model that is no checkpoint directory before any slow work."""
+    if not (Path(path) / "config.json").is_file():
+        raise CliError(f"--model {path!r} is not a Hugging Face checkpoint directory (no config.json)")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device torch does not know, or a CUDA device on a machine without one."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise CliError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device!r}: no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
+
+
+def check_positive(args, *names: str) -> None:
+    """Integer options that must be >= 1 (None means unset)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} {value} must be a positive integer")
+
+
+def check_out_file(out: str) -> None:
+    """Refuse an --out that cannot be written before calibrating, not after."""
+    path = Path(out)
+    if path.is_dir():
+        raise CliError(f"--out {out!r} is a directory; give a file name such as {str(path / 'cal.safetensors')!r}")
+    if not path.parent.is_dir():
+        raise CliError(f"--out {out!r}: the folder {str(path.parent)!r} does not exist; create it first")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, data: str) -> None:
+    """Token ids the model's embedding cannot look up (they would fail deep inside the model with
+    'IndexError: index out of range in self')."""
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.numel():
+        values = bad.unique().tolist()
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        raise CliError(
+            f"--data {data!r} has {bad.numel()} token id(s) outside the model's vocabulary of {vocab_size} "
+            f"(valid ids are 0..{vocab_size - 1}): {shown}. Pass token ids made with this model's tokenizer "
+            "(for text, the tokenizer saved in --model must be the model's own)")
+
+
+def vocab_size(model) -> int:
+    """How many token ids the model's input embedding holds."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embedding, torch.nn.Embedding):
+        return embedding.num_embeddings
+    return model.config.vocab_size
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
@@ -26,10 +98,12 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:  # the optional 'hf' extra
-        raise SystemExit("countdown-fx needs transformers to load a checkpoint: pip install 'countdown-fx[hf]'") from e
-    if not (Path(path) / "config.json").is_file():
-        raise SystemExit(f"--model {path!r} is not a Hugging Face checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        raise CliError("countdown-fx needs transformers to load a checkpoint: pip install 'countdown-fx[hf]'") from e
+    check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:  # bad config.json, unknown model type, missing weights
+        raise CliError(f"--model {path!r} could not be loaded: {_one_line(e)}") from e
     return model.to(device).eval()
 
 
@@ -37,15 +111,28 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
     """A 1-D LongTensor of token ids from `data`: a .pt tensor, a file of integers, or text encoded with
     the tokenizer saved in `model_path` (countdown_fx.data.load_tokenizer)."""
     path = Path(data)
+    if not path.exists():
+        raise CliError(f"--data {data!r} does not exist")
     if not path.is_file():
-        raise SystemExit(f"--data {data!r} does not exist")
+        raise CliError(f"--data {data!r} is not a file (a text file, a file of token ids or a .pt tensor)")
     if path.suffix == ".pt":
-        ids = torch.load(path, map_location="cpu")
+        try:
+            ids = torch.load(path, map_location="cpu")
+        except Exception as e:  # not a torch.save file, or one holding more than tensors (weights_only refuses)
+            raise CliError(f"--data {data!r} is not a readable .pt tensor ({type(e).__name__}); save the token ids "
+                           "with torch.save(ids, path), ids an integer tensor") from e
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-            raise SystemExit(f"--data {data!r}: a .pt file must hold an integer tensor of token ids")
+            raise CliError(f"--data {data!r}: a .pt file must hold an integer tensor of token ids")
         return ids.reshape(-1).long()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"--data {data!r} is not UTF-8 text; pass text, whitespace-separated token ids or a .pt "
+                       "tensor of token ids") from e
     is_ids = re.fullmatch(r"[\s,]*(\d+[\s,]+)*\d*[\s,]*", text) is not None and text.strip() != ""
+    if data_format == "ids" and not is_ids:
+        raise CliError(f"--data {data!r} is not a file of token ids (whitespace- or comma-separated integers); "
+                       "for text use --data-format text or auto")
     if data_format == "ids" or (data_format == "auto" and is_ids):
         return torch.tensor([int(t) for t in re.split(r"[\s,]+", text.strip()) if t], dtype=torch.long)
     from .data import load_tokenizer, token_stream
@@ -53,7 +140,7 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
     try:
         tokenizer = load_tokenizer(model_path)
     except FileNotFoundError as e:
-        raise SystemExit(f"{e}; pass --data as token ids (a .pt tensor or whitespace-separated integers)") from e
+        raise CliError(f"{e}; pass --data as token ids (a .pt tensor or whitespace-separated integers)") from e
     return token_stream([text], tokenizer)
 
 
@@ -63,25 +150,42 @@ def token_windows(ids: torch.Tensor, seq_len: int, batch_size: int, max_tokens: 
         ids = ids[:max_tokens]
     n = ids.numel()
     if n == 0:
-        raise SystemExit("the calibration data holds no tokens")
+        raise CliError("the calibration data (--data) holds no tokens")
     if n < seq_len:
         return [ids.view(1, n)]
     windows = ids[: (n // seq_len) * seq_len].view(-1, seq_len)
     return list(windows.split(batch_size))
 
 
+def calibration_config(args) -> CountDownConfig:
+    """The CountDownConfig of the calibrate options; its validation errors name the flags, not the fields."""
+    try:
+        return CountDownConfig(
+            method=args.method, sparsity=args.sparsity, regime="prac", threshold_rule=args.rule,
+            predictor_rank=args.rank, predictor_steps=args.steps, predictor_lr=args.lr,
+            predictor_batch_tokens=args.batch_tokens, tau=args.tau, seed=args.seed, apply_to=args.apply_to,
+        )
+    except ValueError as e:
+        raise CliError(re.sub(r"CountDownConfig\.(\w+)", lambda m: CONFIG_FLAGS.get(m[1], m[0]), str(e))) from e
+
+
 def cmd_calibrate(args) -> int:
+    """Every input is checked before the model is calibrated (the slow part), so a bad one fails in seconds."""
     from .calibration import calibrate
 
-    config = CountDownConfig(
-        method=args.method, sparsity=args.sparsity, regime="prac", threshold_rule=args.rule,
-        predictor_rank=args.rank, predictor_steps=args.steps, predictor_lr=args.lr,
-        predictor_batch_tokens=args.batch_tokens, tau=args.tau, seed=args.seed, apply_to=args.apply_to,
-    )
+    config = calibration_config(args)
+    check_positive(args, "seq_len", "batch_size", "max_tokens")
+    check_device(args.device)
+    check_out_file(args.out)
+    check_model_dir(args.model)
+    ids = read_token_ids(args.data, args.model, args.data_format)
     model = load_model(args.model, args.dtype, args.device)
-    batches = token_windows(read_token_ids(args.data, args.model, args.data_format), args.seq_len,
-                            args.batch_size, args.max_tokens)
-    cal = calibrate(model, batches, config, progress=not args.no_progress)
+    check_token_ids(ids, vocab_size(model), args.data)
+    batches = token_windows(ids, args.seq_len, args.batch_size, args.max_tokens)
+    try:
+        cal = calibrate(model, batches, config, progress=not args.no_progress)
+    except ValueError as e:  # calibrate's documented refusals of its data: too few tokens, non-finite activations
+        raise CliError(f"--data {args.data!r}: {e}") from e
     cal.meta.update(model=str(args.model), data=str(args.data))
     cal.save(args.out)
     print(cal.report())
@@ -92,6 +196,8 @@ def cmd_calibrate(args) -> int:
 def cmd_inspect(args) -> int:
     from .capture import find_sites
 
+    check_positive(args, "seq_len")
+    check_device(args.device)
     model = load_model(args.model, args.dtype, args.device)
     vocab = getattr(model.config, "vocab_size", 2) or 2
     ids = torch.randint(0, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0)).to(args.device)
@@ -103,16 +209,32 @@ def _run_checkout_script(command: str, relative: str, rest: list[str]) -> int:
     """Run a benchmark script of the source checkout (benchmarks/ is not installed with the package)."""
     script = Path(__file__).resolve().parents[1] / relative
     if not script.is_file():
-        raise SystemExit(f"countdown-fx {command} runs {relative} of a source checkout, which is not at {script}; "
-                         "clone the repository to use it")
+        raise CliError(f"countdown-fx {command} runs {relative} of a source checkout, which is not at {script}; "
+                       "clone the repository to use it")
     import runpy
 
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    saved, sys.argv = sys.argv, [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
     return 0
 
 
+def _gives_out_dir(rest: list[str]) -> bool:
+    """Whether the harness options set --out-dir (argparse also takes --out-dir=X and prefixes such as --out)."""
+    return any(len(opt) > 2 and "--out-dir".startswith(opt) for opt in (a.split("=", 1)[0] for a in rest))
+
+
 def cmd_evaluate(args, rest: list[str]) -> int:
+    """The quality harness, writing into ./countdown-results unless --out-dir is given: run directly, the script
+    writes into the checkout's benchmarks/results, over the committed results."""
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"countdown-fx evaluate writes its .md / .png / .json into ./{EVALUATE_OUT_DIR} of the current folder "
+              "unless --out-dir is given (the benchmarks/results named below is the default of the script run "
+              "directly from a checkout).\n")
+    if not _gives_out_dir(rest):
+        rest = [*rest, "--out-dir", EVALUATE_OUT_DIR]
     return _run_checkout_script("evaluate", "benchmarks/quality/evaluate.py", rest)
 
 
@@ -171,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=cmd_inspect)
 
-    sub.add_parser("evaluate", help="quality harness (perplexity / accuracy vs sparsity); options: evaluate --help",
-                   add_help=False)
+    sub.add_parser("evaluate", help=f"quality harness (perplexity / accuracy vs sparsity), written to "
+                                    f"./{EVALUATE_OUT_DIR} unless --out-dir; options: evaluate --help", add_help=False)
     sub.add_parser("bench", help="decode FFN speed benchmark on a CUDA GPU (kernels vs dense Inductor vs the "
                                  "bytes ceiling); options: bench --help", add_help=False)
     return p
@@ -181,15 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] == ["evaluate"]:
-        return cmd_evaluate(None, argv[1:])
-    if argv[:1] == ["bench"]:
-        return cmd_bench(None, argv[1:])
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return args.func(args)
+    command = argv[0] if argv else None
+    try:
+        if command == "evaluate":
+            return cmd_evaluate(None, argv[1:])
+        if command == "bench":
+            return cmd_bench(None, argv[1:])
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        command = args.command
+        return args.func(args)
+    except CliError as e:  # exits 2 with one line, as argparse's own errors do
+        parser.exit(2, f"countdown-fx {command}: error: {e}\n")
 
 
 if __name__ == "__main__":

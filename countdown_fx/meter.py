@@ -1,8 +1,14 @@
 """Measure the sparsity a compiled model actually reaches, per site, on real inputs.
 
-    with SparsityMeter() as meter:
-        metered(model, options)(input_ids)      # the countdown rewrite, run eagerly under the meter
+    from countdown_fx.meter import SparsityMeter, metered
+
+    meter = SparsityMeter()
+    net = metered(model, options, meter)    # the countdown rewrite, run eagerly; every graph call inside `meter`
+    net(input_ids)                          # called as it is, not under `with meter:` (metered enters it)
     print(meter.report())
+
+Call `net` outside any active dispatch mode: under one, Dynamo does not compile, so the model would run
+dense and eager and nothing would be counted (metered refuses that, with an error saying so).
 
 Thresholds and predictors realise a sparsity that drifts from the calibration target with the text;
 this counts, for every countdown op call, the neurons the op's own selection keeps.
@@ -10,11 +16,12 @@ this counts, for every countdown op call, the neurons the op's own selection kee
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Mapping
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, any_torch_dispatch_mode_on_stack
 
 from .backend import eager_backend
 from .kernels import ops, reference
@@ -90,12 +97,30 @@ class SparsityMeter(TorchDispatchMode):
                  + (f", {self.dense_calls[step]} of them dense" if self.dense_calls[step] else "")
                  + f", union of a call's tokens {self.step_union(step):.1%} of neurons)"
                  for step in ("decode", "prefill") if self.calls[step]]
-        return f"realised FFN sparsity {self.sparsity:.1%} overall; " + ", ".join(parts or ["no countdown op ran"])
+        if not parts:  # say why, since the likely cause is how the meter was used, not the model
+            return ("no countdown op ran, so no sparsity was measured: run the model as "
+                    "metered(model, options, meter)(inputs), not inside `with meter:` (metered enters the meter "
+                    "around each compiled graph itself), and check that it has gated FFNs the rewrite recognises "
+                    "(countdown_fx.find_sites lists them)")
+        return f"realised FFN sparsity {self.sparsity:.1%} overall; " + ", ".join(parts)
 
 
-def metered(model: torch.nn.Module, options: Mapping | None, meter: SparsityMeter) -> torch.nn.Module:
+def _refuse_active_dispatch_mode(*_) -> None:
+    """Dynamo does not compile while a dispatch mode (such as an entered SparsityMeter) is active: the model
+    would silently run dense and eager, unmetered. Raise instead."""
+    if any_torch_dispatch_mode_on_stack():
+        raise RuntimeError(
+            "a metered(...) model was called inside an active TorchDispatchMode (e.g. `with meter:`): Dynamo does "
+            "not compile under one, so the countdown rewrite would not run (dense, eager) and nothing would be "
+            "metered. Call it outside: net = metered(model, options, meter); net(inputs); meter.report() "
+            "(metered enters `meter` around each compiled graph itself).")
+
+
+def metered(model, options: Mapping | None, meter: SparsityMeter):
     """torch.compile(model) with the countdown rewrite, executed eagerly with every graph call inside
-    `meter` (Inductor-compiled code cannot be metered from Python: use this to measure, the backend to run)."""
+    `meter` (Inductor-compiled code cannot be metered from Python: use this to measure, the backend to run).
+    `model` is a module or a function (e.g. a model's forward); the result is what torch.compile returns,
+    refusing to run under an active dispatch mode (see _refuse_active_dispatch_mode)."""
     rewrite = eager_backend(options)
 
     def backend(gm, example_inputs):
@@ -107,4 +132,14 @@ def metered(model: torch.nn.Module, options: Mapping | None, meter: SparsityMete
 
         return run
 
-    return torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend)
+    if isinstance(compiled, torch.nn.Module):  # checked before its forward, where Dynamo would skip
+        compiled.register_forward_pre_hook(_refuse_active_dispatch_mode)
+        return compiled
+
+    @functools.wraps(model)
+    def call(*args, **kwargs):
+        _refuse_active_dispatch_mode()
+        return compiled(*args, **kwargs)
+
+    return call

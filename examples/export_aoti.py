@@ -5,6 +5,7 @@
 """
 
 import argparse
+import collections
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from torch.export import Dim
 import countdown_fx
 import countdown_fx.aoti
 from countdown_fx.data import load_default_model, stdlib_corpus, token_batches, token_stream
+from countdown_fx.kernels.ops import COUNTDOWN_OPS
+from countdown_fx.passes.rewrite import STATE_PREFIX
 
 
 class DecodeStep(torch.nn.Module):
@@ -25,6 +28,29 @@ class DecodeStep(torch.nn.Module):
 
     def forward(self, input_ids):
         return self.model(input_ids, use_cache=False).logits
+
+
+def countdown_contents(ep: torch.export.ExportedProgram) -> tuple[collections.Counter, collections.Counter]:
+    """(countdown op calls by op name, countdown state buffers by state name) of a sparsified program.
+    Counted apart: the state buffers (thresholds, predictors) are graph inputs whose names contain
+    "countdown" too, so counting every node that mentions it counts each site more than once."""
+    op_calls = collections.Counter(n.target.name() for n in ep.graph.nodes
+                                   if n.op == "call_function" and n.target in COUNTDOWN_OPS)
+    # a state buffer is named STATE_PREFIX + site + "__" + state name (countdown_fx.passes.rewrite.state_attr)
+    state = collections.Counter(name.rsplit("__", 1)[-1] for name in ep.graph_signature.buffers
+                                if name.startswith(STATE_PREFIX))
+    return op_calls, state
+
+
+def describe_countdown(ep: torch.export.ExportedProgram) -> str:
+    """One line: how many countdown ops (one per rewritten FFN site) and state buffers the program holds."""
+    op_calls, state = countdown_contents(ep)
+    return (f"{sum(op_calls.values())} countdown ops ({_itemised(op_calls)}) and {sum(state.values())} countdown "
+            f"state buffers ({_itemised(state)}) in the exported program")
+
+
+def _itemised(counter: collections.Counter) -> str:
+    return ", ".join(f"{n} {name}" for name, n in sorted(counter.items()))
 
 
 def main() -> None:
@@ -45,7 +71,7 @@ def main() -> None:
     ids = batches[0][:2, :1].contiguous()
     ep = torch.export.export(step, (ids,), dynamic_shapes=({0: Dim.DYNAMIC},))
     ep = countdown_fx.sparsify(ep, cal)
-    print(sum("countdown" in str(n.target) for n in ep.graph.nodes), "countdown ops in the exported program")
+    print(describe_countdown(ep))
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.export.save(ep, Path(tmp) / "model.pt2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,14 +76,155 @@ def test_calibrate_from_token_ids(model_dir, tmp_path):
         assert torch.equal(cals[0].state[key]["threshold"], cals[1].state[key]["threshold"])
 
 
+def cli_error(argv: list[str], capsys) -> str:
+    """The error line of a refused command: argparse's way (SystemExit 2, one `countdown-fx <cmd>: error:`
+    line on stderr), not a traceback (in-process, an uncaught exception would propagate here instead)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err  # after the error line nothing; before it maybe a loading progress bar
+    line = err.rstrip("\n").split("\n")[-1]
+    assert exc.value.code == 2 and line.startswith(f"countdown-fx {argv[0]}: error: "), err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return line
+
+
 def test_bad_arguments_are_clear(model_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["calibrate", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"), "--out", "x"])
-    with pytest.raises(SystemExit, match="no config.json"):
-        main(["calibrate", "--model", str(tmp_path), "--data", str(tmp_path), "--out", "x"])
+    assert "does not exist" in cli_error(
+        ["calibrate", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"), "--out", "x"], capsys)
+    assert "no config.json" in cli_error(
+        ["calibrate", "--model", str(tmp_path), "--data", str(tmp_path), "--out", "x"], capsys)
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", str(model_dir), "--data", "x", "--method", "relu", "--out", "x"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _never_calibrate(monkeypatch):
+    """Make calibrating fail the test: what is refused must be refused before the slow part."""
+    import countdown_fx.calibration
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibrate() ran although the inputs should have been refused up front")
+
+    monkeypatch.setattr(countdown_fx.calibration, "calibrate", calibrate)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_up_front(model_dir, tmp_path, capsys, monkeypatch):
+    vocab = 258  # model_dir's embedding rows
+    ids = torch.randint(0, vocab, (700,), generator=torch.Generator().manual_seed(0))
+    ids[[5, 50]] = torch.tensor([vocab, vocab + 741])
+    data = tmp_path / "ids.txt"
+    data.write_text(" ".join(map(str, ids.tolist())))
+    out = tmp_path / "cal.safetensors"
+    _never_calibrate(monkeypatch)
+    line = cli_error(["calibrate", "--model", str(model_dir), "--data", str(data), "--out", str(out)], capsys)
+    assert f"{vocab}, {vocab + 741}" in line and f"vocabulary of {vocab}" in line  # the bad ids, the vocab size
+    assert "tokenizer" in line and not out.exists()  # the fix; nothing written
+    negative = tmp_path / "ids.pt"
+    torch.save(torch.tensor([3, -1, 4]), negative)
+    assert "-1" in cli_error(["calibrate", "--model", str(model_dir), "--data", str(negative), "--out", str(out)],
+                             capsys)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(text_file, tmp_path, capsys, monkeypatch):
+    """Text encoded by a tokenizer that does not belong to the model: the byte tokenizer (258 ids) beside a
+    model of 120 ids gives ids the embedding cannot look up."""
+    model = tiny_llama(layers=1)
+    model.save_pretrained(tmp_path / "small")
+    ByteTokenizer().save_pretrained(tmp_path / "small")
+    _never_calibrate(monkeypatch)
+    line = cli_error(["calibrate", "--model", str(tmp_path / "small"), "--data", str(text_file),
+                      "--out", str(tmp_path / "cal.safetensors")], capsys)
+    assert f"vocabulary of {model.config.vocab_size}" in line and "tokenizer" in line
+
+
+def test_a_bad_option_value_is_an_argparse_style_error():
+    """From a fresh interpreter, as a user runs it: exit code 2, one line naming the flag, no traceback."""
+    res = subprocess.run([sys.executable, "-m", "countdown_fx.cli", "calibrate", "--model", "m", "--data", "d",
+                          "--sparsity", "1.5", "--out", "x"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == "" and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("countdown-fx calibrate: error: --sparsity") and "[0, 1)" in res.stderr
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
+    (["--rank", "8"], "--rank"),  # a d-countdown option with the default method
+    (["--method", "d-countdown", "--steps", "0"], "--steps"),
+    (["--lr", "-1"], "--lr"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "no-such-device"], "--device"),
+])
+def test_bad_calibrate_values_are_refused_before_any_work(model_dir, text_file, tmp_path, capsys, monkeypatch,
+                                                           extra, expected):
+    _never_calibrate(monkeypatch)
+    line = cli_error(["calibrate", "--model", str(model_dir), "--data", str(text_file),
+                      "--out", str(tmp_path / "cal.safetensors"), *extra], capsys)
+    assert f"error: {expected}" in line
+
+
+def test_inputs_that_do_not_fit_are_refused(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    def refused(data, *extra, model=model_dir, out=tmp_path / "cal.safetensors"):
+        return cli_error(["calibrate", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
+                          *extra], capsys)
+
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    assert "not UTF-8" in refused(not_utf8)
+    not_a_tensor = tmp_path / "junk.pt"
+    not_a_tensor.write_text("not a torch.save file")
+    assert "not a readable .pt" in refused(not_a_tensor)
+    assert "not a file of token ids" in refused(text_file, "--data-format", "ids")
+    assert "is not a file" in refused(tmp_path)
+    assert "folder" in refused(text_file, out=tmp_path / "missing" / "cal.safetensors")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for f in model_dir.iterdir():  # config and tokenizer, no weights file
+        if f.suffix != ".safetensors":
+            (no_weights / f.name).write_bytes(f.read_bytes())
+    assert "could not be loaded" in refused(text_file, model=no_weights)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU" in refused(text_file, "--device", "cuda")
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x): return x")  # fewer tokens than calibration needs: refused by calibrate()
+    assert "too short" in refused(short)
+    assert "positive" in cli_error(["inspect", "--model", str(model_dir), "--seq-len", "0"], capsys)
+    assert "no config.json" in cli_error(["inspect", "--model", str(tmp_path)], capsys)
+
+
+def test_evaluate_writes_into_the_current_folder_by_default(tmp_path, monkeypatch, capsys):
+    """The harness's own default is the checkout's benchmarks/results (committed results): through the CLI it
+    writes into ./countdown-results unless --out-dir says otherwise. The harness is replaced by a stand-in that
+    records the options it gets, parsed as argparse parses them."""
+    import argparse
+    import runpy
+
+    from countdown_fx import cli
+
+    checkout = Path(cli.__file__).resolve().parents[1]
+    got = []
+
+    def harness(path, run_name):
+        assert Path(path) == checkout / "benchmarks" / "quality" / "evaluate.py" and run_name == "__main__"
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--model")
+        parser.add_argument("--out-dir", default=str(checkout / "benchmarks" / "results"))
+        got.append(Path(parser.parse_args(sys.argv[1:]).out_dir).resolve())
+
+    monkeypatch.setattr(runpy, "run_path", harness)
+    monkeypatch.chdir(tmp_path)
+    argv_before = list(sys.argv)
+    assert main(["evaluate", "--model", "m"]) == 0
+    assert got[-1] == tmp_path / "countdown-results" and checkout not in got[-1].parents
+    assert sys.argv == argv_before  # the harness's argv does not leak into the caller's
+    for given in (["--out-dir", "elsewhere"], ["--out-dir=elsewhere"], ["--out", "elsewhere"]):
+        assert main(["evaluate", "--model", "m", *given]) == 0
+        assert got[-1] == tmp_path / "elsewhere"
+    monkeypatch.undo()  # the real harness's help, which says where the CLI writes
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--help"])
+    assert exc.value.code == 0 and "./countdown-results" in capsys.readouterr().out
 
 
 def test_inspect_lists_sites(model_dir, capsys):

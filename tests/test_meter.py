@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from countdown_fx.kernels import reference
@@ -38,3 +39,47 @@ def test_meter_union_is_what_a_batched_step_reads():
     assert keep / 72 < different.step_union("decode") <= min(1.0, 3 * keep / 72)
     assert f"union of a call's tokens {same.step_union('decode'):.1%}" in same.report()
     assert different.step_union("prefill") != different.step_union("prefill")  # nan: no prefill call
+
+
+def _docstring_example(module) -> str:
+    """The indented code block under the first line of a module docstring, dedented."""
+    import itertools
+    import textwrap
+
+    lines = module.__doc__.splitlines()[1:]
+    block = itertools.takewhile(lambda line: not line or line.startswith("    "), lines)
+    return textwrap.dedent("\n".join(block))
+
+
+def test_module_docstring_example_runs_as_written(capsys):
+    """The usage the meter module documents, run as written on a tiny model, measures what the ops keep."""
+    import countdown_fx.meter
+
+    torch.manual_seed(0)
+    names = {"model": Stack(GptFastFeedForward).eval(), "options": {"sparsity": 0.75},
+             "input_ids": torch.randn(3, 1, 32)}  # one-token decode steps: sparse under apply_to="decode"
+    with torch.no_grad():
+        exec(_docstring_example(countdown_fx.meter), names)
+    meter = names["meter"]
+    assert meter.calls["decode"] == 2 and meter.step_sparsity("decode") == 1 - reference.keep_count(72, 0.75) / 72
+    assert "decode 75.0%" in capsys.readouterr().out
+
+
+def test_calling_a_metered_model_inside_the_meter_is_refused():
+    """Under an active dispatch mode Dynamo does not compile: the model would run dense and eager and the
+    meter count nothing. Refused loudly, for a module and for a function (a model's forward), and the
+    meter's report says how it is meant to be used."""
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    x = torch.randn(3, 1, 32)
+    for target in (model, model.forward):
+        meter = SparsityMeter()
+        net = metered(target, {"sparsity": 0.75}, meter)
+        with torch.no_grad(), meter:
+            with pytest.raises(RuntimeError, match=r"outside.*metered\(model, options, meter\)"):
+                net(x)
+        assert meter.total == 0 and "metered(model, options, meter)(inputs)" in meter.report()
+        with torch.no_grad():  # the documented use still works
+            out = net(x)
+        assert meter.step_sparsity("decode") > 0.7 and (out - model(x)).abs().max() > 1e-3
+        torch._dynamo.reset()
