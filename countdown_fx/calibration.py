@@ -157,7 +157,8 @@ class Calibration:
         state = {k: {**v, "tau": torch.tensor(float(tau), dtype=torch.float32)} for k, v in self.state.items()}
         stats = {k: {**v, "tau": float(tau)} for k, v in self.stats.items()}  # measured numbers no longer apply
         for v in stats.values():
-            for name in ("realised_sparsity", "precision", "recall", "union_by_batch", "measured_on_held_out"):
+            for name in ("realised_sparsity", "deployed_sparsity", "precision", "recall", "union_by_batch",
+                         "measured_on_held_out"):
                 v.pop(name, None)
         return Calibration(self.config.replace(tau=float(tau)), self.sites, state, stats, self.meta, self.source)
 
@@ -199,13 +200,14 @@ class Calibration:
         return cls(config, header["sites"], state, header.get("stats"), meta, source=path)
 
     # -- reading ------------------------------------------------------------------------------------
-    def overall_sparsity(self) -> float:
-        """Realised sparsity over all sites on the calibration data, weighted by tokens x d_inter."""
+    def overall_sparsity(self, stat: str = "realised_sparsity") -> float:
+        """A sparsity stat over all sites, weighted by tokens x d_inter: "realised_sparsity" (the fit, on the
+        calibration data) or "deployed_sparsity" (every layer sparse, on the last fifth of it)."""
         num = den = 0.0
         for key, st in self.stats.items():
-            if "realised_sparsity" in st and not math.isnan(st["realised_sparsity"]):
+            if stat in st and not math.isnan(st[stat]):
                 w = st.get("tokens", 1) * self.sites[key]["d_inter"]
-                num += st["realised_sparsity"] * w
+                num += st[stat] * w
                 den += w
         return num / den if den else float("nan")
 
@@ -218,7 +220,7 @@ class Calibration:
                    else f"rule={cfg.threshold_rule}")
                 + f", {len(self.sites)} site(s)" + (f", file {self.source}" if self.source else "")]
         cols = (["site", "d_model", "d_inter", "rank", "pred/FFN", "tau"] if d else
-                ["site", "d_model", "d_inter", "threshold"]) + ["tokens", "realised_s", "precision", "recall"]
+                ["site", "d_model", "d_inter", "threshold"]) + ["tokens", "realised_s", "deployed_s", "precision", "recall"]
         rows = []
         for key, info in self.sites.items():
             st = self.stats.get(key, {})
@@ -230,8 +232,8 @@ class Calibration:
                         f"{float(self.state[key]['tau']):.4g}"]
             else:
                 row.append(f"{float(self.state[key]['threshold']):.4g}")
-            row += [st.get("tokens", "-"), _pct(st.get("realised_sparsity")), _pct(st.get("precision")),
-                    _pct(st.get("recall"))]
+            row += [st.get("tokens", "-"), _pct(st.get("realised_sparsity")), _pct(st.get("deployed_sparsity")),
+                    _pct(st.get("precision")), _pct(st.get("recall"))]
             rows.append([str(c) for c in row])
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -242,9 +244,11 @@ class Calibration:
                      + ("held-out calibration batches (not used to train the predictor)" if held_out
                         else "calibration data"))
         lines.append("realised_s is the fit, not the deployment: measured on the tokens the "
-                     + ("tau" if d else "thresholds") + " were chosen on, with every layer fed its dense input. In a "
-                     "deployed model the sparse layers shift the inputs of later ones, which can then keep more "
-                     "neurons than this: measure the deployed model on your text with countdown_fx.meter")
+                     + ("tau" if d else "thresholds") + " were chosen on, with every layer fed its dense input. "
+                     "deployed_s runs every layer sparse, as deployed, on the last fifth of the calibration batches "
+                     f"(overall {_pct(self.overall_sparsity('deployed_sparsity'))}): later layers see what the "
+                     "earlier sparse ones give them. On new text it drifts again: measure yours with "
+                     "countdown_fx.meter")
         union = self.union_by_batch()
         if union:
             lines.append("neurons a decode step of B tokens reads (union of their masks, random calibration tokens): "
@@ -426,7 +430,7 @@ class _Sweep:
                     "pass at least 2 batches (the last max(1, n // 5) are held out).", stacklevel=3)
 
     # one pass over the data; the first pass of any kind also counts tokens and checks them
-    def _pass(self, callback, desc: str, batches=None) -> None:
+    def _pass(self, callback, desc: str, batches=None, selector=None) -> None:
         first = self.passes == 0
         batches = self.batches if batches is None else batches
         self.pass_tokens = {}
@@ -438,7 +442,7 @@ class _Sweep:
             self.pass_tokens[key] = self.pass_tokens.get(key, 0) + x.shape[0]
             callback(key, x, act_g, u)
 
-        run_pass(self.session, batches, cb, desc, self.progress, total=len(batches))
+        run_pass(self.session, batches, cb, desc, self.progress, total=len(batches), selector=selector)
         self.passes += 1
         if first:
             self._check_tokens(self.tokens, "")
@@ -466,6 +470,7 @@ class _Sweep:
             if any(self.configs[i].tau is None for i in pred):
                 self._fit_tau([i for i in pred if self.configs[i].tau is None])
         self._measure(idx)
+        self._measure_deployed(idx)
         return [self._result(i) for i in idx]
 
     def _fit(self, which: list[int]) -> None:
@@ -566,19 +571,40 @@ class _Sweep:
             self._check_tokens(self.pass_tokens, f"in the held-out batches (the last {len(self.measure_batches)} "
                                f"of {len(self.batches)}, where D-CountDown chooses tau and measures its predictor) ")
 
-    def _measure_on(self, which: list[int], batches, desc: str) -> None:
-        taus = self._taus
+    def _kept(self, i: int, key: str, x, act_g, u) -> torch.Tensor:
+        """The neurons config i's finished state keeps for these tokens (bool [N, d_inter])."""
+        cfg = self.configs[i]
+        if cfg.method == "d-countdown":
+            t = self.trainers[i][key]
+            with torch.no_grad():
+                return reference.predictor_logits(x, t.pred_v, t.pred_u) > self._taus[(i, key)]
+        return reference.score(cfg.score, act_g, u).float() > self.thresholds[i][key]
 
+    def _measure_deployed(self, which: list[int]) -> None:
+        """Per config, one pass over the last fifth of the batches with every site sparse by its new state, as
+        deployed: later layers then see what the earlier sparse ones give them, which the fit (dense inputs at
+        every layer) does not show. Records deployed_sparsity per site."""
+        batches = self.batches[-max(1, len(self.batches) // 5):]
+        self.deployed = [dict() for _ in self.configs]
+        for i in which:
+            kept_tokens = self.deployed[i]
+
+            def cb(key, x, act_g, u, i=i, kept_tokens=kept_tokens):
+                kept, tokens = kept_tokens.get(key, (0, 0))
+                kept_tokens[key] = (kept + int(self._kept(i, key, x, act_g, u).sum()), tokens + x.shape[0])
+
+            def select(key, x, act_g, u, i=i):
+                return self._kept(i, key, x, act_g, u)
+
+            self._pass(cb, f"calibrate: measure as deployed ({self.configs[i].method} s={self.configs[i].sparsity:g})",
+                       batches, selector=select)
+
+    def _measure_on(self, which: list[int], batches, desc: str) -> None:
         def cb(key, x, act_g, u):
             oracles = {}
             for i in which:
                 cfg = self.configs[i]
-                if cfg.method == "d-countdown":
-                    t = self.trainers[i][key]
-                    with torch.no_grad():
-                        kept = reference.predictor_logits(x, t.pred_v, t.pred_u) > taus[(i, key)]
-                else:
-                    kept = reference.score(cfg.score, act_g, u).float() > self.thresholds[i][key]
+                kept = self._kept(i, key, x, act_g, u)
                 if cfg.sparsity not in oracles:
                     oracles[cfg.sparsity] = oracle_mask(act_g, u, cfg.sparsity)
                 self.counts[i].setdefault(key, SelectionCounts()).update(kept, oracles[cfg.sparsity])
@@ -601,5 +627,8 @@ class _Sweep:
                 state[key] = {"threshold": torch.tensor(thr, dtype=torch.float32)}
                 st["threshold"] = thr
             st["measured_on_held_out"] = self._held_out(i)
+            kept, tokens = self.deployed[i].get(key, (0, 0))
+            if tokens:
+                st["deployed_sparsity"] = 1.0 - kept / (tokens * info["d_inter"])
             stats[key] = st
         return Calibration(cfg, self._sites(), state, stats)

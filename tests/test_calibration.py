@@ -225,6 +225,29 @@ def test_mismatched_sites_are_named(llama, batches):
         torch.compile(wider, backend=eager_backend({"calibration": cal, "apply_to": "all"}))(ids)
 
 
+@pytest.mark.parametrize("method", ["m-countdown", "d-countdown"])
+def test_deployed_sparsity_is_what_the_compiled_model_reaches(method):
+    """The report's deployed_sparsity (every layer sparse, last fifth of the batches) equals what the meter
+    counts when the calibrated model runs those batches through the backend's rewrite, site by site; the fit
+    (dense inputs at every layer) is another number."""
+    from countdown_fx.meter import SparsityMeter, metered
+
+    model = tiny_llama(layers=3)
+    data = random_batches(5)
+    cfg = prac(method, 0.8, **({"predictor_steps": 20, "predictor_batch_tokens": 64} if method == "d-countdown"
+                               else {}))
+    cal = calibrate(model, data, cfg, progress=False)
+    torch._dynamo.reset()
+    meter = SparsityMeter()
+    with torch.no_grad():
+        metered(model, {"calibration": cal, "apply_to": "all"}, meter)(data[-1])
+    torch._dynamo.reset()
+    deployed = cal.overall_sparsity("deployed_sparsity")
+    assert deployed == pytest.approx(meter.sparsity, abs=1e-3)
+    assert all("deployed_sparsity" in st for st in cal.stats.values())
+    assert f"overall {deployed:.1%}" in cal.report()
+
+
 def test_other_activation_is_refused(llama, batches):
     cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
     (gm, ex), = capture_graphs(tiny_llama(act="gelu_pytorch_tanh"), batches[0])

@@ -36,9 +36,9 @@ class SiteObserver(nn.Module):
 
     def forward(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         act_g, u = reference.gate_up(x, w_gate, w_up, b_gate, b_up, self.activation)
-        if _ACTIVE:
-            _ACTIVE[-1].report(self.info, x, act_g, u)
-        return F.linear(act_g * u, w_down, b_down)
+        keep = _ACTIVE[-1].report(self.info, x, act_g, u) if _ACTIVE else None
+        h = act_g * u if keep is None else act_g * u * keep.to(u.dtype)
+        return F.linear(h, w_down, b_down)
 
 
 # The session whose batch is running. Observers look it up at run time instead of holding a session, so the
@@ -74,30 +74,36 @@ class ObserveSession:
     Set `callback` before each pass over the data; `run(batch)` calls the model on one batch (a tensor
     of input_ids or a dict of keyword arguments) and returns the number of site calls observed, which
     calibrate uses to detect a graph that silently fell back to eager (no observation at all).
+    With a `selector` (key, x, act_g, u -> bool keep mask [N, d_inter] over all N tokens) every site runs
+    sparse instead, as a deployed model does, so later sites see the inputs the earlier sparse ones give.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.sites: dict[str, dict] = {}
         self.callback: SiteCallback | None = None
+        self.selector: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.token_mask: torch.Tensor | None = None
         self.calls = 0
         self.compiled = torch.compile(model, backend=observer_backend)
 
-    def report(self, info: dict, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> None:
+    def report(self, info: dict, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+        """Hand the real tokens to the callback; return the selector's keep mask (shaped as act_g), if any."""
         self.calls += 1
         key = info["key"]
         known = self.sites.setdefault(key, info)
         if (known["d_model"], known["d_inter"]) != (info["d_model"], info["d_inter"]):
             raise ValueError(f"site {key!r} appears in two graphs with different shapes: {known} vs {info}")
-        if self.callback is None:
-            return
+        shape = act_g.shape
         x, act_g, u = (t.reshape(-1, t.shape[-1]) for t in (x, act_g, u))
-        mask = self.token_mask
-        if mask is not None and mask.numel() == x.shape[0]:
-            keep = mask.reshape(-1).to(x.device).bool()
-            x, act_g, u = x[keep], act_g[keep], u[keep]
-        self.callback(key, x, act_g, u)
+        selected = self.selector(key, x, act_g, u) if self.selector is not None else None
+        if self.callback is not None:
+            mask = self.token_mask
+            if mask is not None and mask.numel() == x.shape[0]:
+                real = mask.reshape(-1).to(x.device).bool()
+                x, act_g, u = x[real], act_g[real], u[real]
+            self.callback(key, x, act_g, u)
+        return None if selected is None else selected.reshape(shape)
 
     @torch.no_grad()
     def run(self, batch) -> int:
@@ -124,15 +130,16 @@ def _call_args(batch) -> tuple[tuple, dict]:
 
 
 def run_pass(session: ObserveSession, batches: Iterable, callback: SiteCallback, desc: str,
-             progress: bool = True, total: int | None = None) -> int:
-    """One pass over `batches` with `callback` at every site; returns the number of batches run.
+             progress: bool = True, total: int | None = None, selector=None) -> int:
+    """One pass over `batches` with `callback` at every site (and every site sparse by `selector`, if given:
+    see ObserveSession); returns the number of batches run.
 
     Raises RuntimeError when a batch reaches no site: Dynamo fell back to eager (e.g. its recompile limit
     was hit) or the model has no gated FFN, and a calibration from such a pass would be silently empty.
     """
     from tqdm.auto import tqdm
 
-    session.callback = callback
+    session.callback, session.selector = callback, selector
     n = 0
     try:
         for batch in tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch"):
@@ -145,6 +152,6 @@ def run_pass(session: ObserveSession, batches: Iterable, callback: SiteCallback,
                 )
             n += 1
     finally:
-        session.callback = None
+        session.callback = session.selector = None
     return n
 
