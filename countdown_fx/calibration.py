@@ -67,6 +67,7 @@ class Calibration:
         self.stats = {k: dict(v) for k, v in (stats or {}).items()}
         self.meta = dict(meta or {})
         self.source = source
+        self._resolved: dict[str, str] = {}  # graph site key -> calibrated key, from the latest resolve_keys
         self._check_complete()
 
     @property
@@ -102,31 +103,58 @@ class Calibration:
 
     # -- what the rewrite asks ------------------------------------------------------------------------
     def key_for(self, site_key: str) -> str:
-        """The calibrated site that a graph's site `site_key` is: the same key, or the one calibrated key that
-        it ends (or that ends it) at a dot. A graph compiled from a part of the calibrated model
-        (`model.model`) or from a wrapper around it names its sites relative to what was compiled."""
-        if site_key in self.sites:
-            return site_key
-        matches = [k for k in self.sites if k.endswith("." + site_key) or site_key.endswith("." + k)]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
+        """The calibrated site that a graph's site `site_key` is (see resolve_keys)."""
+        return self._resolved.get(site_key) or self.resolve_keys([site_key])[site_key]
+
+    def resolve_keys(self, site_keys: Sequence[str]) -> dict[str, str]:
+        """{graph site key: calibrated key} for the sites of one graph. A graph compiled from a part of the
+        calibrated model (`model.model`) or from a wrapper around it names its sites relative to what was
+        compiled, so the keys may differ by one module path added in front or removed, the same for every
+        site of the graph. Refused: no such mapping, more than one (which part of the model this is would be
+        a guess), or one that sends two sites to one calibrated key."""
+        def relate(site_key: str, key: str):
+            if key == site_key:
+                return ("same", "")
+            if key.endswith("." + site_key):
+                return ("add", key[: -len(site_key) - 1])
+            if site_key.endswith("." + key):
+                return ("strip", site_key[: -len(key) - 1])
+            return None
+
+        relations = None
+        for site_key in site_keys:
+            found = {relate(site_key, k) for k in self.sites} - {None}
+            relations = found if relations is None else relations & found
+        relations = sorted(relations or ())
+        if len(relations) == 1:
+            how, prefix = relations[0]
+            apply = {"same": lambda k: k, "add": lambda k: f"{prefix}.{k}", "strip": lambda k: k[len(prefix) + 1:]}[how]
+            mapping = {k: apply(k) for k in site_keys}
+            if len(set(mapping.values())) == len(mapping):
+                self._resolved.update(mapping)
+                return mapping
+        first = next((k for k in site_keys if not any(relate(k, c) for c in self.sites)), None)
+        if first is not None:
+            alone = " (an FFN module compiled on its own has that key: compile the model you calibrated)"
             raise ValueError(
-                f"calibration{self._from()} has no state for site {site_key!r}; it was made for "
-                f"{len(self.sites)} site(s): {_preview(list(self.sites))}. Calibrate this model "
-                f"(countdown_fx.calibrate or `countdown-fx calibrate`) instead of reusing another model's file.")
+                f"calibration{self._from()} has no state for site {first!r}"
+                f"{alone if first == '<root>' else ''}; it was made for {len(self.sites)} site(s): "
+                f"{_preview(list(self.sites))}. Calibrate this model (countdown_fx.calibrate or `countdown-fx "
+                "calibrate`) instead of reusing another model's file.")
         raise ValueError(
-            f"site {site_key!r} of the compiled graph could be any of {len(matches)} calibrated sites "
-            f"({_preview(matches)}): its path inside the calibrated model is not known, as when each layer is "
-            "compiled on its own. Compile the whole model (or the module that holds all its layers) with this "
-            "calibration.")
+            f"the sites of the compiled graph ({_preview(list(site_keys))}) cannot be matched one to one with the "
+            f"calibrated sites ({_preview(list(self.sites))}) by one module path added or removed in front: the "
+            "compiled module's place in the calibrated model is not known (or could be more than one), as when "
+            "a layer or an FFN is compiled on its own, or when the file was made for a part of this model. Compile the module you calibrated "
+            "(or one that holds it, or a part of it with its module path), with this calibration.")
 
     def check_sites(self, sites: Sequence) -> None:
         """Raise ValueError naming the first site of `sites` this calibration has no state for, or whose
         sizes or activation differ from the calibrated ones. Calibrated sites absent from `sites` are fine (a
         graph break splits a model's sites over several graphs)."""
+        resolved = self.resolve_keys([site.key for site in sites])
         for site in sites:
-            key = self.key_for(site.key)
+            key = resolved[site.key]
             info = self.sites[key]
             named = f"site {site.key!r}" + (f" (calibrated as {key!r})" if key != site.key else "")
             if (info["d_model"], info["d_inter"]) != (site.d_model, site.d_inter):
@@ -379,10 +407,11 @@ def _token_count(batches) -> int | None:
     for b in batches:
         if isinstance(b, torch.Tensor) and not b.is_floating_point():
             total += b.numel()
-        elif isinstance(b, Mapping) and isinstance(b.get("attention_mask"), torch.Tensor):
-            total += int(b["attention_mask"].sum())
         elif isinstance(b, Mapping) and isinstance(b.get("input_ids"), torch.Tensor):
-            total += b["input_ids"].numel()
+            ids, mask = b["input_ids"], b.get("attention_mask")
+            # a [batch, seq] padding mask, as the observer reads it; any other mask form counts every id
+            fits = isinstance(mask, torch.Tensor) and mask.shape == ids.shape
+            total += int(mask.bool().sum()) if fits else ids.numel()
         else:
             return None
     return total

@@ -271,3 +271,43 @@ def test_two_dim_graph_input_warns_that_prefill_cannot_be_told():
     with pytest.warns(UserWarning, match=r"FFN input of 1 site\(s\) .* is 2-D .*apply_to='all'"):
         torch.compile(ffn, backend=eager_backend({"sparsity": 0.5, "apply_to": "decode"}))(torch.randn(6, 32))
     torch._dynamo.reset()
+
+
+class _FlatFFNVariants(torch.nn.Module):
+    """Flattened FFN inputs made in ways that must not mislead the decode test: torch.reshape with keywords,
+    the source written in place after the flatten, a transposed (non-contiguous) source."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.ffn = how, GptFastFeedForward(32, 72)
+
+    def forward(self, h):
+        if self.how == "kwargs":
+            return self.ffn(torch.reshape(input=h, shape=(-1, h.shape[-1])))
+        if self.how == "in_place":
+            t = h.view(-1, h.shape[-1])
+            h.mul_(100)  # t is a view: it sees the write, in eager and compiled alike
+            return self.ffn(t)
+        return self.ffn(h.transpose(0, 1).reshape(-1, h.shape[-1]))  # "transposed": h is [batch, seq, d]
+
+
+@pytest.mark.parametrize("how", ["kwargs", "in_place", "transposed"])
+def test_flattened_inputs_made_other_ways(how):
+    """A prefill stays exactly dense where the [batch, seq, d] source is found (kwargs; in place, where the op
+    reads x itself viewed in the source's shape); a transposed source is not taken (its dim -2 need not be the
+    sequence), so every call is decode (sparse) and a warning says so."""
+    from countdown_fx.backend import eager_backend
+
+    torch.manual_seed(0)
+    model = _FlatFFNVariants(how).eval()
+    prefill = torch.randn(2, 8, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=eager_backend({"sparsity": 0.8, "apply_to": "decode"}))
+    with torch.no_grad():
+        if how == "transposed":
+            with pytest.warns(UserWarning, match="is 2-D"):
+                out = compiled(prefill.clone())
+            assert (out - model(prefill.clone())).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(compiled(prefill.clone()), model(prefill.clone()), rtol=0, atol=0)
+    torch._dynamo.reset()

@@ -129,6 +129,9 @@ def test_short_held_out_data_is_refused_before_predictor_training(llama, monkeyp
     long, short = torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (1, MIN_CALIBRATION_TOKENS // 2))
     with pytest.raises(ValueError, match=r"too short: the held-out batches \(the last 1 of 2.*32 token"):
         calibrate(llama, [long, short], prac("d-countdown", 0.7), progress=False)
+    four_d = {"input_ids": short, "attention_mask": torch.zeros(1, 1, short.shape[1], short.shape[1])}
+    with pytest.raises(ValueError, match=r"held-out batches.*32 token"):  # another mask form: every id counts
+        calibrate(llama, [long, four_d], prac("d-countdown", 0.7), progress=False)
     mask = torch.ones(1, 128, dtype=torch.long)
     mask[:, 40:] = 0  # padding does not count
     with pytest.raises(ValueError, match=r"held-out batches.*40 token"):
@@ -285,8 +288,29 @@ def test_a_part_or_a_wrapper_of_the_calibrated_model_finds_its_sites(llama, batc
     torch.testing.assert_close(wrapped, whole, rtol=0, atol=0)
     assert cal.key_for("layers.1.mlp") == cal.key_for("inner.model.layers.1.mlp") == "model.layers.1.mlp"
     # a layer compiled on its own names its FFN "mlp": which layer it is cannot be known
-    with pytest.raises(ValueError, match=r"site 'mlp'.*any of 2 calibrated sites.*each layer is compiled"):
+    with pytest.raises(ValueError, match=r"\('mlp'\) cannot be matched one to one.*a layer or an FFN is compiled"):
         cal.key_for("mlp")
+
+
+def test_one_mapping_of_keys_for_all_sites_of_a_graph(llama, batches):
+    """Every site of a graph maps by the same path added or removed in front, one to one: a file made for one
+    block is refused on a model of several such blocks, as is a wrapper of two models where the file was
+    made for one; two possible mappings are refused rather than guessed."""
+    cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
+    assert cal.resolve_keys(["inner.model.layers.0.mlp", "inner.model.layers.1.mlp"]) == {
+        "inner.model.layers.0.mlp": "model.layers.0.mlp", "inner.model.layers.1.mlp": "model.layers.1.mlp"}
+    with pytest.raises(ValueError, match="cannot be matched one to one"):  # two models of the same shape
+        cal.resolve_keys(["text.model.layers.0.mlp", "vision.model.layers.0.mlp"])
+    block = Calibration(cal.config, {"mlp": cal.sites["model.layers.0.mlp"]},
+                        {"mlp": cal.state["model.layers.0.mlp"]})
+    with pytest.raises(ValueError, match="cannot be matched one to one"):
+        block.resolve_keys(["model.layers.0.mlp", "model.layers.1.mlp"])
+    both = Calibration(cal.config, {"mlp": cal.sites["model.layers.0.mlp"], "inner.mlp": cal.sites["model.layers.1.mlp"]},
+                       {"mlp": cal.state["model.layers.0.mlp"], "inner.mlp": cal.state["model.layers.1.mlp"]})
+    with pytest.raises(ValueError, match="could be more than one"):  # the root's "mlp", or "inner.mlp"?
+        both.resolve_keys(["mlp"])
+    with pytest.raises(ValueError, match="no state for site 'other.mlp'"):
+        cal.resolve_keys(["other.mlp"])
 
 
 # --------------------------------------------------------------------------------------------- compiled use

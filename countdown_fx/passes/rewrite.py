@@ -75,8 +75,9 @@ def rewrite_sites(
         with graph.inserting_before(site.output):
             x, w_gate, w_up, w_down, b_gate, b_up, b_down = site_input_nodes(gm, site)
             tokens = token_source(x, site.d_model) if decode_only else None
-            if tokens is not None:  # the op sees the sequence dim, so it can tell prefill from decode
-                x = tokens
+            if tokens is not None:  # the op sees the sequence dim, so it can tell prefill from decode; the
+                # data stays x's (the source may have been written in place since x was made from it)
+                x = graph.call_method("view_as", (x, tokens))
             elif decode_only and node_rank(x) == 2:
                 flat_inputs.append(site.key)
             w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
@@ -142,16 +143,19 @@ _RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, aten.view.default, aten.resh
 def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
     """The [..., seq, d_model] tensor that a 2-D FFN input [tokens, d_model] was only reshaped from (a MoE
     shared expert's `x.view(-1, d)`), if the graph holds it: its rows are the same tokens in the same order, so
-    the op can run on it and see the sequence dim that tells prefill from decode (ops.is_decode_step)."""
+    x viewed in its shape lets the op see the sequence dim that tells prefill from decode (ops.is_decode_step).
+    A source that is not contiguous (a transposed view, e.g. sequence first) is not taken: its dim -2 need not
+    be the sequence."""
     if node_rank(x) != 2:
         return None
     node = x
     while isinstance(node, fx.Node) and (
             (node.op == "call_method" and node.target in _RESHAPE_METHODS)
             or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)):
-        node = node.args[0]
-        if isinstance(node, fx.Node) and (node_rank(node) or 0) >= 3 and node_value(node).shape[-1] == d_model:
-            return node
+        node = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+        value = node_value(node) if isinstance(node, fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[-1] == d_model:
+            return node if value.is_contiguous() else None
     return None
 
 
