@@ -184,8 +184,8 @@ def cmd_calibrate(args) -> int:
     batches = token_windows(ids, args.seq_len, args.batch_size, args.max_tokens)
     try:
         cal = calibrate(model, batches, config, progress=not args.no_progress)
-    except ValueError as e:  # calibrate's documented refusals of its data: too few tokens, non-finite activations
-        raise CliError(f"--data {args.data!r}: {e}") from e
+    except ValueError as e:  # calibrate's refusals: of its data (too few tokens) or the model (non-finite activations)
+        raise CliError(f"calibrating {args.model!r} on {args.data!r}: {e}") from e
     cal.meta.update(model=str(args.model), data=str(args.data))
     cal.save(args.out)
     print(cal.report())
