@@ -67,7 +67,6 @@ class Calibration:
         self.stats = {k: dict(v) for k, v in (stats or {}).items()}
         self.meta = dict(meta or {})
         self.source = source
-        self._resolved: dict[str, str] = {}  # graph site key -> calibrated key, from the latest resolve_keys
         self._check_complete()
 
     @property
@@ -102,10 +101,6 @@ class Calibration:
         return f" {self.source!r}" if self.source else ""
 
     # -- what the rewrite asks ------------------------------------------------------------------------
-    def key_for(self, site_key: str) -> str:
-        """The calibrated site that a graph's site `site_key` is (see resolve_keys)."""
-        return self._resolved.get(site_key) or self.resolve_keys([site_key])[site_key]
-
     def resolve_keys(self, site_keys: Sequence[str]) -> dict[str, str]:
         """{graph site key: calibrated key} for the sites of one graph. A graph compiled from a part of the
         calibrated model (`model.model`) or from a wrapper around it names its sites relative to what was
@@ -131,7 +126,6 @@ class Calibration:
             apply = {"same": lambda k: k, "add": lambda k: f"{prefix}.{k}", "strip": lambda k: k[len(prefix) + 1:]}[how]
             mapping = {k: apply(k) for k in site_keys}
             if len(set(mapping.values())) == len(mapping):
-                self._resolved.update(mapping)
                 return mapping
         first = next((k for k in site_keys if not any(relate(k, c) for c in self.sites)), None)
         if first is not None:
@@ -148,10 +142,11 @@ class Calibration:
             "a layer or an FFN is compiled on its own, or when the file was made for a part of this model. Compile the module you calibrated "
             "(or one that holds it, or a part of it with its module path), with this calibration.")
 
-    def check_sites(self, sites: Sequence) -> None:
-        """Raise ValueError naming the first site of `sites` this calibration has no state for, or whose
-        sizes or activation differ from the calibrated ones. Calibrated sites absent from `sites` are fine (a
-        graph break splits a model's sites over several graphs)."""
+    def check_sites(self, sites: Sequence) -> dict[str, str]:
+        """{site key: calibrated key} for the sites of one graph (resolve_keys). Raises ValueError naming the
+        first site of `sites` this calibration has no state for, or whose sizes or activation differ from the
+        calibrated ones. Calibrated sites absent from `sites` are fine (a graph break splits a model's sites
+        over several graphs)."""
         resolved = self.resolve_keys([site.key for site in sites])
         for site in sites:
             key = resolved[site.key]
@@ -169,10 +164,12 @@ class Calibration:
                     "activation's scores mean nothing for another. Calibrate this model.")
             if info.get("dtype") and info["dtype"] != str(site.dtype).replace("torch.", ""):
                 log.info("countdown: site %s calibrated in %s, runs in %s", site.key, info["dtype"], site.dtype)
+        return resolved
 
-    def state_for(self, site) -> dict[str, torch.Tensor]:
-        """The tensors the rewrite registers as buffers for `site` (fresh copies, fp32)."""
-        key = self.key_for(site if isinstance(site, str) else site.key)
+    def state_for(self, key: str) -> dict[str, torch.Tensor]:
+        """The tensors the rewrite registers as buffers for calibrated site `key` (fresh copies, fp32)."""
+        if key not in self.state:
+            raise ValueError(f"calibration{self._from()} has no state for site {key!r}")
         return {name: self.state[key][name].clone() for name in self._needed()}
 
     def with_tau(self, tau: float) -> "Calibration":
@@ -304,10 +301,9 @@ class Calibration:
                 den[b] = den.get(b, 0) + d_inter
         return {b: num[b] / den[b] for b in sorted(num)}
 
-    def decode_plan(self, site) -> ops.DecodePlan:
-        """How the op of `site` runs decode steps of each batch size (gather side, or the dense FFN at
-        nearly full unions), from the union measured at calibration."""
-        key = self.key_for(site if isinstance(site, str) else site.key)
+    def decode_plan(self, key: str) -> ops.DecodePlan:
+        """How the op of calibrated site `key` runs decode steps of each batch size (gather side, or the dense
+        FFN at nearly full unions), from the union measured at calibration."""
         return ops.decode_plan(ops.op_kind(self.method), self.site_union_by_batch(key))
 
     def _plan_summary(self) -> str:
@@ -616,17 +612,17 @@ class _Sweep:
         batches = self.batches[-max(1, len(self.batches) // 5):]
         self.deployed = [dict() for _ in self.configs]
         for i in which:
-            kept_tokens = self.deployed[i]
-
-            def cb(key, x, act_g, u, i=i, kept_tokens=kept_tokens):
-                kept, tokens = kept_tokens.get(key, (0, 0))
-                kept_tokens[key] = (kept + int(self._kept(i, key, x, act_g, u).sum()), tokens + x.shape[0])
-
             def select(key, x, act_g, u, i=i):
-                return self._kept(i, key, x, act_g, u)
+                """The sparse FFN's keep mask for all tokens; counted over the real ones."""
+                kept = self._kept(i, key, x, act_g, u)
+                real = self.session.real_rows(x)
+                counted = kept if real is None else kept[real]
+                n_kept, n_tokens = self.deployed[i].get(key, (0, 0))
+                self.deployed[i][key] = (n_kept + int(counted.sum()), n_tokens + counted.shape[0])
+                return kept
 
-            self._pass(cb, f"calibrate: measure as deployed ({self.configs[i].method} s={self.configs[i].sparsity:g})",
-                       batches, selector=select)
+            self._pass(lambda *site: None, f"calibrate: measure as deployed ({self.configs[i].method} "
+                       f"s={self.configs[i].sparsity:g})", batches, selector=select)
 
     def _measure_on(self, which: list[int], batches, desc: str) -> None:
         def cb(key, x, act_g, u):

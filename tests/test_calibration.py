@@ -286,10 +286,11 @@ def test_a_part_or_a_wrapper_of_the_calibrated_model_finds_its_sites(llama, batc
     assert (whole - dense).abs().max() > 1e-3
     torch.testing.assert_close(part, whole, rtol=0, atol=0)
     torch.testing.assert_close(wrapped, whole, rtol=0, atol=0)
-    assert cal.key_for("layers.1.mlp") == cal.key_for("inner.model.layers.1.mlp") == "model.layers.1.mlp"
+    assert cal.resolve_keys(["layers.1.mlp"]) == {"layers.1.mlp": "model.layers.1.mlp"}
+    assert cal.resolve_keys(["inner.model.layers.1.mlp"]) == {"inner.model.layers.1.mlp": "model.layers.1.mlp"}
     # a layer compiled on its own names its FFN "mlp": which layer it is cannot be known
     with pytest.raises(ValueError, match=r"\('mlp'\) cannot be matched one to one.*a layer or an FFN is compiled"):
-        cal.key_for("mlp")
+        cal.resolve_keys(["mlp"])
 
 
 def test_one_mapping_of_keys_for_all_sites_of_a_graph(llama, batches):

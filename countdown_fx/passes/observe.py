@@ -98,12 +98,19 @@ class ObserveSession:
         x, act_g, u = (t.reshape(-1, t.shape[-1]) for t in (x, act_g, u))
         selected = self.selector(key, x, act_g, u) if self.selector is not None else None
         if self.callback is not None:
-            mask = self.token_mask
-            if mask is not None and mask.numel() == x.shape[0]:
-                real = mask.reshape(-1).to(x.device).bool()
+            real = self.real_rows(x)
+            if real is not None:
                 x, act_g, u = x[real], act_g[real], u[real]
             self.callback(key, x, act_g, u)
         return None if selected is None else selected.reshape(shape)
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which rows of a site's flattened input x are real tokens (the batch's attention mask), or None for
+        all of them."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != x.shape[0]:
+            return None
+        return mask.reshape(-1).to(x.device).bool()
 
     @torch.no_grad()
     def run(self, batch) -> int:

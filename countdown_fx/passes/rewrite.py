@@ -48,7 +48,8 @@ def rewrite_sites(
     """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
 
     regime "ideal" needs no state; regime "prac" takes each site's state from `calibration` (an object
-    with `check_sites(sites)`, `state_for(site) -> dict[str, Tensor]` and `decode_plan(site)`).
+    with `check_sites(sites) -> {site key: its key in the calibration}`, and `state_for(key) -> dict[str, Tensor]`
+    and `decode_plan(key)` for such a key).
     dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN): a
     program exported with a dynamic batch dim cannot branch on the batch size at run time.
     keep_grad: whether a W_down that requires grad must keep its gradient (None: whether grad mode is on now;
@@ -62,7 +63,7 @@ def rewrite_sites(
                 + "). Run countdown_fx.calibrate(model, batches, config) once, save it, and pass "
                 "options={'calibration': <Calibration or path>}; or use regime='ideal' (oracle top-k)."
             )
-        calibration.check_sites(sites)
+        calibrated_key = calibration.check_sites(sites)
     op = ops.op_for(config.regime, config.method)
     keep_grad = torch.is_grad_enabled() if keep_grad is None else keep_grad
     kernels_read_rows = config.regime == "prac"  # the Triton kernels run the prac ops; "ideal" is the reference
@@ -87,8 +88,9 @@ def rewrite_sites(
                 args = (*ffn, config.score, config.sparsity, decode_only)
             else:
                 device = _device(gm, site, example_inputs)
-                state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(site).items()}
-                plan = calibration.decode_plan(site)
+                key = calibrated_key[site.key]
+                state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(key).items()}
+                plan = calibration.decode_plan(key)
                 if not dense_fallback and plan.dense_min_tokens:
                     dropped_dense.append((site.key, plan.dense_min_tokens))
                     plan = dataclasses.replace(plan, dense_min_tokens=0)

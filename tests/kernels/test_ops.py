@@ -115,16 +115,18 @@ class _FixedCalibration:
         self.config = config
 
     def check_sites(self, sites):
-        pass
+        self.sites = {site.key: site for site in sites}
+        return {key: key for key in self.sites}
 
-    def state_for(self, site):
+    def state_for(self, key):
+        site = self.sites[key]
         if self.config.method != "d-countdown":
             return {"threshold": torch.tensor(0.4)}
         g = torch.Generator().manual_seed(len(site.key))
         return {"pred_v": torch.randn(site.d_model, 8, generator=g) / site.d_model ** 0.5,
                 "pred_u": torch.randn(site.d_inter, 8, generator=g), "tau": torch.tensor(0.0)}
 
-    def decode_plan(self, site):
+    def decode_plan(self, key):
         return ops.DecodePlan(gather_max_tokens=2)  # the 2-token steps below read gate/up by gather
 
 
