@@ -9,7 +9,7 @@ The same match + rewrite as the torch.compile backend; only the way in differs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -21,7 +21,11 @@ from .kernels.ops import COUNTDOWN_OPS
 
 
 def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
-    """(config, calibration) from a CountDownConfig, a Calibration, or a path to a saved calibration."""
+    """(config, calibration) from a CountDownConfig, a Calibration, a path to a saved calibration, or a dict
+    of the backend's options. The dict is the way to state a field at its default value next to a calibration
+    ({"calibration": path, "apply_to": "decode"}): a config's default-valued fields count as not stated."""
+    if isinstance(calibration_or_config, Mapping):
+        return resolve(calibration_or_config)
     if isinstance(calibration_or_config, CountDownConfig):
         return resolve({"config": calibration_or_config})
     return resolve({"calibration": calibration_or_config})
@@ -75,7 +79,8 @@ def sparsify(obj: Any, calibration_or_config: Any, *, example_inputs: Sequence |
     program) into countdown ops; returns the same kind of object.
 
     calibration_or_config: a CountDownConfig (regime "ideal", or "prac" with its calibration), a
-    Calibration, or a path to a saved calibration (regime "prac", method and sparsity from the file).
+    Calibration, a path to a saved calibration (regime "prac", method and sparsity from the file), or a dict of
+    the backend's options (e.g. {"calibration": path, "apply_to": "all"}).
     A GraphModule may be trained afterwards: where W_down requires grad and grad mode is on, it keeps its
     gradient (with a warning that the CUDA kernels then copy it per call); sparsify under torch.no_grad() for
     inference.

@@ -137,3 +137,24 @@ def test_w_down_t_storage_follows_the_way_in(monkeypatch):
         gm = sparsify(fx.symbolic_trace(model), cal)
         torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
     assert rewrite.counters["w_down_t_bytes"] == N_LAYERS * one_w_down
+
+
+def test_options_dict_states_a_default_valued_field_against_the_calibration():
+    """A calibration made with apply_to='all' brings it along; a CountDownConfig cannot state the default
+    'decode' against it (its default-valued fields count as not stated), an options dict can: prefill then runs
+    dense, while the calibration alone makes it sparse."""
+    from countdown_fx.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    cal = calibrate(model, [torch.randn(4, 8, 32) for _ in range(2)],
+                    CountDownConfig(method="m-countdown", sparsity=0.5, regime="prac", apply_to="all"), progress=False)
+    prefill = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        dense = model(prefill)
+        as_calibrated = sparsify(fx.symbolic_trace(model), cal)(prefill)
+        decode_only = sparsify(fx.symbolic_trace(model), {"calibration": cal, "apply_to": "decode"})(prefill)
+    assert not torch.allclose(as_calibrated, dense, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(decode_only, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"option sparsity=0.9 contradicts the calibration"):
+        sparsify(fx.symbolic_trace(model), {"calibration": cal, "sparsity": 0.9})

@@ -40,7 +40,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 class CountDownTransformation(ReversibleTransformation):
     """Rewrite every gated FFN into a countdown op (reversibly).
 
-    calibration_or_config: a CountDownConfig, a Calibration, or a path to a saved calibration.
+    calibration_or_config: a CountDownConfig, a Calibration, a path to a saved calibration, or a dict of the
+    backend's options (countdown_fx.sparsify says when to use one).
     Works on GraphModules from Dynamo capture (weights as placeholders, shapes from node meta) and from
     ExportedProgram.module() or fx.symbolic_trace (weights as attributes).
     """
