@@ -35,6 +35,7 @@ from .passes.observe import ObserveSession, run_pass
 from .passes.predictor import PredictorTrainer, default_rank, oracle_mask, predictor_fraction
 from .passes.rewrite import stored_rank
 from .passes.thresholds import MeanKth, SelectionCounts, StreamingQuantile, drop_count
+from .passes import weights
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class Calibration:
     """Per-site SP-Prac state plus the config and statistics it came from.
 
     config: the CountDownConfig it was made for (regime "prac").
-    sites:  key -> {"d_model", "d_inter", "dtype", "activation", "layout"} of every calibrated site.
+    sites:  key -> {"d_model", "d_inter", "dtype", "activation", "layout", "weight_sample"} of every
+            calibrated site (weight_sample: passes.weights.sample of its weights, None where sharded).
     state:  key -> {"threshold": 0-dim fp32} (CATS, M-CountDown) or
             {"pred_v": [d_model, r], "pred_u": [d_inter, r], "tau": 0-dim fp32} (D-CountDown).
     stats:  key -> measured numbers (tokens, realised_sparsity, precision, recall, threshold / rank, ...).
@@ -142,12 +144,15 @@ class Calibration:
             "a layer or an FFN is compiled on its own, or when the file was made for a part of this model. Compile the module you calibrated "
             "(or one that holds it, or a part of it with its module path), with this calibration.")
 
-    def check_sites(self, sites: Sequence) -> dict[str, str]:
+    def check_sites(self, sites: Sequence, samples: Mapping[str, dict | None] | None = None) -> dict[str, str]:
         """{site key: calibrated key} for the sites of one graph (resolve_keys). Raises ValueError naming the
         first site of `sites` this calibration has no state for, or whose sizes or activation differ from the
-        calibrated ones. Calibrated sites absent from `sites` are fine (a graph break splits a model's sites
-        over several graphs)."""
+        calibrated ones, and, given `samples` ({site key: passes.weights sample of its weights now}), when the
+        weights differ from those it was calibrated on. Calibrated sites absent from `sites` are fine (a graph
+        break splits a model's sites over several graphs)."""
         resolved = self.resolve_keys([site.key for site in sites])
+        if samples is not None:
+            self._check_weights(resolved, samples)
         for site in sites:
             key = resolved[site.key]
             info = self.sites[key]
@@ -165,6 +170,25 @@ class Calibration:
             if info.get("dtype") and info["dtype"] != str(site.dtype).replace("torch.", ""):
                 log.info("countdown: site %s calibrated in %s, runs in %s", site.key, info["dtype"], site.dtype)
         return resolved
+
+    def _check_weights(self, resolved: Mapping[str, str], samples: Mapping[str, dict | None]) -> None:
+        """Refuse a model whose weights are not the calibrated model's (passes.weights says why this matters).
+        Sites without a sample on either side (sharded or fake weights, a file saved before samples) pass."""
+        other = []
+        for site_key, key in resolved.items():
+            stored, now = self.sites[key].get("weight_sample"), samples.get(site_key)
+            if stored and now and not weights.fits(stored, now):
+                other.append((site_key, weights.differing(stored, now), len(stored["values"])))
+        if other:
+            site_key, n, total = other[0]
+            raise ValueError(
+                f"calibration{self._from()} was made on other weights than this model's: at {len(other)} of "
+                f"{len(resolved)} site(s) (first: {site_key!r}, {n} of {total} sampled values of W_gate, W_up and "
+                "W_down differ). Its thresholds and predictors fit the weights they were calibrated on; here they "
+                "would miss the target sparsity and quality without saying so. Calibrate this model "
+                "(countdown_fx.calibrate or `countdown-fx calibrate`); to reuse the file on purpose (a base model's "
+                "calibration on its fine-tune, say), pass options={'check_weights': False} and measure what it "
+                "reaches with countdown_fx.SparsityMeter.")
 
     def state_for(self, key: str) -> dict[str, torch.Tensor]:
         """The tensors the rewrite registers as buffers for calibrated site `key` (fresh copies, fp32)."""

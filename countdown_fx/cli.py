@@ -39,6 +39,18 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` of the integer options that must be >= 1: argparse itself refuses 0 or -3 as it refuses
+    'abc', with `error: argument --seq-len: ...` and exit code 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def check_model_dir(path: str) -> None:
     """Refuse a --model that is no checkpoint directory before any slow work."""
     if not (Path(path) / "config.json").is_file():
@@ -55,12 +67,11 @@ def check_device(device: str) -> None:
         raise CliError(f"--device {device!r}: no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
 
 
-def check_positive(args, *names: str) -> None:
-    """Integer options that must be >= 1 (None means unset)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CliError(f"--{name.replace('_', '-')} {value} must be a positive integer")
+def check_model_options(args) -> None:
+    """The options of every command that loads a model (--model, --device), checked once, up front: before the
+    data is read (a text file needs the tokenizer in --model) and before the weights are loaded."""
+    check_device(args.device)
+    check_model_dir(args.model)
 
 
 def check_out_file(out: str) -> None:
@@ -86,7 +97,8 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, data: str) -> None:
 
 
 def vocab_size(model) -> int:
-    """How many token ids the model's input embedding holds."""
+    """How many token ids the model's input embedding can look up: its rows, which config.vocab_size need not
+    equal (the config is the fallback when there is no nn.Embedding to ask)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(embedding, torch.nn.Embedding):
         return embedding.num_embeddings
@@ -94,12 +106,12 @@ def vocab_size(model) -> int:
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """A local Hugging Face causal LM directory, in eval mode."""
+    """A local Hugging Face causal LM directory, in eval mode. The command has checked --model up front
+    (check_model_options); a directory that still fails to load is a CliError here."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:  # the optional 'hf' extra
         raise CliError("countdown-fx needs transformers to load a checkpoint: pip install 'countdown-fx[hf]'") from e
-    check_model_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:  # bad config.json, unknown model type, missing weights
@@ -174,10 +186,8 @@ def cmd_calibrate(args) -> int:
     from .calibration import calibrate
 
     config = calibration_config(args)
-    check_positive(args, "seq_len", "batch_size", "max_tokens")
-    check_device(args.device)
+    check_model_options(args)
     check_out_file(args.out)
-    check_model_dir(args.model)
     ids = read_token_ids(args.data, args.model, args.data_format)
     model = load_model(args.model, args.dtype, args.device)
     check_token_ids(ids, vocab_size(model), args.data)
@@ -194,13 +204,13 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    """Capture the forward on random token ids, drawn from the ids the model's embedding can look up."""
     from .capture import find_sites
 
-    check_positive(args, "seq_len")
-    check_device(args.device)
+    check_model_options(args)
     model = load_model(args.model, args.dtype, args.device)
-    vocab = getattr(model.config, "vocab_size", 2) or 2
-    ids = torch.randint(0, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0)).to(args.device)
+    ids = torch.randint(0, vocab_size(model), (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     print(find_sites(model, ids))
     return 0
 
@@ -276,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--apply-to", choices=["decode", "all"], default="decode",
                    help="recorded in the file: where sparsity applies by default when it is used")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
-    c.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    c.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of --data")
+    c.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
+    c.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    c.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="use at most this many tokens of --data (default: all)")
     c.add_argument("--dtype", choices=list(DTYPES), default="float32")
     c.add_argument("--device", default="cpu")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -288,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list the gated FFN sites the backend would rewrite",
                        description="Capture a checkpoint's forward through Dynamo and print its gated FFN sites.")
     i.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    i.add_argument("--seq-len", type=int, default=8, help="length of the random example input")
+    i.add_argument("--seq-len", type=positive_int, default=8, help="length of the random example input")
     i.add_argument("--dtype", choices=list(DTYPES), default="float32")
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=cmd_inspect)

@@ -60,6 +60,8 @@ class CountDownConfig:
                 peak learning rate, tokens per step).
     tau:        fixed predictor logit threshold; None lets calibration choose it per site to meet the sparsity.
     calibration: a Calibration or a path to a saved one; required by regime "prac".
+    check_weights: refuse a calibration made on other weights than the model's (a sample of each site's
+                weights is saved with it); False reuses one on purpose, e.g. a base model's on its fine-tune.
     mode:       Inductor mode used after the rewrite (e.g. "reduce-overhead" for CUDA graphs).
     """
 
@@ -76,6 +78,7 @@ class CountDownConfig:
     tau: float | None = None
     seed: int = 0
     calibration: Any = field(default=None, hash=False)
+    check_weights: bool = True
     mode: str | None = None
     inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
@@ -111,6 +114,8 @@ class CountDownConfig:
                 f"CountDownConfig.tau applies to method 'd-countdown' only (got method={self.method!r}); "
                 "CATS and M-CountDown use calibrated thresholds"
             )
+        if not isinstance(self.check_weights, bool):
+            _refuse("check_weights", self.check_weights, "True or False")
         if not isinstance(self.inductor_options, Mapping) or not all(isinstance(k, str) for k in self.inductor_options):
             _refuse("inductor_options", self.inductor_options, "a dict of Inductor config patches (str keys)")
         if self.predictor_rank is not None and self.method != "d-countdown":

@@ -152,8 +152,9 @@ def test_a_bad_option_value_is_an_argparse_style_error():
     (["--rank", "8"], "--rank"),  # a d-countdown option with the default method
     (["--method", "d-countdown", "--steps", "0"], "--steps"),
     (["--lr", "-1"], "--lr"),
-    (["--seq-len", "0"], "--seq-len"),
-    (["--batch-size", "0"], "--batch-size"),
+    (["--seq-len", "0"], "argument --seq-len"),  # argparse's own refusal (type=positive_int)
+    (["--batch-size", "0"], "argument --batch-size"),
+    (["--max-tokens", "0"], "argument --max-tokens"),
     (["--device", "no-such-device"], "--device"),
 ])
 def test_bad_calibrate_values_are_refused_before_any_work(model_dir, text_file, tmp_path, capsys, monkeypatch,
@@ -162,6 +163,67 @@ def test_bad_calibrate_values_are_refused_before_any_work(model_dir, text_file, 
     line = cli_error(["calibrate", "--model", str(model_dir), "--data", str(text_file),
                       "--out", str(tmp_path / "cal.safetensors"), *extra], capsys)
     assert f"error: {expected}" in line
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("calibrate", "--seq-len", "0"), ("calibrate", "--batch-size", "-3"), ("calibrate", "--max-tokens", "0"),
+    ("calibrate", "--seq-len", "abc"), ("inspect", "--seq-len", "0"),
+])
+def test_positive_int_options_are_refused_by_argparse(model_dir, text_file, tmp_path, capsys, monkeypatch,
+                                                      command, option, value):
+    """Refused while parsing, before any check or loading: argparse's one error line names the option."""
+    from countdown_fx import cli
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although the options should have been refused")
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    rest = ["--data", str(text_file), "--out", str(tmp_path / "cal.safetensors")] if command == "calibrate" else []
+    line = cli_error([command, "--model", str(model_dir), *rest, option, value], capsys)
+    assert line == f"countdown-fx {command}: error: argument {option}: {value!r} is not a positive integer"
+
+
+def test_max_tokens_is_optional():
+    from countdown_fx.cli import build_parser
+
+    base = ["calibrate", "--model", "m", "--data", "d", "--out", "o"]
+    assert build_parser().parse_args(base).max_tokens is None
+    assert build_parser().parse_args([*base, "--max-tokens", "300"]).max_tokens == 300
+
+
+@pytest.mark.parametrize("command", ["calibrate", "inspect"])
+def test_the_model_dir_is_checked_once_up_front(model_dir, text_file, tmp_path, capsys, monkeypatch, command):
+    """A missing --model is refused with one line before the data is read (not as a missing tokenizer of the text
+    file); a good one is checked exactly once per command."""
+    from countdown_fx import cli
+
+    rest = ["--data", str(text_file), "--out", str(tmp_path / "cal.safetensors")] if command == "calibrate" else []
+    line = cli_error([command, "--model", str(tmp_path / "missing"), *rest], capsys)
+    assert line.endswith("is not a Hugging Face checkpoint directory (no config.json)") and "tokenizer" not in line
+    checked = []
+    check_model_dir = cli.check_model_dir
+    monkeypatch.setattr(cli, "check_model_dir", lambda path: (checked.append(path), check_model_dir(path)))
+    extra = ["--method", "cats", "--seq-len", "100", "--max-tokens", "300", "--no-progress"] if rest else []
+    assert main([command, "--model", str(model_dir), *rest, *extra]) == 0
+    assert checked == [str(model_dir)]
+    if command == "calibrate":  # --max-tokens given is used
+        assert all(s["tokens"] == 300 for s in Calibration.load(tmp_path / "cal.safetensors").stats.values())
+
+
+def test_inspect_draws_ids_the_embedding_can_look_up(model_dir, monkeypatch, capsys):
+    """inspect's random input comes from the embedding's rows (the vocab_size helper calibrate checks its data
+    with), not from config.vocab_size, which can be larger."""
+    import countdown_fx.capture
+    from countdown_fx import cli
+
+    model = tiny_llama(layers=1).eval()
+    rows = model.get_input_embeddings().num_embeddings
+    model.config.vocab_size = rows * 100
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: model)
+    got = []
+    monkeypatch.setattr(countdown_fx.capture, "find_sites", lambda m, ids: got.append(ids) or "sites")
+    assert main(["inspect", "--model", str(model_dir), "--seq-len", "64"]) == 0
+    assert got[0].shape == (1, 64) and 0 <= int(got[0].min()) and int(got[0].max()) < rows
 
 
 def test_inputs_that_do_not_fit_are_refused(model_dir, text_file, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,7 @@ from torch import fx, nn
 from ..kernels import reference
 from .match import Site, match_sites
 from .rewrite import erase_unused, replace_site, site_input_nodes
+from .weights import sample as weight_sample
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class SiteObserver(nn.Module):
 
     def forward(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         act_g, u = reference.gate_up(x, w_gate, w_up, b_gate, b_up, self.activation)
-        keep = _ACTIVE[-1].report(self.info, x, act_g, u) if _ACTIVE else None
+        keep = _ACTIVE[-1].report(self.info, x, act_g, u, (w_gate, w_up, w_down)) if _ACTIVE else None
         h = act_g * u if keep is None else act_g * u * keep.to(u.dtype)
         return F.linear(h, w_down, b_down)
 
@@ -87,11 +88,17 @@ class ObserveSession:
         self.calls = 0
         self.compiled = torch.compile(model, backend=observer_backend)
 
-    def report(self, info: dict, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-        """Hand the real tokens to the callback; return the selector's keep mask (shaped as act_g), if any."""
+    def report(self, info: dict, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor,
+               weights: tuple | None = None) -> torch.Tensor | None:
+        """Hand the real tokens to the callback; return the selector's keep mask (shaped as act_g), if any.
+        The first call of a site also samples its (unsharded) weights (passes.weights), saved with the
+        calibration so that deploying it on other weights is refused."""
         self.calls += 1
         key = info["key"]
-        known = self.sites.setdefault(key, info)
+        if key not in self.sites:
+            found = weights is not None and info.get("shard", "-") == "-"
+            self.sites[key] = {**info, "weight_sample": weight_sample(*weights) if found else None}
+        known = self.sites[key]
         if (known["d_model"], known["d_inter"]) != (info["d_model"], info["d_inter"]):
             raise ValueError(f"site {key!r} appears in two graphs with different shapes: {known} vs {info}")
         shape = act_g.shape

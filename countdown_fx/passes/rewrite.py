@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..config import CountDownConfig
 from ..kernels import ops
 from .match import Site, WeightRef, is_dtensor, node_rank, node_value, weight_value
+from .weights import site_sample
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -48,7 +49,8 @@ def rewrite_sites(
     """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
 
     regime "ideal" needs no state; regime "prac" takes each site's state from `calibration` (an object
-    with `check_sites(sites) -> {site key: its key in the calibration}`, and `state_for(key) -> dict[str, Tensor]`
+    with `check_sites(sites, samples) -> {site key: its key in the calibration}`, where samples are the sites'
+    weight samples (passes.weights) or None when config.check_weights is off, and `state_for(key) -> dict[str, Tensor]`
     and `decode_plan(key)` for such a key).
     dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN): a
     program exported with a dynamic batch dim cannot branch on the batch size at run time.
@@ -63,7 +65,9 @@ def rewrite_sites(
                 + "). Run countdown_fx.calibrate(model, batches, config) once, save it, and pass "
                 "options={'calibration': <Calibration or path>}; or use regime='ideal' (oracle top-k)."
             )
-        calibrated_key = calibration.check_sites(sites)
+        samples = ({site.key: site_sample(gm, site, example_inputs) for site in sites}
+                   if config.check_weights else None)
+        calibrated_key = calibration.check_sites(sites, samples)
     op = ops.op_for(config.regime, config.method)
     keep_grad = torch.is_grad_enabled() if keep_grad is None else keep_grad
     kernels_read_rows = config.regime == "prac"  # the Triton kernels run the prac ops; "ideal" is the reference

@@ -114,7 +114,7 @@ class _FixedCalibration:
     def __init__(self, config):
         self.config = config
 
-    def check_sites(self, sites):
+    def check_sites(self, sites, samples=None):
         self.sites = {site.key: site for site in sites}
         return {key: key for key in self.sites}
 
