@@ -100,7 +100,26 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
         counters["graphs_without_sites"] += 1
         warnings.warn(NO_SITE_WARNING, stacklevel=2)
         return gm
+    _warn_at_recompile_limit()
     return rewrite_sites(gm, sites, config, calibration, example_inputs, dense_fallback, keep_grad)
+
+
+def _warn_at_recompile_limit() -> None:
+    """Say it when Dynamo compiles a function for the last time it allows (torch._dynamo.config.recompile_limit):
+    a later compile of it (another options dict, as in a sparsity sweep, or another shape) runs the function
+    eagerly, that is dense, with only a line of Dynamo's log to say so."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if compile_id is None or not isinstance(limit, int) or compile_id.frame_compile_id != limit - 1:
+        return
+    warnings.warn(
+        f"countdown: this is compile {limit} of this function, the last that Dynamo's recompile_limit ({limit}) "
+        "allows: compiled again (with other options, or for another input shape), it will run eagerly, "
+        "that is dense, with no countdown op and only a line of Dynamo's log to say so. Call "
+        "torch._dynamo.reset() between settings of a sweep, or raise torch._dynamo.config.recompile_limit.",
+        stacklevel=3)
 
 
 def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:

@@ -62,6 +62,10 @@ class CountDownConfig:
     calibration: a Calibration or a path to a saved one; required by regime "prac".
     check_weights: refuse a calibration made on other weights than the model's (a sample of each site's
                 weights is saved with it); False reuses one on purpose, e.g. a base model's on its fine-tune.
+    dense_fallback: decode steps of so many tokens that their calibrated union is nearly full run the dense
+                FFN (faster there, and their output is the dense model's; the calibration's decode plan says
+                from which batch size). False keeps every step sparse: for measuring a method's quality on
+                batched decode, as the paper measures it one token at a time.
     mode:       Inductor mode used after the rewrite (e.g. "reduce-overhead" for CUDA graphs).
     """
 
@@ -79,6 +83,7 @@ class CountDownConfig:
     seed: int = 0
     calibration: Any = field(default=None, hash=False)
     check_weights: bool = True
+    dense_fallback: bool = True
     mode: str | None = None
     inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
@@ -114,8 +119,9 @@ class CountDownConfig:
                 f"CountDownConfig.tau applies to method 'd-countdown' only (got method={self.method!r}); "
                 "CATS and M-CountDown use calibrated thresholds"
             )
-        if not isinstance(self.check_weights, bool):
-            _refuse("check_weights", self.check_weights, "True or False")
+        for key in ("check_weights", "dense_fallback"):
+            if not isinstance(getattr(self, key), bool):
+                _refuse(key, getattr(self, key), "True or False")
         if not isinstance(self.inductor_options, Mapping) or not all(isinstance(k, str) for k in self.inductor_options):
             _refuse("inductor_options", self.inductor_options, "a dict of Inductor config patches (str keys)")
         if self.predictor_rank is not None and self.method != "d-countdown":

@@ -1,6 +1,7 @@
 """The `countdown` backend end to end through Inductor (CPU), and its error paths."""
 
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -291,16 +292,16 @@ class _FlatFFNVariants(torch.nn.Module):
         return self.ffn(h.transpose(0, 1).reshape(-1, h.shape[-1]))  # "transposed": h is [batch, seq, d]
 
 
-@pytest.mark.parametrize("how", ["kwargs", "in_place", "transposed"])
-def test_flattened_inputs_made_other_ways(how):
+@pytest.mark.parametrize("how,batch", [("kwargs", 2), ("in_place", 2), ("transposed", 2), ("transposed", 1)])
+def test_flattened_inputs_made_other_ways(how, batch):
     """A prefill stays exactly dense where the [batch, seq, d] source is found (kwargs; in place, where the op
     reads x itself viewed in the source's shape); a transposed source is not taken (its dim -2 need not be the
-    sequence), so every call is decode (sparse) and a warning says so."""
+    sequence; with one sequence it is even contiguous), so every call is decode (sparse) and a warning says so."""
     from countdown_fx.backend import eager_backend
 
     torch.manual_seed(0)
     model = _FlatFFNVariants(how).eval()
-    prefill = torch.randn(2, 8, 32)
+    prefill = torch.randn(batch, 8, 32)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=eager_backend({"sparsity": 0.8, "apply_to": "decode"}))
     with torch.no_grad():
@@ -311,3 +312,24 @@ def test_flattened_inputs_made_other_ways(how):
         else:
             torch.testing.assert_close(compiled(prefill.clone()), model(prefill.clone()), rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_the_last_compile_dynamo_allows_is_announced():
+    """A sweep that compiles one function with new options each time: the compile at Dynamo's recompile_limit
+    warns, once; the next one runs eagerly, dense (what the warning is about)."""
+    from countdown_fx.backend import eager_backend
+
+    torch.manual_seed(0)
+    ffn = GptFastFeedForward().eval()
+    x = torch.randn(3, 1, 32)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as caught, \
+            torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [torch.compile(ffn, backend=eager_backend({"sparsity": s, "apply_to": "all"}))(x)
+                for s in (0.5, 0.6, 0.7, 0.8)]
+    torch._dynamo.reset()
+    said = [w for w in caught if "recompile_limit" in str(w.message) and "countdown" in str(w.message)]
+    assert len(said) == 1 and "compile 3 of this function" in str(said[0].message) and "torch._dynamo.reset()" in str(said[0].message)
+    assert all((out - ffn(x)).abs().max() > 1e-3 for out in outs[:3])
+    torch.testing.assert_close(outs[3], ffn(x), rtol=0, atol=0)  # past the limit: eager, dense

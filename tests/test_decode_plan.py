@@ -206,3 +206,60 @@ def test_a_held_out_batch_too_small_for_tau_is_refused():
                           predictor_batch_tokens=64)
     with pytest.raises(ValueError, match="held-out batches"):
         calibrate(model, batches, cfg, progress=False)
+
+
+def test_dense_fallback_off_keeps_every_decode_step_sparse(d_calibration):
+    """dense_fallback=False (what a quality evaluation of batched decode wants): a step of 4 tokens, where the
+    plan would run the dense FFN, runs sparse, as the reference with no plan does; the meter counts no dense
+    call."""
+    model, cal = d_calibration
+    cal = _nearly_full_from_4_tokens(cal)
+    meter = SparsityMeter()
+    net = metered(model, {"calibration": cal, "dense_fallback": False}, meter)
+    large = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        got = net(large)
+        assert (got - model(large)).abs().max() > 1e-3
+    assert meter.dense_calls["decode"] == 0 and meter.calls["decode"] == 2 and meter.sparsity > 0.3
+    with pytest.raises(ValueError, match=r"dense_fallback=1 is not allowed; it must be True or False"):
+        CountDownConfig(dense_fallback=1)
+
+
+class _FlatBlock(torch.nn.Module):
+    """An FFN fed flattened tokens (a MoE shared expert's x.view(-1, d)), from a contiguous or a transposed
+    [batch, seq, d] tensor (the transposed one is no source the rewrite can use)."""
+
+    def __init__(self, transposed=False):
+        super().__init__()
+        self.transposed, self.ffn = transposed, GptFastFeedForward(32, 72)
+
+    def forward(self, h):
+        if self.transposed:
+            return h + self.ffn(h.transpose(0, 1).reshape(-1, h.shape[-1])).view(h.shape[1], h.shape[0], -1
+                                                                                  ).transpose(0, 1)
+        return h + self.ffn(h.view(-1, h.shape[-1])).view(h.shape)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_apply_to_all_keeps_a_flattened_prefill_sparse(transposed):
+    """apply_to='all' means every token sparse. A prefill of 8 tokens through a flattened FFN input must not be
+    taken for a decode step of 8 single tokens, which the plan's dense rule would run dense: with the source in
+    the graph the op sees the sequence dim; without it the site drops the dense rule."""
+    from countdown_fx.backend import eager_backend
+
+    torch.manual_seed(0)
+    model = _FlatBlock(transposed).eval()
+    cfg = CountDownConfig(method="d-countdown", sparsity=0.7, regime="prac", predictor_steps=5,
+                          predictor_batch_tokens=64, apply_to="all")
+    cal = _nearly_full_from_4_tokens(calibrate(model, [torch.randn(4, 16, 32) for _ in range(3)], cfg,
+                                               progress=False))
+    prefill = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got = torch.compile(model, backend=eager_backend({"calibration": cal}), dynamic=False)(prefill)
+        torch._dynamo.reset()
+        want = torch.compile(model, backend=eager_backend({"calibration": cal, "dense_fallback": False}),
+                             dynamic=False)(prefill)
+        torch._dynamo.reset()
+        assert (got - model(prefill)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -31,3 +31,24 @@ def test_decode_steps_are_sparse_and_prefill_is_dense():
     torch.testing.assert_close(ours.scores[0], plain.scores[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.sequences[:, 8], plain.sequences[:, 8])
     assert all((o - p).abs().max() > 1e-2 for o, p in zip(ours.scores[1:], plain.scores[1:]))
+
+
+def test_hugging_face_compile_config_with_the_countdown_backend():
+    """generate(compile_config=CompileConfig(backend="countdown", mode=None, options=...)), as the README says,
+    gives what compiling model.forward does. (HF compiles on CUDA only unless told otherwise: the private
+    _compile_all_devices flag lets this CPU test take that path.)"""
+    from transformers import CompileConfig
+
+    options = {"method": "m-countdown", "sparsity": 0.8}
+    ours = _generate(options, arch="qwen2")
+    torch._dynamo.reset()
+    model = hf_model("qwen2")
+    config = CompileConfig(backend="countdown", mode=None, options=options)
+    config._compile_all_devices = True
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = model.generate(ids, compile_config=config, **GENERATE)
+    torch._dynamo.reset()
+    assert torch.equal(hf.sequences, ours.sequences)
+    for a, b in zip(hf.scores, ours.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -52,8 +52,10 @@ def rewrite_sites(
     with `check_sites(sites, samples) -> {site key: its key in the calibration}`, where samples are the sites'
     weight samples (passes.weights) or None when config.check_weights is off, and `state_for(key) -> dict[str, Tensor]`
     and `decode_plan(key)` for such a key).
-    dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN): a
-    program exported with a dynamic batch dim cannot branch on the batch size at run time.
+    dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN), with a
+    warning: a program exported with a dynamic batch dim cannot branch on the batch size at run time. The rule
+    is also dropped where config.dense_fallback is off, and for a 2-D FFN input under apply_to "all" whose
+    [batch, seq, d_model] source the graph does not hold (a prefill would look like a decode step of many tokens).
     keep_grad: whether a W_down that requires grad must keep its gradient (None: whether grad mode is on now;
     the backend runs in its caller's grad mode, and Dynamo recompiles when that changes). See _down_transposed.
     """
@@ -79,11 +81,12 @@ def rewrite_sites(
     for site in sites:
         with graph.inserting_before(site.output):
             x, w_gate, w_up, w_down, b_gate, b_up, b_down = site_input_nodes(gm, site)
-            tokens = token_source(x, site.d_model) if decode_only else None
+            tokens = token_source(x, site.d_model)
             if tokens is not None:  # the op sees the sequence dim, so it can tell prefill from decode; the
                 # data stays x's (the source may have been written in place since x was made from it)
                 x = graph.call_method("view_as", (x, tokens))
-            elif decode_only and node_rank(x) == 2:
+            flat = tokens is None and node_rank(x) == 2  # every call looks like a decode step of single tokens
+            if flat and decode_only:
                 flat_inputs.append(site.key)
             w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
                                         copied_per_call)
@@ -95,7 +98,10 @@ def rewrite_sites(
                 key = calibrated_key[site.key]
                 state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(key).items()}
                 plan = calibration.decode_plan(key)
-                if not dense_fallback and plan.dense_min_tokens:
+                if plan.dense_min_tokens and (not config.dense_fallback or (flat and not decode_only)):
+                    # stated; or sparse prefill (apply_to "all") the op would take for a decode step, and run dense
+                    plan = dataclasses.replace(plan, dense_min_tokens=0)
+                elif plan.dense_min_tokens and not dense_fallback:
                     dropped_dense.append((site.key, plan.dense_min_tokens))
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
                 rule = ((state["pred_v"], state["pred_u"], state["tau"]) if config.method == "d-countdown"
@@ -150,8 +156,8 @@ def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
     """The [..., seq, d_model] tensor that a 2-D FFN input [tokens, d_model] was only reshaped from (a MoE
     shared expert's `x.view(-1, d)`), if the graph holds it: its rows are the same tokens in the same order, so
     x viewed in its shape lets the op see the sequence dim that tells prefill from decode (ops.is_decode_step).
-    A source that is not contiguous (a transposed view, e.g. sequence first) is not taken: its dim -2 need not
-    be the sequence."""
+    A source that is not contiguous, or that a transpose or permute made (e.g. sequence first), is not taken: its
+    dim -2 need not be the sequence."""
     if node_rank(x) != 2:
         return None
     node = x
@@ -161,8 +167,20 @@ def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
         node = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
         value = node_value(node) if isinstance(node, fx.Node) else None
         if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[-1] == d_model:
-            return node if value.is_contiguous() else None
+            return node if value.is_contiguous() and not _reorders_dims(node) else None
     return None
+
+
+# Calls that reorder dims: their result's dim -2 need not be the sequence, contiguous or not (a batch of one
+# sequence transposed to sequence first is contiguous: dims of size 1 do not count in the strides).
+_REORDER_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+_REORDER_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
+                      aten.transpose.int, aten.permute.default, aten.movedim.int}
+
+
+def _reorders_dims(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target in _REORDER_METHODS)
+            or (node.op == "call_function" and node.target in _REORDER_FUNCTIONS))
 
 
 def site_input_nodes(gm: fx.GraphModule, site: Site) -> tuple:
