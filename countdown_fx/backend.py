@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .config import CountDownConfig
-from .passes.match import match_sites
+from .passes.match import match_sites, routed_experts
 from .passes.rewrite import counters, rewrite_sites
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,13 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
         counters["graphs_without_sites"] += 1
         warnings.warn(NO_SITE_WARNING, stacklevel=2)
         return gm
+    experts = routed_experts(gm)
+    if experts:
+        warnings.warn(
+            f"countdown: {len(experts)} mixture-of-experts layer(s) of this graph (first: {experts[0]}) route tokens "
+            "to experts through a grouped matmul, which is not rewritten: those experts run dense. Only the dense "
+            f"gated FFNs ({len(sites)} here, a MoE's shared expert included) run CountDown, and the sparsity that "
+            "calibration and the meter report is theirs alone.", stacklevel=2)
     _warn_at_recompile_limit()
     return rewrite_sites(gm, sites, config, calibration, example_inputs, dense_fallback, keep_grad)
 

@@ -333,3 +333,32 @@ def test_the_last_compile_dynamo_allows_is_announced():
     assert len(said) == 1 and "compile 3 of this function" in str(said[0].message) and "torch._dynamo.reset()" in str(said[0].message)
     assert all((out - ffn(x)).abs().max() > 1e-3 for out in outs[:3])
     torch.testing.assert_close(outs[3], ffn(x), rtol=0, atol=0)  # past the limit: eager, dense
+
+
+def test_routed_experts_left_dense_are_named():
+    """Qwen2-MoE: the shared expert is a dense gated FFN and is rewritten; the routed experts (a grouped matmul
+    over 3-D expert weights) are not, and one warning per graph says so, naming the layer. A dense model says
+    nothing of the kind."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from countdown_fx.backend import eager_backend
+
+    config = transformers.Qwen2MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         moe_intermediate_size=16, shared_expert_intermediate_size=72, num_experts=4,
+                                         num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 97, (1, 5))
+    for model, expected in ((moe, 1), (hf_model("llama"), 0)):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.compile(model, backend=eager_backend({"sparsity": 0.5, "apply_to": "all"}))(ids)
+        said = [str(w.message) for w in caught if "mixture-of-experts" in str(w.message)]
+        assert len(said) == expected
+        if expected:
+            assert "2 mixture-of-experts layer(s)" in said[0] and "model.layers.0.mlp.experts" in said[0]
+            assert "(2 here, a MoE's shared expert included)" in said[0]
+    torch._dynamo.reset()

@@ -332,6 +332,20 @@ def _site_key(gm, nodes: list[fx.Node]) -> str | None:
 # The matcher.
 
 
+def routed_experts(gm: fx.GraphModule) -> list[str]:
+    """Module paths of the grouped matmuls in `gm` (torch._grouped_mm, transformers' grouped_mm fallback): how
+    Hugging Face models run mixture-of-experts layers whose experts are routed per token. The matcher does not
+    rewrite those, and a model that also has dense gated FFNs (a shared expert) would otherwise not say so."""
+    paths = []
+    for node in gm.graph.nodes:
+        name = f"{getattr(node.target, '__name__', '')} {node.target}"
+        if node.op == "call_function" and "grouped_mm" in name:
+            path = ".".join(_module_path(gm, node) or []) or "<root>"
+            if path not in paths:
+                paths.append(path)
+    return paths
+
+
 def match_sites(gm: fx.GraphModule, example_inputs: Sequence | None = None) -> SiteTable:
     """All gated FFN sites of `gm`, in graph order. Pure: `gm` is not modified."""
     sites = SiteTable()
