@@ -151,8 +151,6 @@ class Calibration:
         weights differ from those it was calibrated on. Calibrated sites absent from `sites` are fine (a graph
         break splits a model's sites over several graphs)."""
         resolved = self.resolve_keys([site.key for site in sites])
-        if samples is not None:
-            self._check_weights(resolved, samples)
         for site in sites:
             key = resolved[site.key]
             info = self.sites[key]
@@ -169,16 +167,31 @@ class Calibration:
                     "activation's scores mean nothing for another. Calibrate this model.")
             if info.get("dtype") and info["dtype"] != str(site.dtype).replace("torch.", ""):
                 log.info("countdown: site %s calibrated in %s, runs in %s", site.key, info["dtype"], site.dtype)
+        if samples is not None:  # after the sizes: a file for other sizes is refused for that, not for its values
+            self._check_weights(resolved, samples)
         return resolved
 
     def _check_weights(self, resolved: Mapping[str, str], samples: Mapping[str, dict | None]) -> None:
         """Refuse a model whose weights are not the calibrated model's (passes.weights says why this matters).
-        Sites without a sample on either side (sharded or fake weights, a file saved before samples) pass."""
-        other = []
+        samples: {site key: its sample, or None where its weights cannot be read here (fake or meta tensors)};
+        sites left out of it (sharded) and files saved before samples are not compared. Unreadable weights
+        against a stored sample get one warning: the check could not run."""
+        other, unread = [], []
         for site_key, key in resolved.items():
-            stored, now = self.sites[key].get("weight_sample"), samples.get(site_key)
-            if stored and now and not weights.fits(stored, now):
+            stored = self.sites[key].get("weight_sample")
+            if not stored or site_key not in samples:
+                continue
+            now = samples[site_key]
+            if now is None:
+                unread.append(site_key)
+            elif not weights.fits(stored, now):
                 other.append((site_key, weights.differing(stored, now), len(stored["values"])))
+        if unread and not other:
+            warnings.warn(
+                f"countdown: the weights of {len(unread)} site(s) (first: {unread[0]!r}) are not readable here (fake "
+                "or meta tensors, or graph inputs without example values: pass example_inputs to sparsify), so "
+                f"calibration{self._from()} could not be checked against them; make sure it was made on this model.",
+                stacklevel=4)
         if other:
             site_key, n, total = other[0]
             raise ValueError(

@@ -143,7 +143,7 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
                        "tensor of token ids") from e
     is_ids = re.fullmatch(r"[\s,]*(\d+[\s,]+)*\d*[\s,]*", text) is not None and text.strip() != ""
     signed = re.fullmatch(r"[\s,]*(-?\d+[\s,]+)*(-?\d+)?[\s,]*", text) is not None
-    if signed and not is_ids and data_format != "text":  # integers, one of them negative: ids, not prose
+    if signed and "-" in text and not is_ids and data_format != "text":  # integers, one of them negative: ids, not prose
         raise CliError(f"--data {data!r} is a file of integers with a negative one; token ids are >= 0 "
                        "(for text made of numbers, pass --data-format text)")
     if data_format == "ids" and not is_ids:

@@ -289,10 +289,13 @@ class _FlatFFNVariants(torch.nn.Module):
             t = h.view(-1, h.shape[-1])
             h.mul_(100)  # t is a view: it sees the write, in eager and compiled alike
             return self.ffn(t)
+        if self.how == "transposed_contiguous":
+            return self.ffn(h.transpose(0, 1).contiguous().view(-1, h.shape[-1]))
         return self.ffn(h.transpose(0, 1).reshape(-1, h.shape[-1]))  # "transposed": h is [batch, seq, d]
 
 
-@pytest.mark.parametrize("how,batch", [("kwargs", 2), ("in_place", 2), ("transposed", 2), ("transposed", 1)])
+@pytest.mark.parametrize("how,batch", [("kwargs", 2), ("in_place", 2), ("transposed", 2), ("transposed", 1),
+                                       ("transposed_contiguous", 2), ("transposed_contiguous", 1)])
 def test_flattened_inputs_made_other_ways(how, batch):
     """A prefill stays exactly dense where the [batch, seq, d] source is found (kwargs; in place, where the op
     reads x itself viewed in the source's shape); a transposed source is not taken (its dim -2 need not be the
@@ -305,7 +308,7 @@ def test_flattened_inputs_made_other_ways(how, batch):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=eager_backend({"sparsity": 0.8, "apply_to": "decode"}))
     with torch.no_grad():
-        if how == "transposed":
+        if how.startswith("transposed"):
             with pytest.warns(UserWarning, match="is 2-D"):
                 out = compiled(prefill.clone())
             assert (out - model(prefill.clone())).abs().max() > 1e-3

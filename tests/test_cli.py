@@ -242,6 +242,9 @@ def test_inputs_that_do_not_fit_are_refused(model_dir, text_file, tmp_path, caps
     negative.write_text("3 -1 4, 7\n" * 50)
     for fmt in ("auto", "ids"):  # integers with a negative one are bad ids, not text to tokenize
         assert "a negative one; token ids are >= 0" in refused(negative, "--data-format", fmt)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n ")
+    assert "negative" not in refused(blank)
     assert "is not a file" in refused(tmp_path)
     assert "folder" in refused(text_file, out=tmp_path / "missing" / "cal.safetensors")
     no_weights = tmp_path / "no_weights"

@@ -115,6 +115,29 @@ def test_a_file_without_samples_is_not_checked(calibrated, tmp_path):
     torch.compile(tiny_llama(seed=1), backend=eager_backend({"calibration": str(path), "apply_to": "all"}))(ids)
 
 
+def test_other_sizes_are_refused_for_their_sizes(calibrated):
+    """A model of other sizes has other weights too; the error names the sizes, the real misfit (check_weights=False
+    would not help there)."""
+    ids = random_batches(1, seed=9)[0]
+    with pytest.raises(Exception, match=r"d_inter=136.*d_inter=144") as refused:
+        torch.compile(tiny_llama(inter=144), backend=eager_backend({"calibration": calibrated, "apply_to": "all"}))(ids)
+    assert "other weights" not in str(refused.value)
+
+
+def test_weights_that_cannot_be_read_are_said_to_be_unchecked(calibrated):
+    """A Dynamo graph sparsified without example inputs holds its weights as placeholders with fake values: the
+    check cannot run, and a warning says so; given the example inputs, it runs and refuses."""
+    from countdown_fx.capture import capture_graphs
+
+    ids = random_batches(1, seed=9)[0]
+    (gm, example), = capture_graphs(tiny_llama(seed=1), ids)
+    with pytest.warns(UserWarning, match=r"weights of 2 site\(s\) .* are not readable here .* could not be checked"):
+        sparsify(gm, {"calibration": calibrated, "apply_to": "all"})
+    (gm, example), = capture_graphs(tiny_llama(seed=1), ids)
+    with pytest.raises(ValueError, match="other weights"):
+        sparsify(gm, calibrated, example_inputs=example)
+
+
 def test_check_weights_must_be_a_bool():
     with pytest.raises(ValueError, match=r"check_weights='no' is not allowed; it must be True or False"):
         CountDownConfig(check_weights="no")

@@ -67,7 +67,8 @@ def rewrite_sites(
                 + "). Run countdown_fx.calibrate(model, batches, config) once, save it, and pass "
                 "options={'calibration': <Calibration or path>}; or use regime='ideal' (oracle top-k)."
             )
-        samples = ({site.key: site_sample(gm, site, example_inputs) for site in sites}
+        samples = ({site.key: site_sample(gm, site, example_inputs) for site in sites
+                    if not (site.shard or site.dtensor_group)}  # a shard is not the matrix calibration sampled
                    if config.check_weights else None)
         calibrated_key = calibration.check_sites(sites, samples)
     op = ops.op_for(config.regime, config.method)
@@ -161,14 +162,34 @@ def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
     if node_rank(x) != 2:
         return None
     node = x
-    while isinstance(node, fx.Node) and (
-            (node.op == "call_method" and node.target in _RESHAPE_METHODS)
-            or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)):
-        node = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    while _only_reshapes(node):
+        node = _reshaped(node)
         value = node_value(node) if isinstance(node, fx.Node) else None
         if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[-1] == d_model:
-            return node if value.is_contiguous() and not _reorders_dims(node) else None
+            return node if value.is_contiguous() and not _reordered(node) else None
     return None
+
+
+def _only_reshapes(node) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in _RESHAPE_METHODS)
+                                          or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS))
+
+
+def _reshaped(node: fx.Node):
+    """The tensor a reshaping call reads."""
+    return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+
+
+def _reordered(node) -> bool:
+    """Whether `node`, or a tensor it was only reshaped or copied from (`.contiguous()` after a transpose), had its
+    dims reordered."""
+    while isinstance(node, fx.Node):
+        if _reorders_dims(node):
+            return True
+        if not (_only_reshapes(node) or (node.op == "call_method" and node.target == "clone")):
+            return False
+        node = _reshaped(node)
+    return False
 
 
 # Calls that reorder dims: their result's dim -2 need not be the sequence, contiguous or not (a batch of one

@@ -73,10 +73,8 @@ def fits(stored: dict, now: dict) -> bool:
 
 def site_sample(gm: fx.GraphModule, site: Site, example_inputs: Sequence | None) -> dict | None:
     """The sample of a site's weights in a graph, read the way the observers see them (a fused gate_up split into
-    its halves), or None where they cannot be read (fake, meta or sharded weights: a shard is not the matrix
-    a calibration sampled)."""
-    if site.shard or site.dtensor_group:
-        return None
+    its halves), or None where they cannot be read (fake or meta weights, placeholders without example
+    inputs). Not for sharded sites: a shard is not the matrix a calibration sampled."""
     gate = weight_value(gm, site.gate_weight, example_inputs)
     up = weight_value(gm, site.up_weight, example_inputs)
     down = weight_value(gm, site.down_weight, example_inputs)
