@@ -1,4 +1,4 @@
-"""Quickstart: CountDown on the embedded tiny Llama (no download), end to end on CPU or GPU.
+"""Quickstart: CountDown on the embedded tiny Llama (no download), end to end on CPU.
 
 1. find the gated FFN sites, 2. compile with backend="countdown" at a few sparsities and compare
 held-out perplexity with the dense model, 3. greedy-generate with sparse decode steps.

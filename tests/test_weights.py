@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from _cal_helpers import random_batches, reference_logits, tiny_llama, tiny_phi3
@@ -21,6 +21,7 @@ def _sample(w: torch.Tensor) -> dict:
 
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 300), cols=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+@example(rows=91, cols=125, seed=2**31 - 1)  # sampled values near 2e-6: fp16 subnormals, coarser than bf16 there
 def test_a_sample_survives_a_cast_and_tells_other_weights_apart(rows, cols, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.02

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
              "| selection | predictor / FFN weights | mean recall vs oracle (calibration) | ppl | Δppl | acc | realised |",
              "|---|---|---|---|---|---|---|", *rows, ""]
     out = Path(args.out_dir) / f"quality_predictor_rank_{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return 0

@@ -236,7 +236,7 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
              "each step fed a random token (teacher forcing; a random-weight model's greedy tokens are atypical, "
              "see `forced_tokens`), the same work as greedy decode"),
           "- sparsity / union (decode): what decode really reaches, counted by `SparsityMeter` over the first "
-          f"{args.metered_steps} of the {new - 1} timed steps of the same prompts, run again eagerly: mean over "
+          f"{min(args.metered_steps, new - 1)} of the {new - 1} timed steps of the same prompts, run again eagerly: mean over "
           "prompts (range)",
           "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
           "(`Calibration.decode_plan`, from that union)", "",

@@ -3,8 +3,8 @@
     python3 benchmarks/speed/plot_ffn_decode.py benchmarks/results/speed_ffn_decode.json benchmarks/results/speed_ffn_decode.png
 """
 
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -52,4 +52,8 @@ def main(src, dst):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="speed_ffn_decode.json")
+    ap.add_argument("dst", help="the PNG to write")
+    args = ap.parse_args()
+    main(args.src, args.dst)

@@ -55,14 +55,16 @@ def sample(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> di
 
 def differing(stored: dict, now: dict) -> int:
     """How many sampled values differ by more than one unit in the last place of the coarser of the two dtypes
-    (NaN equals NaN): a cast of the same weights moves a value by at most that (half of it, or two roundings
-    from fp32 to bf16 and to fp16), a weight update of a few per cent by more."""
-    dtypes = [getattr(torch, stored["dtype"]), getattr(torch, now["dtype"])]
-    coarse = max(dtypes, key=lambda d: torch.finfo(d).eps)
+    at that value (NaN equals NaN): a cast of the same weights moves a value by at most that (half of it, or
+    two roundings from fp32 to bf16 and to fp16), a weight update of a few per cent by more."""
     a, b = (torch.tensor(s["values"], dtype=torch.float64) for s in (stored, now))
     if a.shape != b.shape:
         return max(a.numel(), b.numel())
-    ulp = torch.finfo(coarse).eps * torch.maximum(a.abs(), b.abs()) + torch.finfo(coarse).smallest_normal
+    magnitude = torch.maximum(a.abs(), b.abs())
+    # the spacing of a dtype at v: eps * |v| for normal numbers, eps * smallest_normal below them (fp16's
+    # subnormals are coarse: 6e-8 apart, where bf16 still spaces values 1.5e-8 apart at 2e-6)
+    ulp = torch.stack([torch.finfo(d).eps * magnitude.clamp(min=torch.finfo(d).smallest_normal)
+                       for d in (getattr(torch, stored["dtype"]), getattr(torch, now["dtype"]))]).amax(0)
     same = ((a - b).abs() <= ulp) | (a.isnan() & b.isnan())
     return int((~same).sum())
 
