@@ -196,6 +196,10 @@ def cmd_calibrate(args) -> int:
     model = load_model(args.model, args.dtype, args.device)
     check_token_ids(ids, vocab_size(model), args.data)
     batches = token_windows(ids, args.seq_len, args.batch_size, args.max_tokens)
+    used, given = sum(b.numel() for b in batches), min(ids.numel(), args.max_tokens or ids.numel())
+    print(f"calibrating on {used} tokens of {args.data}: {len(batches)} batch(es) of up to {args.batch_size} x "
+          f"{batches[0].shape[1]}" + (f" (the last {given - used} token(s), less than one --seq-len window, left out)"
+                                       if used < given else ""))
     try:
         cal = calibrate(model, batches, config, progress=not args.no_progress)
     except ValueError as e:  # calibrate's refusals: of its data (too few tokens) or the model (non-finite activations)

@@ -76,6 +76,18 @@ def test_calibrate_from_token_ids(model_dir, tmp_path):
         assert torch.equal(cals[0].state[key]["threshold"], cals[1].state[key]["threshold"])
 
 
+def test_calibrate_says_what_it_leaves_out(model_dir, tmp_path, capsys):
+    """Windows of --seq-len tokens: a tail shorter than one window is left out, and the command says so."""
+    data = tmp_path / "ids.txt"
+    data.write_text(" ".join(map(str, torch.randint(0, 258, (730,), generator=torch.Generator().manual_seed(1)).tolist())))
+    out = tmp_path / "c.safetensors"
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "--method", "cats", "--seq-len", "100",
+                 "--no-progress", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "calibrating on 700 tokens of" in said and "the last 30 token(s), less than one --seq-len window, left out" in said
+    assert all(s["tokens"] == 700 for s in Calibration.load(out).stats.values())
+
+
 def cli_error(argv: list[str], capsys) -> str:
     """The error line of a refused command: argparse's way (SystemExit 2, one `countdown-fx <cmd>: error:`
     line on stderr), not a traceback (in-process, an uncaught exception would propagate here instead)."""

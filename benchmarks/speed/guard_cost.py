@@ -34,7 +34,8 @@ def main() -> None:
     from transformers import StaticCache
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--no-inline", action="store_true", help="torch._dynamo.config.inline_inbuilt_nn_modules=False")
+    ap.add_argument("--no-inline", action="store_true", help="torch._dynamo.config.inline_inbuilt_nn_modules=False "
+                    "(torch 2.13 ignores this setting, with a FutureWarning: both runs then measure the same thing)")
     args = ap.parse_args()
     torch._dynamo.config.inline_inbuilt_nn_modules = not args.no_inline
     dist.init_process_group("gloo")
