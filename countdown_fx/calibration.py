@@ -141,8 +141,10 @@ class Calibration:
             f"the sites of the compiled graph ({_preview(list(site_keys))}) cannot be matched one to one with the "
             f"calibrated sites ({_preview(list(self.sites))}) by one module path added or removed in front: the "
             "compiled module's place in the calibrated model is not known (or could be more than one), as when "
-            "a layer or an FFN is compiled on its own, or when the file was made for a part of this model. Compile the module you calibrated "
-            "(or one that holds it, or a part of it with its module path), with this calibration.")
+            "a layer or an FFN is compiled on its own (which a graph break inside a decoder layer, or in the loop "
+            "over layers, makes Dynamo do: TORCH_LOGS=graph_breaks names it), or when the file was made for a part "
+            "of this model. Compile the module you calibrated (or one that holds it, or a part of it with its module "
+            "path), without graph breaks inside its layers, with this calibration.")
 
     def check_sites(self, sites: Sequence, samples: Mapping[str, dict | None] | None = None) -> dict[str, str]:
         """{site key: calibrated key} for the sites of one graph (resolve_keys). Raises ValueError naming the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -41,4 +42,12 @@ def find_sites(model_or_graph: Any, *args: Any, **kwargs: Any) -> SiteTable:
     sites = SiteTable()
     for gm, example_inputs in capture_graphs(model_or_graph, *args, **kwargs):
         sites.extend(match_sites(gm, example_inputs))
+    repeated = sorted({s.key for s in sites if sum(t.key == s.key for t in sites) > 1})
+    if repeated:
+        warnings.warn(
+            f"countdown: {len(repeated)} site key(s) appear in several captured graphs (first: {repeated[0]!r}): "
+            "Dynamo compiled the module holding them on its own (a graph break inside a decoder layer or in the "
+            "loop over layers), so their keys do not say which layer they are. Regime 'ideal' runs; calibration "
+            "refuses such a model until the graph break is removed (TORCH_LOGS=graph_breaks names it).",
+            stacklevel=2)
     return sites

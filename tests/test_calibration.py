@@ -419,3 +419,90 @@ def test_predictor_rank_is_padded_to_aligned_rows_without_changing_the_output(mo
         got = sparse.module()(ids, use_cache=False).logits
     assert v_strides and all(stride[0] == 1 for stride in v_strides), v_strides
     torch.testing.assert_close(got, reference_logits(model, cal, ids), rtol=1e-5, atol=1e-5)
+
+
+class _BrokenLayer(torch.nn.Module):
+    """A decoder-like layer with a graph break inside: Dynamo compiles each layer as its own frame, where every
+    layer's FFN has the path 'mlp'."""
+
+    def __init__(self, scale):
+        super().__init__()
+        from tiny_models import GptFastFeedForward
+
+        self.mlp = GptFastFeedForward(32, 72)
+        with torch.no_grad():
+            self.mlp.w3.weight.mul_(scale)
+
+    def forward(self, x):
+        x = x * 1.0
+        torch._dynamo.graph_break()
+        return x + self.mlp(x)
+
+
+class _BrokenModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_BrokenLayer(s) for s in (0.3, 1.0, 3.0)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_graph_break_inside_layers_is_refused_not_pooled():
+    """Before: every layer's FFN reported as 'mlp', one threshold fitted on their pooled tokens, per-layer
+    sparsity 1.0 / 0.86 / 0.36 with a plausible mean. Now find_sites warns, calibration refuses (naming the
+    graph break), and a calibration made without the break is refused by the broken model's graphs (which
+    layer is 'mlp'?); the ideal regime runs."""
+    from countdown_fx.capture import find_sites
+    from countdown_fx.passes.observe import ObserveSession
+
+    torch.manual_seed(0)
+    model = _BrokenModel().eval()
+    x = torch.randn(2, 6, 32)
+    torch._dynamo.reset()
+    # Dynamo may compile the layer once and reuse the graph for the others (then find_sites lists one 'mlp'), or
+    # compile it per layer (Hugging Face layers: then it warns that the keys repeat)
+    assert {s.key for s in find_sites(model, x)} == {"mlp"}
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"two FFNs with other weights report the same site key 'mlp'.*graph break"):
+        calibrate(model, [torch.randn(4, 16, 32) for _ in range(2)], prac("m-countdown", 0.7), progress=False)
+    torch._dynamo.reset()
+    whole = {f"layers.{i}.mlp" for i in range(len(model.layers))}
+    # the same FFNs calibrated without the break
+    _BrokenLayer.forward, saved = (lambda self, x: x + self.mlp(x * 1.0)), _BrokenLayer.forward
+    try:
+        cal = calibrate(model, [torch.randn(4, 16, 32) for _ in range(2)], prac("m-countdown", 0.7), progress=False)
+    finally:
+        _BrokenLayer.forward = saved
+    assert sorted(cal.sites) == sorted(whole)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"graph break inside a decoder layer"):
+        torch.compile(model, backend=eager_backend({"calibration": cal, "apply_to": "all"}))(x)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=eager_backend({"sparsity": 0.5, "apply_to": "all"}))(x)
+    assert (out - model(x)).abs().max() > 1e-3
+    torch._dynamo.reset()
+
+
+def test_find_sites_says_when_keys_repeat_across_graphs(monkeypatch):
+    """A Hugging Face decoder layer with a graph break inside compiles once per layer: find_sites then lists one
+    'mlp' per layer, and says why those keys cannot tell the layers apart."""
+    from transformers.models.llama import modeling_llama
+
+    from countdown_fx.capture import find_sites
+
+    original = modeling_llama.LlamaDecoderLayer.forward
+
+    def broken(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", broken)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"1 site key\(s\) appear in several captured graphs \(first: 'mlp'\)"):
+        sites = find_sites(tiny_llama(), random_batches(1)[0])
+    torch._dynamo.reset()
+    assert [s.key for s in sites] == ["mlp", "mlp"]

@@ -82,6 +82,7 @@ class ObserveSession:
     def __init__(self, model: nn.Module):
         self.model = model
         self.sites: dict[str, dict] = {}
+        self.owners: dict[str, tuple] = {}  # key -> data pointers of the weights first reported under it
         self.callback: SiteCallback | None = None
         self.selector: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.token_mask: torch.Tensor | None = None
@@ -98,6 +99,8 @@ class ObserveSession:
         if key not in self.sites:
             found = weights is not None and info.get("shard", "-") == "-"
             self.sites[key] = {**info, "weight_sample": weight_sample(*weights) if found else None}
+        if weights is not None:
+            self._check_one_ffn_per_key(key, weights)
         known = self.sites[key]
         if (known["d_model"], known["d_inter"]) != (info["d_model"], info["d_inter"]):
             raise ValueError(f"site {key!r} appears in two graphs with different shapes: {known} vs {info}")
@@ -110,6 +113,23 @@ class ObserveSession:
                 x, act_g, u = x[real], act_g[real], u[real]
             self.callback(key, x, act_g, u)
         return None if selected is None else selected.reshape(shape)
+
+    def _check_one_ffn_per_key(self, key: str, weights: tuple) -> None:
+        """Refuse two FFNs (other weights) reported under one key: one state for both would be fitted on their
+        pooled tokens and deployed on each, far from the target sparsity per layer with a plausible mean. It
+        happens where Dynamo compiles a module that holds an FFN as its own frame (a graph break inside a
+        decoder layer or in the loop over layers): site keys are paths from the compiled frame, so every
+        layer's FFN is then "mlp"."""
+        owner = tuple(w.data_ptr() for w in weights)
+        first = self.owners.setdefault(key, owner)
+        if first != owner:
+            raise ValueError(
+                f"calibration: two FFNs with other weights report the same site key {key!r}. Site keys are module "
+                "paths from the frame Dynamo compiles, and a graph break inside the module that holds the FFNs (a "
+                "decoder layer), or in the loop over them, makes Dynamo compile each such module on its own, where "
+                "every layer's FFN has the same path. One calibrated state cannot serve them all. Remove the graph "
+                "break (TORCH_LOGS=graph_breaks names it; torch.compile(..., fullgraph=True) fails at it); "
+                "regime 'ideal' needs no calibration and runs either way.")
 
     def real_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """Which rows of a site's flattened input x are real tokens (the batch's attention mask), or None for
