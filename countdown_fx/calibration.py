@@ -452,6 +452,12 @@ def _token_count(batches) -> int | None:
     return total
 
 
+def _held_out_count(n_batches: int) -> int:
+    """How many of the last batches D-CountDown holds out for tau and the report, and the deployed-sparsity pass
+    runs on: a fifth, at least one."""
+    return max(1, n_batches // 5)
+
+
 def _check_finite(key: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
@@ -479,7 +485,7 @@ class _Sweep:
         self.train_batches, self.measure_batches = batches, batches
         if any(c.method == "d-countdown" for c in configs):
             if len(batches) >= 2:
-                held_out = max(1, len(batches) // 5)
+                held_out = _held_out_count(len(batches))
                 self.train_batches, self.measure_batches = batches[:-held_out], batches[-held_out:]
                 tokens = _token_count(self.measure_batches)
                 if tokens is not None and tokens < MIN_CALIBRATION_TOKENS:  # refuse before training, not after
@@ -648,7 +654,7 @@ class _Sweep:
         """Per config, one pass over the last fifth of the batches with every site sparse by its new state, as
         deployed: later layers then see what the earlier sparse ones give them, which the fit (dense inputs at
         every layer) does not show. Records deployed_sparsity per site."""
-        batches = self.batches[-max(1, len(self.batches) // 5):]
+        batches = self.batches[-_held_out_count(len(self.batches)):]
         self.deployed = [dict() for _ in self.configs]
         for i in which:
             def select(key, x, act_g, u, i=i):

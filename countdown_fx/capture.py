@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import warnings
 from typing import Any
 
@@ -42,7 +43,7 @@ def find_sites(model_or_graph: Any, *args: Any, **kwargs: Any) -> SiteTable:
     sites = SiteTable()
     for gm, example_inputs in capture_graphs(model_or_graph, *args, **kwargs):
         sites.extend(match_sites(gm, example_inputs))
-    repeated = sorted({s.key for s in sites if sum(t.key == s.key for t in sites) > 1})
+    repeated = sorted(key for key, n in collections.Counter(s.key for s in sites).items() if n > 1)
     if repeated:
         warnings.warn(
             f"countdown: {len(repeated)} site key(s) appear in several captured graphs (first: {repeated[0]!r}): "

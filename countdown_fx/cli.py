@@ -141,9 +141,9 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
     except UnicodeDecodeError as e:
         raise CliError(f"--data {data!r} is not UTF-8 text; pass text, whitespace-separated token ids or a .pt "
                        "tensor of token ids") from e
-    is_ids = re.fullmatch(r"[\s,]*(\d+[\s,]+)*\d*[\s,]*", text) is not None and text.strip() != ""
-    signed = re.fullmatch(r"[\s,]*(-?\d+[\s,]+)*(-?\d+)?[\s,]*", text) is not None
-    if signed and "-" in text and not is_ids and data_format != "text":  # integers, one of them negative: ids, not prose
+    integers = re.fullmatch(r"[\s,]*(-?\d+[\s,]+)*(-?\d+)?[\s,]*", text) is not None  # blank text too
+    is_ids = integers and "-" not in text and text.strip() != ""
+    if integers and "-" in text and data_format != "text":  # integers, one of them negative: ids, not prose
         raise CliError(f"--data {data!r} is a file of integers with a negative one; token ids are >= 0 "
                        "(for text made of numbers, pass --data-format text)")
     if data_format == "ids" and not is_ids:

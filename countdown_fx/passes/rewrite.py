@@ -170,9 +170,14 @@ def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
     return None
 
 
+def _calls(node, methods: set, functions: set) -> bool:
+    """Whether `node` calls one of `methods` (on a tensor) or one of `functions`."""
+    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in methods)
+                                          or (node.op == "call_function" and node.target in functions))
+
+
 def _only_reshapes(node) -> bool:
-    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in _RESHAPE_METHODS)
-                                          or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS))
+    return _calls(node, _RESHAPE_METHODS, _RESHAPE_FUNCTIONS)
 
 
 def _reshaped(node: fx.Node):
@@ -184,9 +189,9 @@ def _reordered(node) -> bool:
     """Whether `node`, or a tensor it was only reshaped or copied from (`.contiguous()` after a transpose), had its
     dims reordered."""
     while isinstance(node, fx.Node):
-        if _reorders_dims(node):
+        if _calls(node, _REORDER_METHODS, _REORDER_FUNCTIONS):
             return True
-        if not (_only_reshapes(node) or (node.op == "call_method" and node.target == "clone")):
+        if not (_only_reshapes(node) or _calls(node, {"clone"}, set())):
             return False
         node = _reshaped(node)
     return False
@@ -197,11 +202,6 @@ def _reordered(node) -> bool:
 _REORDER_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _REORDER_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
                       aten.transpose.int, aten.permute.default, aten.movedim.int}
-
-
-def _reorders_dims(node: fx.Node) -> bool:
-    return ((node.op == "call_method" and node.target in _REORDER_METHODS)
-            or (node.op == "call_function" and node.target in _REORDER_FUNCTIONS))
 
 
 def site_input_nodes(gm: fx.GraphModule, site: Site) -> tuple:

@@ -22,7 +22,6 @@ from .match import Site, is_dtensor, weight_value
 PER_MATRIX = 16
 # More than this fraction of sampled values differing means other weights (a margin for values near zero).
 MAX_DIFFERING = 1 / 8
-MATRICES = ("W_gate", "W_up", "W_down")
 
 
 def positions(shape: Sequence[int], n: int = PER_MATRIX) -> tuple[torch.Tensor, torch.Tensor]:
