@@ -11,7 +11,13 @@ previous phase, and writes one value: the next phase depends on all programs of 
 - launches:   K phases as K launches, captured in one CUDA graph.
 - persistent: one launch, K phases, K - 1 grid barriers; the last program to leave resets the counter, so the
               graph replays without a memset.
-Both give the same bits (checked). Per-boundary cost = (time(K) - time(1)) / (K - 1).
+- pdl:        K launches with programmatic dependent launch (Hopper; triton's `launch_pdl=True`): each kernel lets
+              the next one launch at once (`gdc_launch_dependents`) and waits for the previous one's writes
+              (`gdc_wait`) only before it reads them; its own 8 KB it loads before waiting, as an FFN launch could
+              load weights before the previous launch's row list. Inductor (torch 2.11-2.13) does not pass
+              `launch_pdl` to user kernels (`wrapper.define_user_defined_triton_kernel`), so this says what
+              that would be worth, not what the FFN can use today.
+All give the same bits (checked). Per-boundary cost = (time(K) - time(1)) / (K - 1).
 
     PYTHONPATH=. python3 benchmarks/speed/grid_barrier.py --out $OUT --commit SHA
 """
@@ -47,6 +53,17 @@ def _phase_kernel(buf_ptr, prev_ptr, next_ptr, region, n_prog, CHUNK: tl.constex
 
 
 @triton.jit
+def _phase_kernel_pdl(buf_ptr, prev_ptr, next_ptr, region, n_prog, CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    tl.extra.cuda.gdc_launch_dependents()
+    offs = (region * n_prog + pid).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    total = tl.sum(tl.load(buf_ptr + offs), 0)  # independent of the previous launch: before the wait
+    tl.extra.cuda.gdc_wait()
+    left = tl.load(prev_ptr + (pid + 1) % n_prog, cache_modifier=".cg")
+    tl.store(next_ptr + pid, total + left)
+
+
+@triton.jit
 def _grid_barrier(counter_ptr, expected):
     """Every program arrives (one atomic each, release), then waits until `expected` have (acquire)."""
     tl.debug_barrier()
@@ -76,6 +93,12 @@ def run_launches(buf, outs, n_prog, phases, call):
         _phase_kernel[(n_prog,)](buf, outs[p], outs[p + 1], call * phases + p, n_prog, CHUNK=CHUNK, num_warps=4)
 
 
+def run_pdl(buf, outs, n_prog, phases, call):
+    for p in range(phases):
+        _phase_kernel_pdl[(n_prog,)](buf, outs[p], outs[p + 1], call * phases + p, n_prog, CHUNK=CHUNK, num_warps=4,
+                                     launch_pdl=True)
+
+
 def run_persistent(buf, outs, counter, n_prog, phases, call):
     _persistent_kernel[(n_prog,)](buf, outs, counter, call * phases, n_prog, PHASES=phases, CHUNK=CHUNK, num_warps=4)
 
@@ -98,32 +121,37 @@ def main():
             outs_a = torch.zeros(phases + 1, n_prog, device="cuda")
             outs_a[0].normal_()
             outs_b = outs_a.clone()
+            outs_c = outs_a.clone()
             counter = torch.zeros(2, dtype=torch.int32, device="cuda")
             run_launches(buf, outs_a, n_prog, phases, 0)
             run_persistent(buf, outs_b, counter, n_prog, phases, 0)
+            run_pdl(buf, outs_c, n_prog, phases, 0)
             torch.cuda.synchronize()
-            same = torch.equal(outs_a, outs_b) and int(counter.abs().sum()) == 0
+            same = torch.equal(outs_a, outs_b) and torch.equal(outs_a, outs_c) and int(counter.abs().sum()) == 0
             t_launch = graph_time_us(lambda i: run_launches(buf, outs_a, n_prog, phases, i), rot=ROT)
             t_pers = graph_time_us(lambda i: run_persistent(buf, outs_b, counter, n_prog, phases, i), rot=ROT)
-            rows.append((n_prog, phases, t_launch, t_pers, same))
+            t_pdl = graph_time_us(lambda i: run_pdl(buf, outs_c, n_prog, phases, i), rot=ROT)
+            # the graph's own replay must also give the launches' bits (PDL edges kept in the graph)
+            same = same and torch.equal(outs_a, outs_c)
+            rows.append((n_prog, phases, t_launch, t_pers, t_pdl, same))
             print(f"programs {n_prog} phases {phases}: launches {t_launch:.2f} µs, persistent {t_pers:.2f} µs, "
-                  f"same bits {same}", flush=True)
-    lines = ["# Kernel boundary in a CUDA graph vs grid barrier in one launch", "",
+                  f"pdl {t_pdl:.2f} µs, same bits {same}", flush=True)
+    lines = ["# Kernel boundary in a CUDA graph vs grid barrier in one launch vs programmatic dependent launch", "",
              f"- device: {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {commit}; command: "
              f"`PYTHONPATH=. python3 benchmarks/speed/grid_barrier.py --programs {args.programs} --phases {args.phases}`",
              f"- a phase: each program reads {CHUNK * 4 // 1024} KB (its own region, new per phase and call), sums it, "
              "adds its neighbour's value from the previous phase; µs per call (median, CUDA graph of "
              f"{ROT} calls); per boundary = (t(K) - t(1)) / (K - 1)", "",
-             "| programs | phases K | K launches µs | 1 launch, K-1 barriers µs | same bits |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {k} | {a:.2f} | {b:.2f} | {s} |" for n, k, a, b, s in rows]
-    lines += ["", "| programs | per kernel boundary µs | per grid barrier µs |", "|---|---|---|"]
+             "| programs | phases K | K launches µs | 1 launch, K-1 barriers µs | K launches with PDL µs | same bits |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {k} | {a:.2f} | {b:.2f} | {c:.2f} | {s} |" for n, k, a, b, c, s in rows]
+    lines += ["", "| programs | per kernel boundary µs | per grid barrier µs | per PDL boundary µs |", "|---|---|---|---|"]
     for n_prog in sorted({r[0] for r in rows}):
-        mine = {k: (a, b) for n, k, a, b, _ in rows if n == n_prog}
+        mine = {k: (a, b, c) for n, k, a, b, c, _ in rows if n == n_prog}
         k_max = max(mine)
         if 1 in mine and k_max > 1:
-            per_launch = (mine[k_max][0] - mine[1][0]) / (k_max - 1)
-            per_barrier = (mine[k_max][1] - mine[1][1]) / (k_max - 1)
-            lines.append(f"| {n_prog} | {per_launch:.2f} | {per_barrier:.2f} |")
+            per = [(mine[k_max][j] - mine[1][j]) / (k_max - 1) for j in range(3)]
+            lines.append(f"| {n_prog} | {per[0]:.2f} | {per[1]:.2f} | {per[2]:.2f} |")
     text = "\n".join(lines) + "\n"
     if args.out:
         os.makedirs(args.out, exist_ok=True)
