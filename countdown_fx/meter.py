@@ -7,6 +7,7 @@
     net(input_ids)                          # called as it is, not under `with meter:` (metered enters it)
     print(meter.report())
 
+Padded positions (an `attention_mask=` keyword of the call, [batch, seq]) are not counted, as in calibration.
 Call `net` outside any active dispatch mode: under one, Dynamo does not compile, so the model would run
 dense and eager and nothing would be counted (metered refuses that, with an error saying so).
 
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, any_torch_dispatch_m
 
 from .backend import eager_backend
 from .kernels import ops, reference
+from .passes.observe import real_token_rows
 
 
 class SparsityMeter(TorchDispatchMode):
@@ -43,6 +45,9 @@ class SparsityMeter(TorchDispatchMode):
         # a batched decode step reads every neuron some token of the step keeps: the union of their masks
         self.union_by_step = defaultdict(int)  # "decode" / "prefill" -> neurons in the union, summed over calls
         self.neurons_by_step = defaultdict(int)  # d_inter summed over calls
+        # the [batch, seq] attention mask of the model call being metered (metered sets it from the call's
+        # `attention_mask=` keyword): padded positions are left out of every count
+        self.token_mask: torch.Tensor | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in ops.COUNTDOWN_OPS:
@@ -52,6 +57,10 @@ class SparsityMeter(TorchDispatchMode):
     def _count(self, func, a: dict) -> None:
         x, w_gate = a["x"], a["w_gate"]
         tokens, d_inter = x.numel() // x.shape[-1], w_gate.shape[0]
+        # padding is not text: count the real tokens only, as calibration does
+        real = real_token_rows(self.token_mask, x.reshape(tokens, x.shape[-1]))
+        if real is not None:
+            tokens = int(real.sum())
         step = "decode" if ops.is_decode_step(x) else "prefill"
         ffn = (x, w_gate, a["w_up"], a["b_gate"], a["b_up"], a["activation"])
         if (a["decode_only"] and step == "prefill") or ops.runs_dense(x, a.get("dense_min_tokens", 0)):
@@ -66,7 +75,8 @@ class SparsityMeter(TorchDispatchMode):
         if mask is None:
             kept, union = tokens * d_inter, d_inter
         else:
-            kept, union = int(mask.sum()), int(mask.reshape(-1, d_inter).any(0).sum())
+            mask = mask.reshape(-1, d_inter) if real is None else mask.reshape(-1, d_inter)[real]
+            kept, union = int(mask.sum()), int(mask.any(0).sum())
         self.calls[step] += 1
         self.kept += kept
         self.total += tokens * d_inter
@@ -105,7 +115,7 @@ class SparsityMeter(TorchDispatchMode):
         return f"realised FFN sparsity {self.sparsity:.1%} overall; " + ", ".join(parts)
 
 
-def _refuse_active_dispatch_mode(*_) -> None:
+def _refuse_active_dispatch_mode() -> None:
     """Dynamo does not compile while a dispatch mode (such as an entered SparsityMeter) is active: the model
     would silently run dense and eager, unmetered. Raise instead."""
     if any_torch_dispatch_mode_on_stack():
@@ -132,14 +142,18 @@ def metered(model, options: Mapping | None, meter: SparsityMeter):
 
         return run
 
+    def before_call(kwargs: dict) -> None:
+        _refuse_active_dispatch_mode()
+        meter.token_mask = kwargs.get("attention_mask")
+
     compiled = torch.compile(model, backend=backend)
     if isinstance(compiled, torch.nn.Module):  # checked before its forward, where Dynamo would skip
-        compiled.register_forward_pre_hook(_refuse_active_dispatch_mode)
+        compiled.register_forward_pre_hook(lambda _module, _args, kwargs: before_call(kwargs), with_kwargs=True)
         return compiled
 
     @functools.wraps(model)
     def call(*args, **kwargs):
-        _refuse_active_dispatch_mode()
+        before_call(kwargs)
         return compiled(*args, **kwargs)
 
     return call

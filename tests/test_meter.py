@@ -83,3 +83,44 @@ def test_calling_a_metered_model_inside_the_meter_is_refused():
             out = net(x)
         assert meter.step_sparsity("decode") > 0.7 and (out - model(x)).abs().max() > 1e-3
         torch._dynamo.reset()
+
+
+class _MaskedStack(torch.nn.Module):
+    """A token-wise stack that takes (and ignores) an attention mask, so a padded call computes every row
+    exactly as an unpadded one would: the meter's counts can be compared bit for bit."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = Stack(GptFastFeedForward)
+
+    def forward(self, x, attention_mask=None):
+        return self.stack(x)
+
+
+def test_meter_leaves_padding_out_as_calibration_does():
+    """Padded positions are not text: with an attention_mask the meter counts the real tokens only. The counts
+    of the real rows and of the padded rows (the same call with the mask inverted) add up to the unmasked
+    count, and padding unlike the text (here: constant rows, which the norm sends to zero) would have moved the
+    figure."""
+    from countdown_fx import CountDownConfig, calibrate
+
+    torch.manual_seed(3)
+    model = _MaskedStack().eval()
+    cal = calibrate(model, [torch.randn(4, 32, 32)], CountDownConfig(method="m-countdown", sparsity=0.7,
+                                                                     regime="prac", apply_to="all"), progress=False)
+    x = torch.randn(2, 12, 32)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 5:] = 0  # the second sequence has 5 real tokens, then padding
+    x[1, 5:] = 1.0
+    meters = {}
+    with torch.no_grad():
+        for name, kwargs in {"real": {"attention_mask": mask}, "pad": {"attention_mask": 1 - mask},
+                             "all": {}}.items():
+            torch._dynamo.reset()
+            metered(model, {"calibration": cal}, meter := SparsityMeter())(x, **kwargs)
+            meters[name] = meter
+    real, pad, every = meters["real"], meters["pad"], meters["all"]
+    assert real.total == 17 * 72 * 2 and pad.total == 7 * 72 * 2 and every.total == 24 * 72 * 2
+    assert real.kept + pad.kept == every.kept
+    assert real.union_by_step["prefill"] <= every.union_by_step["prefill"]
+    assert abs(real.sparsity - every.sparsity) > 0.05  # the padding would have been counted

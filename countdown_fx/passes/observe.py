@@ -134,10 +134,7 @@ class ObserveSession:
     def real_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """Which rows of a site's flattened input x are real tokens (the batch's attention mask), or None for
         all of them."""
-        mask = self.token_mask
-        if mask is None or mask.numel() != x.shape[0]:
-            return None
-        return mask.reshape(-1).to(x.device).bool()
+        return real_token_rows(self.token_mask, x)
 
     @torch.no_grad()
     def run(self, batch) -> int:
@@ -152,6 +149,15 @@ class ObserveSession:
             _ACTIVE.pop()
             self.token_mask = None
         return self.calls
+
+
+def real_token_rows(token_mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """Which rows of a site's flattened input `rows` ([tokens, d_model]) are real tokens, by the call's
+    [batch, seq] attention mask; None (all real) without one, or where the mask does not cover these rows (a
+    decode step's mask spans the cached tokens too, and every new token is real)."""
+    if token_mask is None or token_mask.numel() != rows.shape[0]:
+        return None
+    return token_mask.reshape(-1).to(rows.device).bool()
 
 
 def _call_args(batch) -> tuple[tuple, dict]:
