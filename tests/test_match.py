@@ -113,3 +113,146 @@ def test_site_table_is_readable():
 )
 def test_module_paths_are_normalised(raw, clean):
     assert normalize_module_path(raw) == clean
+
+
+class _InPlaceFFN(torch.nn.Module):
+    """A gated FFN with one in-place write somewhere in its chain (or none)."""
+
+    def __init__(self, form, dim=16, hidden=48):
+        super().__init__()
+        self.form = form
+        self.gate, self.up = torch.nn.Linear(dim, hidden, bias=False), torch.nn.Linear(dim, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, dim, bias=False)
+        self.relu_ = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        g, u = self.gate(x), self.up(x)
+        if self.form == "gate clamp_":  # a GPT-OSS style limit written in place
+            g.clamp_(max=0.2)
+            return self.down(torch.nn.functional.silu(g) * u)
+        if self.form == "product mul_":
+            h = torch.nn.functional.silu(g) * u
+            h.mul_(0.5)
+            return self.down(h)
+        if self.form == "up setitem":
+            u[..., :4] = 0.0
+            return self.down(torch.nn.functional.silu(g) * u)
+        if self.form == "input += before down":  # a parallel block updating its residual in place
+            h = torch.nn.functional.silu(g) * u
+            x += torch.tanh(x)
+            x += self.down(h)
+            return x
+        if self.form == "in-place act, gate read again":
+            return self.down(self.relu_(g) * u) + g.mean(-1, keepdim=True)
+        if self.form == "in-place act, gate read once":  # part of the chain: still an FFN
+            return self.down(self.relu_(g) * u)
+        if self.form == "input written after down":
+            y = self.down(torch.nn.functional.silu(g) * u)
+            x.mul_(2.0)
+            return x + y
+
+
+@pytest.mark.parametrize("form", ["gate clamp_", "product mul_", "up setitem", "input += before down",
+                                  "in-place act, gate read again"])
+def test_an_in_place_write_inside_the_ffn_leaves_it_dense_with_a_warning(form):
+    """The op computes gate and up again from x where down is: a write between would be lost or read twice, so
+    such an FFN is left dense, saying why, and the model computes what it did."""
+    torch.manual_seed(0)
+    model = _InPlaceFFN(form).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(x.clone())
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="in place before the down projection"):
+        out, n_ops = _rewritten_op_count(model, x.clone(), options={**IDEAL_DENSE, "sparsity": 0.5})
+    assert n_ops == 0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["in-place act, gate read once", "input written after down"])
+def test_in_place_writes_that_do_not_change_the_ffn_keep_it_sparse(form):
+    torch.manual_seed(0)
+    model = _InPlaceFFN(form).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(x.clone())
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, n_ops = _rewritten_op_count(model, x.clone())
+    assert n_ops == 1
+    torch.testing.assert_close(out, expected)
+
+
+class _KeywordFFN(torch.nn.Module):
+    """Inputs passed by keyword: F.silu(input=...), F.gelu(input=..., approximate=...), F.dropout(input=...)."""
+
+    def __init__(self, act, dim=16, hidden=48):
+        super().__init__()
+        self.act = act
+        self.gate, self.up = torch.nn.Linear(dim, hidden), torch.nn.Linear(dim, hidden)
+        self.down = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        g = self.gate(x)
+        a = F.silu(input=g) if self.act == "silu" else F.gelu(input=g, approximate="tanh")
+        return self.down(F.dropout(input=a * self.up(x), p=0.1, training=False))
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_activations_called_with_keyword_input_are_matched(act):
+    torch.manual_seed(0)
+    model = _KeywordFFN(act).eval()
+    x = torch.randn(2, 5, 16)
+    assert [s.activation for s in countdown_fx.find_sites(model, x)] == [act]
+    torch._dynamo.reset()
+    out, n_ops = _rewritten_op_count(model, x)
+    assert n_ops == 1
+    torch.testing.assert_close(out, model(x))
+
+
+class _NarrowUpFFN(torch.nn.Module):
+    """up: d -> 1, broadcast over the neurons: not a gated FFN a neuron mask can index."""
+
+    def __init__(self, dim=16, hidden=48):
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(dim, hidden), torch.nn.Linear(dim, 1)
+        self.down = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_an_up_projection_of_another_width_is_not_a_site():
+    torch.manual_seed(0)
+    model = _NarrowUpFFN().eval()
+    x = torch.randn(2, 5, 16)
+    assert len(countdown_fx.find_sites(model, x)) == 0
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="no gated FFN"):
+        out, n_ops = _rewritten_op_count(model, x, options={**IDEAL_DENSE, "sparsity": 0.5})
+    assert n_ops == 0
+    torch.testing.assert_close(out, model(x))
+
+
+def test_under_autocast_the_op_computes_in_the_autocast_dtype():
+    """Under torch.autocast the linears run in bf16 and return bf16: the rewritten FFN gets its input and weights
+    cast the same way, so it returns bf16 and keeps the neurons a bf16 FFN would (not an fp32 FFN's)."""
+    from countdown_fx.kernels import reference
+
+    torch.manual_seed(0)
+    model = BiasGeluMLP(16, 48).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dense = model(x)
+        torch._dynamo.reset()
+        dense, _ = _rewritten_op_count(model, x)
+        torch._dynamo.reset()
+        sparse, n_ops = _rewritten_op_count(model, x, options={**IDEAL_DENSE, "sparsity": 0.5})
+    assert n_ops == 1 and dense.dtype == sparse.dtype == torch.bfloat16
+    torch.testing.assert_close(dense, expected_dense, rtol=0, atol=0)
+    bf16 = [t.to(torch.bfloat16) for t in (x, model.gate.weight, model.up.weight, model.down.weight.t(),
+                                             model.gate.bias, model.up.bias, model.down.bias)]
+    expected = reference.topk_ffn(*bf16, "gelu", "up", 0.5)
+    torch.testing.assert_close(sparse, expected, rtol=0, atol=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -100,6 +101,11 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _input(node: fx.Node):
+    """A call's first argument (`self` of a method), passed by position or as `input=`."""
+    return _arg(node, 0, "input")
+
+
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if node.op != "call_module":
         return None
@@ -117,7 +123,7 @@ def _as_linear(gm, node):
         return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
     mod = _module(gm, node)
     if isinstance(mod, nn.Linear):
-        return node.args[0], f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
+        return _input(node), f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
     return None
 
 
@@ -128,9 +134,9 @@ def _skip_identity(gm, node):
             training = _arg(node, 2, "training", _arg(node, 2, "train", True))
             if training is not False and _arg(node, 1, "p", 0.5) != 0:
                 return node
-            node = node.args[0]
+            node = _input(node)
         elif isinstance(_module(gm, node), (nn.Dropout, nn.Identity)) and not _module(gm, node).training:
-            node = node.args[0]
+            node = _input(node)
         else:
             return node
     return node
@@ -143,7 +149,7 @@ def _is_mul(node) -> bool:
 
 
 def _is_sigmoid_of(node, x) -> bool:
-    if not isinstance(node, fx.Node) or node.args[:1] != (x,):
+    if not isinstance(node, fx.Node) or _input(node) is not x:
         return False
     return (node.op == "call_function" and node.target in _SIGMOID_FNS) or (
         node.op == "call_method" and node.target == "sigmoid"
@@ -154,16 +160,25 @@ def _as_activation(gm, node):
     """-> (input, name) for a recognised activation applied to `input`."""
     if not isinstance(node, fx.Node):
         return None
+    name = _activation_name(gm, node)
+    if name is None:
+        return None
+    if isinstance(name, tuple):  # x * sigmoid(x)
+        return name
+    return (_input(node), name) if isinstance(_input(node), fx.Node) else None
+
+
+def _activation_name(gm, node):
+    """The activation `node` applies, or (input, "silu") for x * sigmoid(x), or None."""
     if node.op == "call_function":
         if node.target in _SILU_FNS:
-            return node.args[0], "silu"
+            return "silu"
         if node.target in _RELU_FNS:
-            return node.args[0], "relu"
+            return "relu"
         if node.target in _GELU_FNS:
-            approx = _arg(node, 1, "approximate", "none")
-            return node.args[0], ("gelu_tanh" if approx == "tanh" else "gelu")
+            return "gelu_tanh" if _arg(node, 1, "approximate", "none") == "tanh" else "gelu"
     if node.op == "call_method" and node.target in ("relu",):
-        return node.args[0], "relu"
+        return "relu"
     if _is_mul(node) and len(node.args) == 2:  # x * sigmoid(x), either order
         a, b = node.args
         if _is_sigmoid_of(b, a):
@@ -172,11 +187,11 @@ def _as_activation(gm, node):
             return b, "silu"
     mod = _module(gm, node)
     if isinstance(mod, nn.SiLU):
-        return node.args[0], "silu"
+        return "silu"
     if isinstance(mod, nn.ReLU):
-        return node.args[0], "relu"
+        return "relu"
     if isinstance(mod, nn.GELU):
-        return node.args[0], ("gelu_tanh" if mod.approximate == "tanh" else "gelu")
+        return "gelu_tanh" if mod.approximate == "tanh" else "gelu"
     return None
 
 
@@ -214,7 +229,7 @@ def _as_half(gm, node):
             lin = _split_source(gm, src)
             return (lin, index) if lin is not None else None
     if node.target in _SLICE_FNS:  # aten.slice.Tensor(gu, dim, start, end)
-        src = node.args[0]
+        src = _input(node)
         if _as_linear(gm, src) and _is_last_dim(_arg(node, 1, "dim", 0), src):
             return _half_from_slice(gm, src, _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
     return None
@@ -245,11 +260,11 @@ def _out_features(gm, node: fx.Node) -> int | None:
 def _split_source(gm, node):
     """The fused linear whose output `node` splits into two equal halves on the last dim, else None."""
     if node.op == "call_function" and node.target in _CHUNK_FNS or node.op == "call_method" and node.target == "chunk":
-        src, chunks, dim = node.args[0], _arg(node, 1, "chunks"), _arg(node, 2, "dim", 0)
+        src, chunks, dim = _input(node), _arg(node, 1, "chunks"), _arg(node, 2, "dim", 0)
         if chunks == 2 and _as_linear(gm, src) and _is_last_dim(dim, src):
             return src
     if node.op == "call_function" and node.target in _SPLIT_FNS or node.op == "call_method" and node.target == "split":
-        src = node.args[0]
+        src = _arg(node, 0, "tensor", _input(node))
         size = _arg(node, 1, "split_size_or_sections", _arg(node, 1, "split_size", _arg(node, 1, "split_sizes")))
         dim = _arg(node, 2, "dim", 0)
         width = _out_features(gm, src) if isinstance(src, fx.Node) else None
@@ -409,9 +424,21 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
         wg, wu, wd = wg.to_local(), wu.to_local(), wd.to_local()
     d_inter = wg.shape[0] // 2 if fused else wg.shape[0]
     d_model = wg.shape[1]
-    if tuple(wd.shape) != (d_model, d_inter) or tuple(wu.shape[1:]) != (d_model,):
+    if tuple(wd.shape) != (d_model, d_inter) or tuple(wu.shape) != tuple(wg.shape):
         log.info("countdown: skipping %s: gate %s / up %s / down %s do not chain", down.name,
                  tuple(wg.shape), tuple(wu.shape), tuple(wd.shape))
+        return None
+    if not _biases_fit(gm, example_inputs, (b_gate, b_up, b_down), (wg.shape[0], wu.shape[0], d_model)):
+        log.info("countdown: skipping %s: a bias does not have its projection's width", down.name)
+        return None
+    writer = _written_in_place(gm, _local(gate_x), {gate_lin, up_lin}, down)
+    if writer is not None:
+        warnings.warn(
+            f"countdown: left the gated FFN at {down.name!r} dense: {writer.format_node()} writes its input or an "
+            "intermediate (gate, up, act or their product) in place before the down projection. The countdown op "
+            "computes gate and up again from the input where down is, so it would miss that write (or see a later "
+            "one). Write it out of place (x = x.clamp(...) instead of x.clamp_(...)) to have the FFN sparsified.",
+            stacklevel=2)
         return None
     key = _site_key(gm, [gate_lin, up_lin, down]) or f"site{index}"
     if shard:
@@ -419,6 +446,105 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
     return Site(shard=shard, dtensor_group=group, key=key, x=_local(gate_x), gate_weight=w_gate, up_weight=w_up,
                 down_weight=w_down, gate_bias=b_gate, up_bias=b_up, down_bias=b_down, activation=act_name,
                 fused=fused, d_model=int(d_model), d_inter=int(d_inter), dtype=wg.dtype, output=output)
+
+
+def _biases_fit(gm, example_inputs, biases, widths) -> bool:
+    """Each bias present is a vector of its projection's width (a broadcast bias would not index by neuron)."""
+    for ref, width in zip(biases, widths):
+        value = weight_value(gm, ref, example_inputs) if ref is not None else None
+        if is_dtensor(value):  # widths are the local shard's
+            value = value.to_local()
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != (width,):
+            return False
+    return True
+
+
+# Calls whose result may share its input's storage: a write into it writes the input.
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+                 "transpose", "permute", "t", "expand", "expand_as", "narrow", "chunk", "split", "unbind", "select",
+                 "__getitem__", "contiguous", "detach", "to", "type", "type_as", "float", "half", "bfloat16"}
+_VIEW_FNS = {operator.getitem, torch.chunk, torch.split, torch.narrow, torch.reshape, torch.flatten, torch.squeeze,
+             torch.unsqueeze, torch.transpose, torch.permute, torch.t, torch.unbind, torch.select, torch.detach}
+# x[i] = v and augmented assignments (x += y), as Dynamo records them.
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.imatmul}
+# Functions taking inplace= at this position.
+_INPLACE_ARG = {F.silu: 1, F.relu: 1, F.relu6: 1, F.selu: 1, F.mish: 1, F.hardswish: 1, F.hardsigmoid: 1,
+                F.elu: 2, F.celu: 2, F.leaky_relu: 2, F.hardtanh: 3, F.threshold: 3, F.dropout: 3}
+
+
+def _writes_first_arg(gm, node: fx.Node) -> bool:
+    """`node` writes its first argument in place: x.clamp_(...), x[i] = v, F.silu(x, inplace=True), an aten
+    op with a mutable schema, nn.ReLU(inplace=True)(x), ..."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_module":
+        return getattr(_module(gm, node), "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    if node.target in _IN_PLACE_OPERATORS:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    if node.target in _INPLACE_ARG:
+        return _arg(node, _INPLACE_ARG[node.target], "inplace", False) is True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _may_alias(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in node.target._schema.returns)
+    return node.target in _VIEW_FNS
+
+
+def _in_place_writes(gm, node: fx.Node) -> list[fx.Node]:
+    """The nodes that write `node`'s data in place, directly or through a view of it."""
+    writes, pending, seen = [], [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            first = _input(user) if user.op != "call_method" else (user.args[0] if user.args else None)
+            if user.kwargs.get("out") is current or (first is current and _writes_first_arg(gm, user)):
+                writes.append(user)
+                pending.append(user)  # x.clamp_() returns x itself
+            elif first is current and _may_alias(user):
+                pending.append(user)
+    return writes
+
+
+def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Node | None:
+    """A node writing the FFN's input x, or anything between the projections and down, in place before down
+    runs; None where there is none. The countdown op replaces the whole chain by one call at down, computed
+    from x there: a write to an intermediate would be lost, a write to x after the projections would be read.
+    An in-place activation on a gate projection nothing else reads is part of the chain, not such a write."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first, end = min(order[p] for p in projections), order[down]
+    chain, pending = set(), list(down.all_input_nodes)
+    while pending:  # the nodes from the projections to down
+        node = pending.pop()
+        if node in chain or order[node] < first:
+            continue
+        chain.add(node)
+        if node not in projections:
+            pending.extend(node.all_input_nodes)
+    for node in chain:
+        for write in _in_place_writes(gm, node):
+            part_of_chain = write in chain and len(node.users) == 1
+            if order[write] < end and not part_of_chain:
+                return write
+    for write in _in_place_writes(gm, x):
+        if first < order[write] < end:
+            return write
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -91,13 +91,18 @@ def rewrite_sites(
                 flat_inputs.append(site.key)
             w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
                                         copied_per_call)
-            ffn = (x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, site.activation)
+            ffn = (x, w_gate, w_up, w_down_t, b_gate, b_up, b_down)
+            dtype = compute_dtype(site)
+            if dtype != site.dtype or dtype != getattr(node_value(site.x), "dtype", dtype):  # autocast
+                ffn = tuple(None if n is None else graph.call_method("to", (n, dtype)) for n in ffn)
+            ffn = (*ffn, site.activation)
             if config.regime == "ideal":
                 args = (*ffn, config.score, config.sparsity, decode_only)
             else:
                 device = _device(gm, site, example_inputs)
                 key = calibrated_key[site.key]
-                state = {name: _state(gm, site, name, t, device) for name, t in calibration.state_for(key).items()}
+                state = {name: _state(gm, site, name, t, device, dtype)
+                         for name, t in calibration.state_for(key).items()}
                 plan = calibration.decode_plan(key)
                 if plan.dense_min_tokens and (not config.dense_fallback or (flat and not decode_only)):
                     # stated; or sparse prefill (apply_to "all") the op would take for a decode step, and run dense
@@ -202,6 +207,13 @@ def _reordered(node) -> bool:
 _REORDER_METHODS = {"transpose", "permute", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _REORDER_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
                       aten.transpose.int, aten.permute.default, aten.movedim.int}
+
+
+def compute_dtype(site: Site) -> torch.dtype:
+    """The dtype the FFN computes in: its weights' dtype, or under autocast the dtype its output has there
+    (the graph's example value); the op is then handed its input and weights cast to it, as autocast would."""
+    out = node_value(site.output)
+    return out.dtype if isinstance(out, torch.Tensor) and out.dtype.is_floating_point else site.dtype
 
 
 def site_input_nodes(gm: fx.GraphModule, site: Site) -> tuple:
@@ -322,12 +334,13 @@ def stored_rank(rank: int) -> int:
     return -(-rank // RANK_ALIGN) * RANK_ALIGN
 
 
-def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device) -> fx.Node:
+def _state(gm, site: Site, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> fx.Node:
     """Scalars (thresholds, tau) are stored with shape [1]: Inductor lowers a 0-d constant of a graph to an
-    inline immediate, which a Triton kernel cannot take as its pointer argument (AOTInductor failed so)."""
+    inline immediate, which a Triton kernel cannot take as its pointer argument (AOTInductor failed so).
+    Predictor weights are stored in the FFN's compute dtype (bf16 / fp16 ones as such; fp32 kept)."""
     tensor = tensor.detach().to(device)
-    if name in LOW_PRECISION_STATE and site.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.to(site.dtype)
+    if name in LOW_PRECISION_STATE and dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.to(dtype)
     if name in LOW_PRECISION_STATE and stored_rank(tensor.shape[-1]) != tensor.shape[-1]:
         tensor = torch.nn.functional.pad(tensor, (0, stored_rank(tensor.shape[-1]) - tensor.shape[-1]))
     if name == "pred_v":  # stored as V^T, handed to the op as a transposed view (comment above stored_rank)
