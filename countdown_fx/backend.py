@@ -90,10 +90,10 @@ def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
 
 
 def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: CountDownConfig,
-              calibration=None, dense_fallback: bool = True, keep_grad: bool | None = None) -> fx.GraphModule:
+              calibration=None, exported: bool = False, keep_grad: bool | None = None) -> fx.GraphModule:
     """The graph pass alone, in place: match + rewrite (no Inductor). Weights must be reachable: get_attr,
     call_module, or placeholders with `example_inputs`. Warns when there is nothing to rewrite.
-    dense_fallback, keep_grad: see rewrite_sites."""
+    exported, keep_grad: see rewrite_sites."""
     sites = match_sites(gm, example_inputs)
     counters["sites_found"] += len(sites)
     if not sites:
@@ -108,7 +108,7 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
             f"gated FFNs ({len(sites)} here, a MoE's shared expert included) run CountDown, and the sparsity that "
             "calibration and the meter report is theirs alone.", stacklevel=2)
     _warn_at_recompile_limit()
-    return rewrite_sites(gm, sites, config, calibration, example_inputs, dense_fallback, keep_grad)
+    return rewrite_sites(gm, sites, config, calibration, example_inputs, exported, keep_grad)
 
 
 def _warn_at_recompile_limit() -> None:
@@ -135,13 +135,48 @@ def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:
     return patches
 
 
+# Calibration files the backend has read in this process: real path -> ((mtime_ns, size), Calibration).
+_FILES_READ: dict[str, tuple[tuple[int, int], Any]] = {}
+
+
+def _calibration_file_read_once(options: Mapping | None) -> Mapping | None:
+    """options with a calibration path replaced by the Calibration read from it the first time. torch.compile
+    reuses compiled graphs for equal options, and a path is equal to itself whatever the file holds now: every
+    graph compiled for it must then run the same state, so the file is read once, and a file changed since is
+    refused rather than mixed in (new shapes compiling the new contents next to graphs of the old)."""
+    path = (options or {}).get("calibration")
+    if not isinstance(path, (str, os.PathLike)):
+        return options
+    from .calibration import Calibration
+
+    real = os.path.realpath(os.fspath(path))
+    try:
+        stat = os.stat(real)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        stamp = None  # gone: the contents read before (if any) are what the compiled graphs run
+    known = _FILES_READ.get(real)
+    if known is not None and stamp in (None, known[0]):
+        return {**options, "calibration": known[1]}
+    if known is not None:
+        raise ValueError(
+            f"calibration file {os.fspath(path)!r} changed since this process first compiled with it. torch.compile "
+            "reuses the graphs it compiled for equal options, and the same path is equal to itself, so graphs of "
+            "the old contents would run next to graphs of the new. Save the new calibration under a new path, or "
+            "pass options={'calibration': countdown_fx.Calibration.load(path)}: either compiles anew (a path is "
+            "read once per process; torch._dynamo.reset() does not change that).")
+    calibration = Calibration.load(path)
+    _FILES_READ[real] = (stamp, calibration)
+    return {**options, "calibration": calibration}
+
+
 def countdown_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Mapping | None = None,
                       mode: str | None = None):
     """torch.compile backend. `mode` is torch.compile's own argument; torch.compile refuses mode together
     with options, so with options pass the mode inside them: options={"mode": "reduce-overhead", ...}."""
     from torch._inductor.compile_fx import compile_fx
 
-    config, calibration = resolve(options)
+    config, calibration = resolve(_calibration_file_read_once(options))
     if mode is not None:
         config = config.replace(mode=mode)
     gm = transform(gm, example_inputs, config, calibration)

@@ -245,12 +245,17 @@ class Calibration:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"calibration file {path!r} does not exist")
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            if raw is None:
-                raise ValueError(f"{path!r} is a safetensors file but not a countdown-fx calibration (no "
-                                 f"{METADATA_KEY!r} metadata)")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get(METADATA_KEY)
+                tensors = {name: f.get_tensor(name) for name in f.keys()} if raw is not None else {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own types, without the path
+            raise ValueError(f"calibration file {path!r} cannot be read as a safetensors file ({err}): it is "
+                             "truncated, corrupt or of another format; save the calibration again "
+                             "(Calibration.save or `countdown-fx calibrate`)") from err
+        if raw is None:
+            raise ValueError(f"{path!r} is a safetensors file but not a countdown-fx calibration (no "
+                             f"{METADATA_KEY!r} metadata)")
         header = json.loads(raw)
         if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path!r} has format {header.get('format')!r} version {header.get('format_version')!r}; "
@@ -690,7 +695,9 @@ class _Sweep:
                 t = self.trainers[i][key]
                 tau = self._taus[(i, key)]
                 state[key] = {**t.state(), "tau": torch.tensor(tau, dtype=torch.float32)}
-                st.update(rank=t.rank, predictor_fraction=predictor_fraction(t.rank, info["d_model"], info["d_inter"]),
+                # the bytes it adds as deployed: stored with its rank padded to a multiple of 16 (zero columns)
+                deployed = predictor_fraction(stored_rank(t.rank), info["d_model"], info["d_inter"])
+                st.update(rank=t.rank, stored_rank=stored_rank(t.rank), predictor_fraction=deployed,
                           tau=tau, steps=t.step_count, final_loss=sum(t.losses[-10:]) / max(1, len(t.losses[-10:])))
             else:
                 thr = self.thresholds[i][key]

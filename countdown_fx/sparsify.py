@@ -58,8 +58,8 @@ def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=
     dyn_args, dyn_kwargs = _dynamic_shapes(ep)
     is_dynamic = any(d is not None for d in torch.utils._pytree.tree_leaves((dyn_args, dyn_kwargs),
                                                                         is_leaf=lambda x: x is None))
-    # warns when there is nothing to rewrite; a dynamic program cannot switch to dense by batch size
-    gm = transform(ep.module(), None, config, calibration, dense_fallback=not is_dynamic, keep_grad=False)
+    # warns when there is nothing to rewrite, and where a dynamic dim changes what a compiled package can decide
+    gm = transform(ep.module(), None, config, calibration, exported=True, keep_grad=False)
     if not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
         return ep
     dynamic = None

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from countdown_fx.backend import inductor_patches
+from countdown_fx.backend import eager_backend, inductor_patches
 from countdown_fx.config import CountDownConfig
 from countdown_fx.kernels import reference as R
+from countdown_fx.meter import SparsityMeter, metered
 from tiny_models import GptFastFeedForward, Stack, hf_model
 
 
@@ -272,6 +273,12 @@ def test_two_dim_graph_input_warns_that_prefill_cannot_be_told():
     with pytest.warns(UserWarning, match=r"FFN input of 1 site\(s\) .* is 2-D .*apply_to='all'"):
         torch.compile(ffn, backend=eager_backend({"sparsity": 0.5, "apply_to": "decode"}))(torch.randn(6, 32))
     torch._dynamo.reset()
+    # under apply_to='all' every call is sparse as asked, but the meter cannot tell a prefill: said too
+    meter = SparsityMeter()
+    with pytest.warns(UserWarning, match=r"is 2-D .*SparsityMeter counts each call as a decode step"):
+        metered(ffn, {"sparsity": 0.5, "apply_to": "all"}, meter)(torch.randn(6, 32))
+    assert meter.calls["decode"] == 1
+    torch._dynamo.reset()
 
 
 class _FlatFFNVariants(torch.nn.Module):
@@ -364,4 +371,32 @@ def test_routed_experts_left_dense_are_named():
         if expected:
             assert "2 mixture-of-experts layer(s)" in said[0] and "model.layers.0.mlp.experts" in said[0]
             assert "(2 here, a MoE's shared expert included)" in said[0]
+    torch._dynamo.reset()
+
+
+def test_a_calibration_path_is_read_once_and_a_rewritten_file_is_refused(tmp_path):
+    """torch.compile reuses its graphs for equal options, and a path equals itself whatever the file holds: all
+    graphs compiled for one path run what was read first (a file deleted since is not needed again), and a file
+    rewritten under the same path is refused when a graph compiles, not mixed in next to the old graphs."""
+    from countdown_fx import CountDownConfig, calibrate
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    data = [torch.randn(4, 16, 32)]
+    path = tmp_path / "cal.safetensors"
+    first = calibrate(model, data, CountDownConfig(method="m-countdown", sparsity=0.5, regime="prac"), progress=False)
+    first.save(path)
+    options = {"calibration": str(path), "apply_to": "all"}
+    x3, x5 = torch.randn(1, 3, 32), torch.randn(1, 5, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="countdown", options=options, dynamic=False)(x3)
+        path.unlink()  # the state read at the first compile serves a new shape's graph
+        out = torch.compile(model, backend="countdown", options=options, dynamic=False)(x5)
+        expected = torch.compile(model, backend=eager_backend({"calibration": first, "apply_to": "all"}))(x5)
+        torch.testing.assert_close(out, expected)
+        calibrate(model, data, CountDownConfig(method="m-countdown", sparsity=0.9, regime="prac"),
+                  progress=False).save(path)
+        with pytest.raises(Exception, match="changed since this process first compiled with it"):
+            torch.compile(model, backend="countdown", options=options, dynamic=False)(torch.randn(1, 7, 32))
     torch._dynamo.reset()

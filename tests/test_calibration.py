@@ -186,6 +186,10 @@ def test_save_load_round_trip(llama, batches, tmp_path, method):
         row = next(line for line in back.report().splitlines() if line.startswith(key))
         assert stored_rank(r) != r  # the tiny model's automatic rank is not a multiple of 16
         assert f"{predictor_fraction(stored_rank(r), info['d_model'], info['d_inter']):.1%}" in row.split()
+        # and the stored stats say the same (one size for one predictor), next to the rank it was trained at
+        st = back.stats[key]
+        assert (st["rank"], st["stored_rank"]) == (r, stored_rank(r))
+        assert st["predictor_fraction"] == predictor_fraction(stored_rank(r), info["d_model"], info["d_inter"])
 
 
 def test_union_of_batch_masks():
@@ -210,6 +214,17 @@ def test_load_refuses_other_files(tmp_path):
         Calibration.load(path)
     with pytest.raises(FileNotFoundError):
         Calibration.load(tmp_path / "missing.safetensors")
+
+
+def test_a_truncated_calibration_file_is_refused_naming_it(llama, batches, tmp_path):
+    whole = tmp_path / "whole.safetensors"
+    calibrate(llama, batches, prac("m-countdown", 0.7), progress=False).save(whole)
+    data = whole.read_bytes()
+    for name, part in (("half", data[: len(data) // 2]), ("tail", data[:-10]), ("empty", b"")):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(part)
+        with pytest.raises(ValueError, match=f"calibration file '{path}' cannot be read.*truncated, corrupt"):
+            Calibration.load(path)
 
 
 def test_mismatched_sites_are_named(llama, batches):

@@ -140,7 +140,8 @@ def _plans_in(program):
 
 def test_export_keeps_the_dense_rule_only_with_a_fixed_batch(d_calibration):
     """A program exported with a dynamic batch cannot branch on the batch size when it runs, so sparsify
-    drops the dense rule there (with a warning) and keeps it when the batch is fixed."""
+    drops the dense rule there (with a warning) and keeps it when the batch is fixed, a dynamic sequence dim
+    included (which gets its own warning: AOTInductor would build such a program's prefill branch only)."""
     from torch.export import Dim
 
     model, cal = d_calibration
@@ -149,7 +150,12 @@ def test_export_keeps_the_dense_rule_only_with_a_fixed_batch(d_calibration):
     fixed = countdown_fx.sparsify(torch.export.export(model, (x,)), cal)
     assert _plans_in(fixed) == {(1, 4)}
     torch.testing.assert_close(fixed.module()(x), model(x), rtol=1e-5, atol=1e-5)  # 4 tokens: dense
-    with pytest.warns(UserWarning, match="dynamic dims"):
+    with pytest.warns(UserWarning, match="dynamic sequence dim under apply_to='decode'"):
+        seq_dynamic = countdown_fx.sparsify(
+            torch.export.export(model, (torch.randn(4, 3, 32),), dynamic_shapes=({1: Dim.DYNAMIC},)), cal)
+    assert _plans_in(seq_dynamic) == {(1, 4)}
+    torch.testing.assert_close(seq_dynamic.module()(x), model(x), rtol=1e-5, atol=1e-5)  # 4 tokens: dense
+    with pytest.warns(UserWarning, match="batch dim is dynamic"):
         dynamic = countdown_fx.sparsify(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},)), cal)
     assert _plans_in(dynamic) == {(1, 0)}
     for batch in (2, 5):  # every batch size runs sparse, as the eager reference with no dense rule does

@@ -339,7 +339,7 @@ def main(argv=None) -> int:
                    f"Python {platform.python_version()} stdlib corpus (countdown_fx.data); decode: prefix "
                    f"{args.prefix}, {args.decode_steps} scored steps per sequence",
         "calibration": f"{args.calib_batches} x {args.calib_batch} random train-split windows of {args.seq_len} "
-                       f"tokens; thresholds rule {args.rule}; D predictor rank {rank} (default: <= 5% of the FFN), "
+                       f"tokens; thresholds rule {args.rule}; D predictor rank {rank} (default: the largest within 5% of the FFN, stored padded to a multiple of 16), "
                        f"{args.predictor_steps} AdamW steps x {args.predictor_batch_tokens} tokens, lr "
                        f"{args.predictor_lr}; mean per-site predictor recall vs oracle on calibration data: "
                        + ", ".join(f"s={s:g}: {r:.1%}" for s, r in recall.items()),

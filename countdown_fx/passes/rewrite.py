@@ -43,7 +43,7 @@ def rewrite_sites(
     config: CountDownConfig,
     calibration=None,
     example_inputs: Sequence | None = None,
-    dense_fallback: bool = True,
+    exported: bool = False,
     keep_grad: bool | None = None,
 ) -> fx.GraphModule:
     """Rewrite `sites` (found in `gm` by match_sites) in place and return `gm`.
@@ -52,10 +52,13 @@ def rewrite_sites(
     with `check_sites(sites, samples) -> {site key: its key in the calibration}`, where samples are the sites'
     weight samples (passes.weights) or None when config.check_weights is off, and `state_for(key) -> dict[str, Tensor]`
     and `decode_plan(key)` for such a key).
-    dense_fallback=False drops the plan's dense rule (steps of many tokens running the dense FFN), with a
-    warning: a program exported with a dynamic batch dim cannot branch on the batch size at run time. The rule
-    is also dropped where config.dense_fallback is off, and for a 2-D FFN input under apply_to "all" whose
-    [batch, seq, d_model] source the graph does not hold (a prefill would look like a decode step of many tokens).
+    exported: the graph is for torch.export (sparsify), where a dim left dynamic is symbolic and AOTInductor
+    compiles the op for every size of it at once. A site whose decode batch is symbolic there drops the plan's
+    dense rule (steps of many tokens running the dense FFN; the package cannot branch on the batch size), with a
+    warning; under apply_to "decode" a symbolic sequence dim gets a warning (AOTInductor assumes a dynamic dim is
+    at least 2 and compiles only the prefill branch). The dense rule is also dropped where config.dense_fallback is
+    off, and for a 2-D FFN input under apply_to "all" whose [batch, seq, d_model] source the graph does not hold
+    (a prefill would look like a decode step of many tokens).
     keep_grad: whether a W_down that requires grad must keep its gradient (None: whether grad mode is on now;
     the backend runs in its caller's grad mode, and Dynamo recompiles when that changes). See _down_transposed.
     """
@@ -78,6 +81,7 @@ def rewrite_sites(
     dropped_dense = []
     decode_only = config.apply_to == "decode"
     flat_inputs = []  # keys of sites whose 2-D input has no [batch, seq, d_model] form in the graph
+    symbolic_seq = []  # exported sites under apply_to "decode" whose sequence dim is dynamic
     graph = gm.graph
     for site in sites:
         with graph.inserting_before(site.output):
@@ -87,8 +91,11 @@ def rewrite_sites(
                 # data stays x's (the source may have been written in place since x was made from it)
                 x = graph.call_method("view_as", (x, tokens))
             flat = tokens is None and node_rank(x) == 2  # every call looks like a decode step of single tokens
-            if flat and decode_only:
+            if flat:
                 flat_inputs.append(site.key)
+            batch_symbolic, seq_symbolic = _symbolic_token_dims(tokens if tokens is not None else x)
+            if exported and seq_symbolic and decode_only:
+                symbolic_seq.append(site.key)
             w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
                                         copied_per_call)
             ffn = (x, w_gate, w_up, w_down_t, b_gate, b_up, b_down)
@@ -107,7 +114,7 @@ def rewrite_sites(
                 if plan.dense_min_tokens and (not config.dense_fallback or (flat and not decode_only)):
                     # stated; or sparse prefill (apply_to "all") the op would take for a decode step, and run dense
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
-                elif plan.dense_min_tokens and not dense_fallback:
+                elif plan.dense_min_tokens and exported and batch_symbolic:
                     dropped_dense.append((site.key, plan.dense_min_tokens))
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
                 rule = ((state["pred_v"], state["pred_u"], state["tau"]) if config.method == "d-countdown"
@@ -132,24 +139,48 @@ def rewrite_sites(
             "torch.inference_mode(), or call model.requires_grad_(False): W_down^T is then stored once.",
             stacklevel=3)
     if flat_inputs:
+        consequence = ("with apply_to='decode' every call counts as a decode step of single tokens and runs sparse, "
+                       "prefill included. If these sites see prefill, give them [batch, seq, d_model] input (reshape "
+                       "after the FFN), or pass apply_to='all' to make sparse prefill the stated choice."
+                       if decode_only else
+                       "every call runs sparse, as apply_to='all' asks, but SparsityMeter counts each call as a "
+                       "decode step of single tokens, prefill included, and the calibration's dense rule for big "
+                       "decode batches is dropped there (a prefill would trigger it). Give these sites [batch, seq, "
+                       "d_model] input (reshape after the FFN) to have prefill told apart.")
         warnings.warn(
             f"countdown: the FFN input of {len(flat_inputs)} site(s) (first: {flat_inputs[0]}) is 2-D [tokens, "
             "d_model], and this graph does not hold the [batch, seq, d_model] tensor it came from, so prefill cannot "
-            "be told from decode there: with apply_to='decode' every call counts as a decode step of single tokens "
-            "and runs sparse, prefill included. If these sites see prefill, give them [batch, seq, d_model] input "
-            "(reshape after the FFN), or pass apply_to='all' to make sparse prefill the stated choice.",
-            stacklevel=3)
+            f"be told from decode there: {consequence}", stacklevel=3)
+    if symbolic_seq:
+        warnings.warn(
+            f"countdown: {len(symbolic_seq)} site(s) (first: {symbolic_seq[0]}) of this exported program have a "
+            "dynamic sequence dim under apply_to='decode'. The program itself, run from Python, tells prefill from "
+            "a one-token decode step at each call; AOTInductor does not: it assumes a dynamic dim is at least 2, so "
+            "a package built from this program runs every step dense, decode steps included. For AOTInductor, "
+            "export the decode step with the sequence dim fixed at 1 (and prefill as a program of its own), or "
+            "use apply_to='all'.", stacklevel=3)
     if dropped_dense:
         warnings.warn(
             f"countdown: {len(dropped_dense)} site(s) would run the dense FFN in decode steps of at "
             f"least {min(b for _, b in dropped_dense)} tokens (their calibrated union is nearly full there), "
-            "but this exported program has dynamic dims, and its compiled form (AOTInductor) cannot branch on "
-            "the batch size when it runs, so it runs them sparse at every batch size: same quality as "
+            "but their batch dim is dynamic in this exported program, and its compiled form (AOTInductor) cannot "
+            "branch on the batch size when it runs, so it runs them sparse at every batch size: same quality as "
             "calibrated, slower than dense at those sizes. Export with a fixed decode batch to keep the dense "
             "rule.", stacklevel=3)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _symbolic_token_dims(node: fx.Node) -> tuple[bool, bool]:
+    """(batch dims symbolic, sequence dim symbolic) of an FFN input in [..., seq, d_model] form, or of a 2-D
+    [tokens, d_model] one (its tokens are the batch); (False, False) where the graph has no value for it."""
+    value = node_value(node)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return False, False
+    lead = value.shape[:-1] if value.dim() == 2 else value.shape[:-2]
+    batch = any(isinstance(d, torch.SymInt) for d in lead)
+    return batch, value.dim() > 2 and isinstance(value.shape[-2], torch.SymInt)
 
 
 # Calls that only reshape a tensor (the same elements in the same order).
