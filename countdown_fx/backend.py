@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from .config import CountDownConfig
+from .kernels.ops import COUNTDOWN_OPS
 from .passes.match import match_sites, routed_experts
 from .passes.rewrite import counters, rewrite_sites
 
@@ -98,7 +99,12 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
     counters["sites_found"] += len(sites)
     if not sites:
         counters["graphs_without_sites"] += 1
-        warnings.warn(NO_SITE_WARNING, stacklevel=2)
+        if any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
+            warnings.warn("countdown: this graph already holds countdown ops (it was sparsified before: sparsify, "
+                          "a saved exported program, a CountDownTransformation) and no other gated FFN, so it "
+                          "runs as it is.", stacklevel=2)
+        else:
+            warnings.warn(NO_SITE_WARNING, stacklevel=2)
         return gm
     experts = routed_experts(gm)
     if experts:

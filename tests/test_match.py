@@ -115,6 +115,20 @@ def test_module_paths_are_normalised(raw, clean):
     assert normalize_module_path(raw) == clean
 
 
+def test_a_forward_wrapped_on_the_instance_keeps_the_module_key():
+    """Hook libraries replace module.forward on the instance; Dynamo then reaches the module through the
+    wrapper's closure (mlp.forward.__kwdefaults__['_o'].__self__): the key is still the module's path, so its
+    calibration fits."""
+    import functools
+
+    model = hf_model("llama")
+    for layer in model.model.layers:
+        wrapped = layer.mlp.forward
+        layer.mlp.forward = functools.wraps(wrapped)(lambda *a, _o=wrapped, **k: _o(*a, **k))
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert [s.key for s in countdown_fx.find_sites(model, ids)] == [f"model.layers.{i}.mlp" for i in range(N_LAYERS)]
+
+
 class _InPlaceFFN(torch.nn.Module):
     """A gated FFN with one in-place write somewhere in its chain (or none)."""
 

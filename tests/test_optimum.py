@@ -57,3 +57,19 @@ def test_hf_model_graph_and_reverse_without_transform_is_refused():
     assert sum(n.target in COUNTDOWN_OPS for n in gm.graph.nodes) == N_LAYERS
     with pytest.raises(ValueError, match="not transformed by CountDownTransformation"):
         CountDownTransformation(CONFIG)(fx.symbolic_trace(Stack(BiasGeluMLP)), reverse=True)
+
+
+def test_a_second_transform_is_refused_and_reverse_still_restores_the_original():
+    """Transforming twice would keep the rewritten graph as the one to restore (and reverse would then drop
+    the state buffers that graph reads): refused, and the first transform still reverses exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    gm, inputs = _graphs("export", Stack(BiasGeluMLP).eval(), x)
+    with torch.no_grad():
+        original = gm(*inputs)
+        transformation = CountDownTransformation(CONFIG)
+        gm = transformation(gm)
+        with pytest.raises(ValueError, match="already transformed by CountDownTransformation; reverse it first"):
+            transformation(gm)
+        gm = transformation(gm, reverse=True)
+        torch.testing.assert_close(_first(gm(*inputs)), _first(original), rtol=0, atol=0)

@@ -93,6 +93,11 @@ def test_wrong_object_and_no_site():
     gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 4)))
     with pytest.warns(UserWarning, match="no gated FFN"):
         assert sparsify(gm, IDEAL) is gm
+    # a graph sparsified before has countdown ops and no FFN left: said so, not "no gated FFN"
+    sparse = sparsify(fx.symbolic_trace(Stack(GptFastFeedForward)), IDEAL)
+    with pytest.warns(UserWarning, match="already holds countdown ops") as caught:
+        assert sparsify(sparse, IDEAL) is sparse
+    assert not any("no gated FFN" in str(w.message) for w in caught)
 
 
 def test_w_down_t_storage_follows_the_way_in(monkeypatch):

@@ -53,6 +53,10 @@ class CountDownTransformation(ReversibleTransformation):
         self.config, self.calibration = resolve_target(calibration_or_config)
 
     def transform(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        if ORIGINAL_GRAPH in graph_module.meta:  # a second transform would keep the rewritten graph as "original"
+            raise ValueError("this GraphModule is already transformed by CountDownTransformation; reverse it first "
+                             "(transformation(gm, reverse=True)) to transform it again, e.g. with another "
+                             "calibration")
         original = _copy_graph(graph_module.graph)
         transform(graph_module, None, self.config, self.calibration)
         graph_module.meta[ORIGINAL_GRAPH] = original

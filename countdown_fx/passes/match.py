@@ -318,7 +318,16 @@ def normalize_module_path(path: str) -> str:
     path = _DYNAMO_ROOT.sub("", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     parts = [p for p in path.split(".") if p and p not in ("_modules",)]
+    if "__self__" in parts and "forward" in parts[: _last(parts, "__self__")]:
+        # a forward replaced on the instance (hook libraries: mlp.forward = wrap(mlp.forward)) reaches the module
+        # as mlp.forward.<the wrapper's closure>.__self__: the module is the one whose forward it is
+        start, end = parts.index("forward"), _last(parts, "__self__")
+        parts = parts[:start] + parts[end + 1:]
     return ".".join(parts)
+
+
+def _last(parts: list[str], name: str) -> int:
+    return len(parts) - 1 - parts[::-1].index(name)
 
 
 def _module_path(gm, node: fx.Node) -> list[str] | None:
