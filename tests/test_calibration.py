@@ -521,3 +521,18 @@ def test_find_sites_says_when_keys_repeat_across_graphs(monkeypatch):
         sites = find_sites(tiny_llama(), random_batches(1)[0])
     torch._dynamo.reset()
     assert [s.key for s in sites] == ["mlp", "mlp"]
+
+
+def test_a_batch_compiled_with_a_graph_break_counts_toward_the_same_sites(llama, batches):
+    """output_hidden_states=True breaks the graph in transformers 5: that batch compiles LlamaModel as its own
+    frame, naming sites 'layers.N.mlp'. The same weights are the same site: its tokens count toward
+    'model.layers.N.mlp' (one warning), and the file deploys on the model it was made for."""
+    mixed = list(batches)
+    mixed[1] = {"input_ids": batches[1], "output_hidden_states": True}
+    with pytest.warns(UserWarning, match="under the key 'layers.0.mlp' in a later batch"):
+        cal = calibrate(llama, mixed, prac("m-countdown", 0.7), progress=False)
+    plain = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
+    assert list(cal.sites) == list(plain.sites) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for key in cal.sites:
+        assert cal.stats[key]["tokens"] == plain.stats[key]["tokens"] == sum(b.numel() for b in batches)
+        assert float(cal.state[key]["threshold"]) == pytest.approx(float(plain.state[key]["threshold"]), rel=1e-6)

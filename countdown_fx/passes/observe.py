@@ -11,6 +11,7 @@ reduce what they need on the fly; nothing is stored between batches here.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -83,6 +84,8 @@ class ObserveSession:
         self.model = model
         self.sites: dict[str, dict] = {}
         self.owners: dict[str, tuple] = {}  # key -> data pointers of the weights first reported under it
+        self.key_of_owner: dict[tuple, str] = {}  # those data pointers -> that key
+        self.renamed: set[tuple[str, str]] = set()  # (first key, other key) pairs seen
         self.callback: SiteCallback | None = None
         self.selector: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.token_mask: torch.Tensor | None = None
@@ -95,7 +98,8 @@ class ObserveSession:
         The first call of a site also samples its (unsharded) weights (passes.weights), saved with the
         calibration so that deploying it on other weights is refused."""
         self.calls += 1
-        key = info["key"]
+        key = info["key"] if weights is None else self._first_key(info["key"], weights)
+        info = {**info, "key": key}
         if key not in self.sites:
             found = weights is not None and info.get("shard", "-") == "-"
             self.sites[key] = {**info, "weight_sample": weight_sample(*weights) if found else None}
@@ -113,6 +117,26 @@ class ObserveSession:
                 x, act_g, u = x[real], act_g[real], u[real]
             self.callback(key, x, act_g, u)
         return None if selected is None else selected.reshape(shape)
+
+    def _first_key(self, key: str, weights: tuple) -> str:
+        """The key these weights were first reported under, where `key` is that key's path seen from a module
+        inside it or around it: a batch whose keyword arguments cause a graph break (output_hidden_states=True
+        in some transformers versions) has Dynamo compile a submodule as its own frame, whose site paths are
+        relative to it ('layers.0.mlp' for 'model.layers.0.mlp'). Counted as the site it is, with a warning.
+        Keys not so related are other sites sharing weights (one FFN called twice) and stay apart."""
+        owner = tuple(w.data_ptr() for w in weights)
+        first = self.key_of_owner.setdefault(owner, key)
+        if first == key or not (first.endswith("." + key) or key.endswith("." + first)):
+            return key
+        if not self.renamed:  # once: every site of such a batch is renamed alike
+            warnings.warn(
+                f"countdown: calibration saw the FFN of site {first!r} (and likely others) under the key {key!r} in a "
+                "later batch: that "
+                "batch compiled with a graph break (Dynamo compiled a submodule as its own frame, which names sites "
+                "from there; an extra keyword such as output_hidden_states=True can cause it). Its tokens count "
+                f"toward {first!r}. Calibrate with the keywords you deploy with.", stacklevel=4)
+        self.renamed.add((first, key))
+        return first
 
     def _check_one_ffn_per_key(self, key: str, weights: tuple) -> None:
         """Refuse two FFNs (other weights) reported under one key: one state for both would be fitted on their
