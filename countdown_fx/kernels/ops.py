@@ -120,14 +120,15 @@ def is_decode_step(x: Tensor) -> bool:
     return x.dim() <= 2 or x.shape[-2] == 1
 
 
-def _use_kernels(x: Tensor, *tensors: Optional[Tensor]) -> bool:
-    """Shape/device/dtype facts only (known while tracing), never tensor values: no host sync."""
-    if triton_ffn is None or not x.is_cuda or x.dtype not in KERNEL_DTYPES or x.shape[-1] == 0:
+def _use_kernels(x: Tensor, w_gate: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Shape/device/dtype facts only (known while tracing), never tensor values: no host sync. An FFN with no
+    neurons (d_inter 0) or no features runs the reference (b_down alone)."""
+    if triton_ffn is None or not x.is_cuda or x.dtype not in KERNEL_DTYPES or x.shape[-1] == 0 or w_gate.shape[0] == 0:
         return False
     tokens = x.numel() // x.shape[-1]
     if not 1 <= tokens <= min(SPARSE_MAX_TOKENS, triton_ffn.MAX_TOKENS):
         return False
-    return all(t is None or (t.is_cuda and t.dtype == x.dtype) for t in tensors)
+    return all(t is None or (t.is_cuda and t.dtype == x.dtype) for t in (w_gate, *tensors))
 
 
 def _run_kernels(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, activation, mode, thr, gather_max_tokens,

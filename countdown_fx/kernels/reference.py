@@ -10,7 +10,8 @@ is tested against. All functions take the gated FFN in one layout:
     b_gate, b_up [d_inter] or None;  b_down [d_model] or None
 
 and compute  y = (act(x W_gate^T + b_gate) * (x W_up^T + b_up) * keep) @ W_down^T + b_down,
-where keep is the 0/1 mask of the neurons a method selects. Matmuls run in the input dtype (fp32
+where keep is the 0/1 mask of the neurons a method selects (a skipped neuron adds exactly 0, even where its
+product overflows: torch.where, not a multiplication). Matmuls run in the input dtype (fp32
 accumulation inside), exactly like the dense module, so sparsity 0 reproduces the dense FFN.
 """
 
@@ -73,10 +74,16 @@ def down(a: torch.Tensor, w_down_t: torch.Tensor, b_down=None) -> torch.Tensor:
 
 
 def masked_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, act, mask) -> torch.Tensor:
-    """The FFN restricted to the neurons where mask is True (mask broadcastable to [..., d_inter])."""
+    """The FFN restricted to the neurons where mask is True (mask broadcastable to [..., d_inter]). A skipped
+    neuron contributes exactly nothing, even where its act(g) * u overflows to inf or is NaN (the kernels never
+    read its rows, so they cannot see it; a product with a 0/1 mask would turn inf into NaN)."""
     act_g, u = gate_up(x, w_gate, w_up, b_gate, b_up, act)
-    a = act_g * u
-    return down(a * mask.to(a.dtype), w_down_t, b_down)
+    return down(keep_only(act_g * u, mask), w_down_t, b_down)
+
+
+def keep_only(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """a where mask is True, exactly 0 elsewhere (not a * mask: inf * 0 is NaN)."""
+    return torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def dense_ffn(x, w_gate, w_up, w_down_t, b_gate=None, b_up=None, b_down=None, act="silu") -> torch.Tensor:
@@ -88,14 +95,14 @@ def topk_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, act, method_score,
     """SP-Ideal: per token, keep exactly keep_count(d_inter, s) neurons with the largest score."""
     act_g, u = gate_up(x, w_gate, w_up, b_gate, b_up, act)
     mask = topk_mask(score(method_score, act_g, u), keep_count(w_gate.shape[0], sparsity))
-    return down(act_g * u * mask.to(u.dtype), w_down_t, b_down)
+    return down(keep_only(act_g * u, mask), w_down_t, b_down)
 
 
 def threshold_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, act, method_score, threshold) -> torch.Tensor:
     """SP-Prac for CATS / M-CountDown: keep neuron i when score_i > threshold (a per-site scalar)."""
     act_g, u = gate_up(x, w_gate, w_up, b_gate, b_up, act)
     mask = score(method_score, act_g, u).float() > threshold.float()
-    return down(act_g * u * mask.to(u.dtype), w_down_t, b_down)
+    return down(keep_only(act_g * u, mask), w_down_t, b_down)
 
 
 def predictor_ffn(x, w_gate, w_up, w_down_t, b_gate, b_up, b_down, act, pred_v, pred_u, tau) -> torch.Tensor:

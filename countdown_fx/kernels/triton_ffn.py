@@ -626,6 +626,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     _check_shapes(D, N, w_gate, w_up, w_down_t, b_gate, b_up, b_down, pred_v, pred_u)
     x2d = _rows(x2d)
     w_gate, w_up, w_down_t = _rows(w_gate, "w_gate"), _rows(w_up, "w_up"), _rows(w_down_t, "w_down_t")
+    b_gate, b_up, b_down = (None if b is None else _rows(b) for b in (b_gate, b_up, b_down))  # kernels index b[i]
     dtype = x2d.dtype
     prec = _prec(dtype)
     upcast = x2d.device.type == "cpu"  # only the interpreter runs these kernels on CPU tensors

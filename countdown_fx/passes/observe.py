@@ -39,7 +39,7 @@ class SiteObserver(nn.Module):
     def forward(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         act_g, u = reference.gate_up(x, w_gate, w_up, b_gate, b_up, self.activation)
         keep = _ACTIVE[-1].report(self.info, x, act_g, u, (w_gate, w_up, w_down)) if _ACTIVE else None
-        h = act_g * u if keep is None else act_g * u * keep.to(u.dtype)
+        h = act_g * u if keep is None else reference.keep_only(act_g * u, keep)
         return F.linear(h, w_down, b_down)
 
 

@@ -246,3 +246,37 @@ def test_weight_without_contiguous_rows_is_copied_with_a_warning():
         y_view, a_view = run_kernel(c)
     check(c, y_view, a_view)
     assert torch.equal(y_view, y)
+
+
+@pytest.mark.parametrize("which", ["b_gate", "b_up", "b_down"])
+@pytest.mark.parametrize("layout", ["every other", "broadcast"])
+def test_biases_of_any_strides(which, layout):
+    """The kernels index a bias by neuron (feature): one handed over as a strided view, or expanded from one
+    value (stride 0), must give what its values say, not what the storage next to it holds."""
+    c = make_case(2, 37, 97, torch.float32, "cpu", "up", bias=True, sparsity=0.5, seed=11)
+    n = c[which].numel()
+    if layout == "every other":
+        wide = torch.full((2 * n,), float("nan"))  # NaN between the values: a wrong read shows
+        wide[::2] = c[which]
+        c[which] = wide[::2]
+    else:
+        c[which] = torch.tensor([0.25]).expand(n)
+    check(c, *run_kernel(c))
+
+
+@pytest.mark.parametrize("mode", ["gate", "pred"])
+def test_a_skipped_neuron_that_overflows_adds_nothing(mode):
+    """fp16: neuron 0's act(g) * u overflows to inf. Skipped, it must add exactly nothing, as in the reference
+    (torch.where, not a product with a 0/1 mask, which would give inf * 0 = NaN), whether or not the kernel
+    reads its rows (the predictor never does)."""
+    from countdown_fx.kernels import reference
+
+    c = make_case(1, 16, 32, torch.float16, "cpu", mode, sparsity=0.5, seed=2)
+    c["x"] = torch.ones_like(c["x"])
+    c["w_gate"][0], c["w_up"][0] = 20.0, 20.0  # g = u = 320 for every token: 320 * 320 > fp16's 65504
+    c["thr"] = torch.tensor([1e9 if mode == "pred" else 400.0])  # keeps nothing (|act(g)| = 320 < 400)
+    y, a = run_kernel(c)
+    args = (c["x"], c["w_gate"], c["w_up"], c["w_down_t"], None, None, None, "silu")
+    want = (reference.predictor_ffn(*args, c["pred_v"], c["pred_u"], c["thr"]) if mode == "pred"
+            else reference.threshold_ffn(*args, "gate", c["thr"]))
+    assert torch.isfinite(want).all() and torch.equal(y, want) and not a.any()

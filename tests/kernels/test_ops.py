@@ -72,6 +72,15 @@ def test_cuda_op_matches_reference(op, M, seq, gather_max_tokens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["threshold", "predictor"])
+def test_cuda_op_without_neurons_is_its_down_bias(op):
+    """d_inter = 0 (no neuron to keep): the op is b_down, from the reference (the kernels need one neuron)."""
+    ffn = _ffn(2, 64, 0, device="cuda", bias=True, seq=1)
+    got = OPS[op](*_args(op, ffn, "cuda"), 16, 0)
+    torch.testing.assert_close(got, ffn[-1].expand_as(got))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["threshold", "predictor"])
 def test_cuda_backward_matches_reference(op):
     """The forward runs the kernels, the backward differentiates the reference with the mask held fixed."""
     ffn = [t.requires_grad_(True) if t is not None else None
