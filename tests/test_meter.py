@@ -114,12 +114,20 @@ def test_meter_leaves_padding_out_as_calibration_does():
     x[1, 5:] = 1.0
     meters = {}
     with torch.no_grad():
+        # the [batch, 1, seq, keys] forms transformers hands a model with a static cache: a padded query row
+        # attends to no key (bool: False; additive: the dtype's minimum)
+        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        attends = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :] & causal
+        additive = torch.zeros(attends.shape).masked_fill(~attends, torch.finfo(torch.float32).min)
         for name, kwargs in {"real": {"attention_mask": mask}, "pad": {"attention_mask": 1 - mask},
-                             "all": {}}.items():
+                             "all": {}, "4-D bool": {"attention_mask": attends},
+                             "4-D additive": {"attention_mask": additive}}.items():
             torch._dynamo.reset()
             metered(model, {"calibration": cal}, meter := SparsityMeter())(x, **kwargs)
             meters[name] = meter
     real, pad, every = meters["real"], meters["pad"], meters["all"]
+    for form in ("4-D bool", "4-D additive"):
+        assert (meters[form].kept, meters[form].total) == (real.kept, real.total)
     assert real.total == 17 * 72 * 2 and pad.total == 7 * 72 * 2 and every.total == 24 * 72 * 2
     assert real.kept + pad.kept == every.kept
     assert real.union_by_step["prefill"] <= every.union_by_step["prefill"]

@@ -177,8 +177,13 @@ class ObserveSession:
 
 def real_token_rows(token_mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     """Which rows of a site's flattened input `rows` ([tokens, d_model]) are real tokens, by the call's
-    [batch, seq] attention mask; None (all real) without one, or where the mask does not cover these rows (a
-    decode step's mask spans the cached tokens too, and every new token is real)."""
+    attention mask: [batch, seq] (1 = real), or the [batch, 1, seq, keys] form transformers hands a model with a
+    static cache (a padded query row attends to no key: False, or the dtype's minimum where the mask is
+    additive). None (all real) without a mask, or where it does not cover these rows (a decode step's
+    [batch, seq] mask spans the cached tokens too, and every new token is real)."""
+    if token_mask is not None and token_mask.dim() == 4 and token_mask.shape[1] == 1:
+        attends = token_mask[:, 0] if token_mask.dtype == torch.bool else token_mask[:, 0] == 0
+        token_mask = attends.any(-1)
     if token_mask is None or token_mask.numel() != rows.shape[0]:
         return None
     return token_mask.reshape(-1).to(rows.device).bool()
