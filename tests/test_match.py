@@ -270,3 +270,25 @@ def test_under_autocast_the_op_computes_in_the_autocast_dtype():
                                              model.gate.bias, model.up.bias, model.down.bias)]
     expected = reference.topk_ffn(*bf16, "gelu", "up", 0.5)
     torch.testing.assert_close(sparse, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_under_cuda_autocast_the_kernels_run_in_bf16():
+    """An fp32 model under torch.autocast("cuda", bf16), calibrated (prac: the Triton kernels at decode): the
+    op gets bf16 input, weights and state, so it returns bf16 and keeps what a bf16 FFN would."""
+    from countdown_fx import CountDownConfig, calibrate
+    from countdown_fx.kernels import reference
+
+    torch.manual_seed(0)
+    ffn = GptFastFeedForward(64, 160).cuda().eval()
+    cal = calibrate(ffn, [torch.randn(4, 32, 64, device="cuda")],
+                    CountDownConfig(method="m-countdown", sparsity=0.7, regime="prac"), progress=False)
+    step = torch.randn(4, 1, 64, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(ffn, backend="countdown", options={"calibration": cal})(step)
+    assert out.dtype == torch.bfloat16
+    bf16 = [t.to(torch.bfloat16) for t in (step, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight.t())]
+    want = reference.threshold_ffn(*bf16, None, None, None, "silu", "up", next(iter(cal.state.values()))["threshold"])
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
