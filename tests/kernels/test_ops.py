@@ -74,7 +74,8 @@ def test_cuda_op_matches_reference(op, M, seq, gather_max_tokens):
 @pytest.mark.parametrize("op", ["threshold", "predictor"])
 def test_cuda_op_without_neurons_is_its_down_bias(op):
     """d_inter = 0 (no neuron to keep): the op is b_down, from the reference (the kernels need one neuron)."""
-    ffn = _ffn(2, 64, 0, device="cuda", bias=True, seq=1)
+    x, w = torch.randn(2, 1, 64, device="cuda"), torch.empty(0, 64, device="cuda")
+    ffn = (x, w, w, w, torch.empty(0, device="cuda"), torch.empty(0, device="cuda"), torch.randn(64, device="cuda"))
     got = OPS[op](*_args(op, ffn, "cuda"), 16, 0)
     torch.testing.assert_close(got, ffn[-1].expand_as(got))
 
