@@ -166,34 +166,33 @@ class _InPlaceFFN(torch.nn.Module):
             return x + y
 
 
-@pytest.mark.parametrize("form", ["gate clamp_", "product mul_", "up setitem", "input += before down",
-                                  "in-place act, gate read again"])
-def test_an_in_place_write_inside_the_ffn_leaves_it_dense_with_a_warning(form):
-    """The op computes gate and up again from x where down is: a write between would be lost or read twice, so
-    such an FFN is left dense, saying why, and the model computes what it did."""
+def _in_place_case(form, options):
+    """(eager output, rewritten output, countdown ops in the graph) of an _InPlaceFFN on a fixed input."""
     torch.manual_seed(0)
     model = _InPlaceFFN(form).eval()
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         expected = model(x.clone())
     torch._dynamo.reset()
+    return (expected, *_rewritten_op_count(model, x.clone(), options=options))
+
+
+@pytest.mark.parametrize("form", ["gate clamp_", "product mul_", "up setitem", "input += before down",
+                                  "in-place act, gate read again"])
+def test_an_in_place_write_inside_the_ffn_leaves_it_dense_with_a_warning(form):
+    """The op computes gate and up again from x where down is: a write between would be lost or read twice, so
+    such an FFN is left dense, saying why, and the model computes what it did."""
     with pytest.warns(UserWarning, match="in place before the down projection"):
-        out, n_ops = _rewritten_op_count(model, x.clone(), options={**IDEAL_DENSE, "sparsity": 0.5})
+        expected, out, n_ops = _in_place_case(form, {**IDEAL_DENSE, "sparsity": 0.5})
     assert n_ops == 0
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("form", ["in-place act, gate read once", "input written after down"])
 def test_in_place_writes_that_do_not_change_the_ffn_keep_it_sparse(form):
-    torch.manual_seed(0)
-    model = _InPlaceFFN(form).eval()
-    x = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        expected = model(x.clone())
-    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out, n_ops = _rewritten_op_count(model, x.clone())
+        expected, out, n_ops = _in_place_case(form, IDEAL_DENSE)
     assert n_ops == 1
     torch.testing.assert_close(out, expected)
 
