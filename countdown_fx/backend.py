@@ -150,7 +150,8 @@ def _calibration_file_read_once(options: Mapping | None) -> Mapping | None:
     reuses compiled graphs for equal options, and a path is equal to itself whatever the file holds now: every
     graph compiled for it must then run the same state, so the file is read once, and a file changed since is
     refused rather than mixed in (new shapes compiling the new contents next to graphs of the old)."""
-    path = (options or {}).get("calibration")
+    options = dict(options or {})
+    path = options.get("calibration", getattr(options.get("config"), "calibration", None))  # a config's path too
     if not isinstance(path, (str, os.PathLike)):
         return options
     from .calibration import Calibration

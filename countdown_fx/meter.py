@@ -45,9 +45,10 @@ class SparsityMeter(TorchDispatchMode):
         # a batched decode step reads every neuron some token of the step keeps: the union of their masks
         self.union_by_step = defaultdict(int)  # "decode" / "prefill" -> neurons in the union, summed over calls
         self.neurons_by_step = defaultdict(int)  # d_inter summed over calls
-        # the [batch, seq] attention mask of the model call being metered (metered sets it from the call's
-        # `attention_mask=` keyword): padded positions are left out of every count
+        # the attention mask of the model call being metered (metered sets it from the call's `attention_mask=`
+        # keyword; observe.real_token_rows reads it): padded positions are left out of every count
         self.token_mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # the call's cache_position, where it passes one
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in ops.COUNTDOWN_OPS:
@@ -58,7 +59,7 @@ class SparsityMeter(TorchDispatchMode):
         x, w_gate = a["x"], a["w_gate"]
         tokens, d_inter = x.numel() // x.shape[-1], w_gate.shape[0]
         # padding is not text: count the real tokens only, as calibration does
-        real = real_token_rows(self.token_mask, x.reshape(tokens, x.shape[-1]))
+        real = real_token_rows(self.token_mask, x.reshape(tokens, x.shape[-1]), self.positions)
         if real is not None:
             tokens = int(real.sum())
         step = "decode" if ops.is_decode_step(x) else "prefill"
@@ -144,7 +145,7 @@ def metered(model, options: Mapping | None, meter: SparsityMeter):
 
     def before_call(kwargs: dict) -> None:
         _refuse_active_dispatch_mode()
-        meter.token_mask = kwargs.get("attention_mask")
+        meter.token_mask, meter.positions = kwargs.get("attention_mask"), kwargs.get("cache_position")
 
     compiled = torch.compile(model, backend=backend)
     if isinstance(compiled, torch.nn.Module):  # checked before its forward, where Dynamo would skip

@@ -399,4 +399,7 @@ def test_a_calibration_path_is_read_once_and_a_rewritten_file_is_refused(tmp_pat
                   progress=False).save(path)
         with pytest.raises(Exception, match="changed since this process first compiled with it"):
             torch.compile(model, backend="countdown", options=options, dynamic=False)(torch.randn(1, 7, 32))
+        in_config = {"config": CountDownConfig(regime="prac", calibration=str(path)), "apply_to": "all"}
+        with pytest.raises(Exception, match="changed since this process first compiled with it"):
+            torch.compile(model, backend="countdown", options=in_config, dynamic=False)(torch.randn(1, 9, 32))
     torch._dynamo.reset()

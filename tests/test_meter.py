@@ -93,7 +93,7 @@ class _MaskedStack(torch.nn.Module):
         super().__init__()
         self.stack = Stack(GptFastFeedForward)
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x, attention_mask=None, cache_position=None):
         return self.stack(x)
 
 
@@ -114,21 +114,38 @@ def test_meter_leaves_padding_out_as_calibration_does():
     x[1, 5:] = 1.0
     meters = {}
     with torch.no_grad():
-        # the [batch, 1, seq, keys] forms transformers hands a model with a static cache: a padded query row
-        # attends to no key (bool: False; additive: the dtype's minimum)
-        causal = torch.ones(12, 12, dtype=torch.bool).tril()
-        attends = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :] & causal
+        # the [batch, 1, queries, keys] forms transformers hands a model with a static cache: causal, with the
+        # padded keys masked for every query (a padded query row still attends the real keys before it), bool
+        # or additive, over a cache longer than the call (keys at cache_position), or in a dict of masks
+        attends = torch.ones(12, 12, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
         additive = torch.zeros(attends.shape).masked_fill(~attends, torch.finfo(torch.float32).min)
+        cache = torch.zeros(2, 1, 12, 16, dtype=torch.bool)
+        cache[..., 4:] = attends  # the call's tokens sit at positions 4..15 of the cache, nothing before
+        forms = {"4-D bool": {"attention_mask": attends}, "4-D additive": {"attention_mask": additive},
+                 "4-D cache": {"attention_mask": cache, "cache_position": torch.arange(4, 16)},
+                 "4-D cache, no positions": {"attention_mask": cache},  # the offset read off the mask
+                 "dict": {"attention_mask": {"full_attention": attends}}}
         for name, kwargs in {"real": {"attention_mask": mask}, "pad": {"attention_mask": 1 - mask},
-                             "all": {}, "4-D bool": {"attention_mask": attends},
-                             "4-D additive": {"attention_mask": additive}}.items():
+                             "all": {}, **forms}.items():
             torch._dynamo.reset()
             metered(model, {"calibration": cal}, meter := SparsityMeter())(x, **kwargs)
             meters[name] = meter
     real, pad, every = meters["real"], meters["pad"], meters["all"]
-    for form in ("4-D bool", "4-D additive"):
-        assert (meters[form].kept, meters[form].total) == (real.kept, real.total)
+    for form in forms:
+        assert (meters[form].kept, meters[form].total) == (real.kept, real.total), form
     assert real.total == 17 * 72 * 2 and pad.total == 7 * 72 * 2 and every.total == 24 * 72 * 2
     assert real.kept + pad.kept == every.kept
-    assert real.union_by_step["prefill"] <= every.union_by_step["prefill"]
+    assert pad.kept == 0 and pad.union_by_step["prefill"] == 0  # the constant rows keep no neuron
     assert abs(real.sparsity - every.sparsity) > 0.05  # the padding would have been counted
+
+
+def test_a_decode_step_of_a_left_padded_batch_is_real():
+    """[batch, 1, 1, keys] at a decode step: the new token attends the real keys up to its own (the last);
+    the padding before it does not make it padding. A mask that is not causal is not read (None)."""
+    from countdown_fx.passes.observe import real_token_rows
+
+    keys = torch.tensor([[False, False, True, True, True, True], [True, True, True, True, True, True]])
+    rows = torch.zeros(2, 8)
+    assert real_token_rows(keys[:, None, None, :], rows).tolist() == [True, True]
+    bidirectional = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    assert real_token_rows(bidirectional, torch.zeros(3, 8)) is None

@@ -495,9 +495,12 @@ def _writes_first_arg(gm, node: fx.Node) -> bool:
     if node.target in _IN_PLACE_OPERATORS:
         return True
     if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
+        first = node.target._schema.arguments[:1]
+        return bool(first) and first[0].alias_info is not None and first[0].alias_info.is_write
     if node.target in _INPLACE_ARG:
         return _arg(node, _INPLACE_ARG[node.target], "inplace", False) is True
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):  # and_, or_: not in place
+        return False
     name = getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.startswith("_")
 
@@ -530,6 +533,21 @@ def _in_place_writes(gm, node: fx.Node) -> list[fx.Node]:
     return writes
 
 
+def _a_step_of_the_chain(write: fx.Node, chain: set) -> bool:
+    """An in-place write that is itself a step of the FFN (an in-place activation) on a tensor nothing outside
+    the FFN reads, nor what that tensor is a view of (a fused gate_up whose other half is the up side)."""
+    if write not in chain:
+        return False
+    node = write.args[0] if write.args else _input(write)
+    while isinstance(node, fx.Node):
+        if any(user not in chain for user in node.users):
+            return False
+        if not _may_alias(node):
+            return True
+        node = node.args[0] if node.args else _input(node)
+    return True
+
+
 def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Node | None:
     """A node writing the FFN's input x, or anything between the projections and down, in place before down
     runs; None where there is none. The countdown op replaces the whole chain by one call at down, computed
@@ -547,8 +565,7 @@ def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Nod
             pending.extend(node.all_input_nodes)
     for node in chain:
         for write in _in_place_writes(gm, node):
-            part_of_chain = write in chain and len(node.users) == 1
-            if order[write] < end and not part_of_chain:
+            if order[write] < end and not _a_step_of_the_chain(write, chain):
                 return write
     for write in _in_place_writes(gm, x):
         if first < order[write] < end:

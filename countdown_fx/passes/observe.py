@@ -84,7 +84,7 @@ class ObserveSession:
         self.model = model
         self.sites: dict[str, dict] = {}
         self.owners: dict[str, tuple] = {}  # key -> data pointers of the weights first reported under it
-        self.key_of_owner: dict[tuple, str] = {}  # those data pointers -> that key
+        self.keys_of_owner: dict[tuple, list[str]] = {}  # weights' data pointers -> the keys they report under
         self.renamed: set[tuple[str, str]] = set()  # (first key, other key) pairs seen
         self.callback: SiteCallback | None = None
         self.selector: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -119,20 +119,24 @@ class ObserveSession:
         return None if selected is None else selected.reshape(shape)
 
     def _first_key(self, key: str, weights: tuple) -> str:
-        """The key these weights were first reported under, where `key` is that key's path seen from a module
-        inside it or around it: a batch whose keyword arguments cause a graph break (output_hidden_states=True
-        in some transformers versions) has Dynamo compile a submodule as its own frame, whose site paths are
-        relative to it ('layers.0.mlp' for 'model.layers.0.mlp'). Counted as the site it is, with a warning.
-        Keys not so related are other sites sharing weights (one FFN called twice) and stay apart."""
-        owner = tuple(w.data_ptr() for w in weights)
-        first = self.key_of_owner.setdefault(owner, key)
-        if first == key or not (first.endswith("." + key) or key.endswith("." + first)):
+        """The key these weights were reported under before, where `key` is that key's path seen from a module
+        inside it or around it (the one such key): a batch whose keyword arguments cause a graph break
+        (output_hidden_states=True in some transformers versions) has Dynamo compile a submodule as its own frame,
+        whose site paths are relative to it ('layers.0.mlp' for 'model.layers.0.mlp'). Counted as the site it is,
+        with a warning.
+        Keys not so related are other sites sharing weights (one FFN called twice, 'mlp' and 'mlp#1') and stay
+        apart, as does a key related to two (one FFN shared by two modules: which one is it?)."""
+        known = self.keys_of_owner.setdefault(tuple(w.data_ptr() for w in weights), [])
+        related = [k for k in known if k == key or k.endswith("." + key) or key.endswith("." + k)]
+        if key in known or len(related) != 1:  # new, or ambiguous (one FFN shared by two modules): apart
+            if key not in known:
+                known.append(key)
             return key
+        first = related[0]
         if not self.renamed:  # once: every site of such a batch is renamed alike
             warnings.warn(
                 f"countdown: calibration saw the FFN of site {first!r} (and likely others) under the key {key!r} in a "
-                "later batch: that "
-                "batch compiled with a graph break (Dynamo compiled a submodule as its own frame, which names sites "
+                "later batch: that batch compiled with a graph break (Dynamo compiled a submodule as its own frame, which names sites "
                 "from there; an extra keyword such as output_hidden_states=True can cause it). Its tokens count "
                 f"toward {first!r}. Calibrate with the keywords you deploy with.", stacklevel=4)
         self.renamed.add((first, key))
@@ -175,18 +179,47 @@ class ObserveSession:
         return self.calls
 
 
-def real_token_rows(token_mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+def real_token_rows(token_mask, rows: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """Which rows of a site's flattened input `rows` ([tokens, d_model]) are real tokens, by the call's
-    attention mask: [batch, seq] (1 = real), or the [batch, 1, seq, keys] form transformers hands a model with a
-    static cache (a padded query row attends to no key: False, or the dtype's minimum where the mask is
-    additive). None (all real) without a mask, or where it does not cover these rows (a decode step's
-    [batch, seq] mask spans the cached tokens too, and every new token is real)."""
-    if token_mask is not None and token_mask.dim() == 4 and token_mask.shape[1] == 1:
-        attends = token_mask[:, 0] if token_mask.dtype == torch.bool else token_mask[:, 0] == 0
-        token_mask = attends.any(-1)
-    if token_mask is None or token_mask.numel() != rows.shape[0]:
+    attention mask: [batch, seq] (1 = real), or the [batch, 1, queries, keys] form transformers hands a model with
+    a static cache (bool, or additive: 0 where attended), also inside the dict of such masks some models get.
+    From a 4-D mask, a query is real where it attends its own key (at `positions`, the call's cache_position;
+    without it, keys 0..queries-1 when there are as many keys as queries): a padded position's key is masked
+    for every query, itself included, with left and right padding alike. None (all real) without a usable mask,
+    or where it does not cover these rows (a decode step's [batch, seq] mask spans the cached tokens too)."""
+    if isinstance(token_mask, Mapping):
+        token_mask = token_mask.get("full_attention",
+                                    next((m for m in token_mask.values() if isinstance(m, torch.Tensor)), None))
+    if not isinstance(token_mask, torch.Tensor):  # absent, or a form not read here (flex attention's BlockMask)
+        return None
+    if token_mask.dim() == 4 and token_mask.shape[1] == 1:
+        token_mask = _attends_itself(token_mask, positions)
+        if token_mask is None:
+            return None
+    if token_mask.numel() != rows.shape[0]:
         return None
     return token_mask.reshape(-1).to(rows.device).bool()
+
+
+def _attends_itself(mask: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """[batch, queries]: whether each query of a [batch, 1, queries, keys] mask attends the key at its own
+    position. Without positions, a row's queries sit at consecutive keys from an offset, which the mask gives:
+    in a causal mask a real query's last attended key is its own, so offset = max over queries of (last attended
+    key - query index) (a padded query attends nothing, or only keys before its own). None where the mask is not
+    of that form (a query attending keys past its position: not causal)."""
+    queries, keys = mask.shape[-2:]
+    attends = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    index = torch.arange(queries, device=mask.device)
+    if positions is not None and positions.numel() == queries:
+        positions = positions.reshape(1, -1).to(device=mask.device, dtype=torch.long).expand(attends.shape[0], -1)
+    else:
+        last = torch.where(attends, torch.arange(keys, device=mask.device), -1).amax(-1)  # [batch, queries]
+        positions = (last - index).amax(-1, keepdim=True) + index
+    inside = (positions >= 0) & (positions < keys)
+    if ((~inside) & attends.any(-1)).any():
+        return None
+    own = attends.gather(-1, positions.clamp(0, keys - 1).unsqueeze(-1)).squeeze(-1)
+    return own & inside
 
 
 def _call_args(batch) -> tuple[tuple, dict]:

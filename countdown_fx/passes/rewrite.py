@@ -82,6 +82,7 @@ def rewrite_sites(
     decode_only = config.apply_to == "decode"
     flat_inputs = []  # keys of sites whose 2-D input has no [batch, seq, d_model] form in the graph
     symbolic_seq = []  # exported sites under apply_to "decode" whose sequence dim is dynamic
+    autocast = []  # sites computing in another dtype than their weights' (under torch.autocast)
     graph = gm.graph
     for site in sites:
         with graph.inserting_before(site.output):
@@ -102,6 +103,7 @@ def rewrite_sites(
             dtype = compute_dtype(site)
             if dtype != site.dtype or dtype != getattr(node_value(site.x), "dtype", dtype):  # autocast
                 ffn = tuple(None if n is None else graph.call_method("to", (n, dtype)) for n in ffn)
+                autocast.append(site.key)
             ffn = (*ffn, site.activation)
             if config.regime == "ideal":
                 args = (*ffn, config.score, config.sparsity, decode_only)
@@ -151,6 +153,12 @@ def rewrite_sites(
             f"countdown: the FFN input of {len(flat_inputs)} site(s) (first: {flat_inputs[0]}) is 2-D [tokens, "
             "d_model], and this graph does not hold the [batch, seq, d_model] tensor it came from, so prefill cannot "
             f"be told from decode there: {consequence}", stacklevel=3)
+    if autocast:
+        warnings.warn(
+            f"countdown: {len(autocast)} site(s) (first: {autocast[0]}) run under torch.autocast: their input and "
+            "weights are cast to the autocast dtype on every call, as autocast casts a linear's, so each step reads "
+            "all of the FFN's weights and decode gets no faster than dense. The output is right; to serve sparse, "
+            "cast the model itself (model.to(torch.bfloat16)).", stacklevel=3)
     if symbolic_seq:
         warnings.warn(
             f"countdown: {len(symbolic_seq)} site(s) (first: {symbolic_seq[0]}) of this exported program have a "
