@@ -21,7 +21,7 @@ from torch import fx
 from .config import CountDownConfig
 from .kernels.ops import COUNTDOWN_OPS
 from .passes.match import match_sites, routed_experts
-from .passes.rewrite import counters, rewrite_sites
+from .passes.rewrite import counters, keep_down_t_fresh, rewrite_sites
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def countdown_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Map
     if mode is not None:
         config = config.replace(mode=mode)
     gm = transform(gm, example_inputs, config, calibration)
-    return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
+    return keep_down_t_fresh(gm, compile_fx(gm, example_inputs, config_patches=inductor_patches(config)))
 
 
 def eager_backend(options: Mapping | None = None):
@@ -195,6 +195,7 @@ def eager_backend(options: Mapping | None = None):
     config, calibration = resolve(options)
 
     def backend(gm, example_inputs):
-        return transform(gm, example_inputs, config, calibration).forward
+        gm = transform(gm, example_inputs, config, calibration)
+        return keep_down_t_fresh(gm, gm.forward)
 
     return backend

@@ -403,3 +403,46 @@ def test_a_calibration_path_is_read_once_and_a_rewritten_file_is_refused(tmp_pat
         with pytest.raises(Exception, match="changed since this process first compiled with it"):
             torch.compile(model, backend="countdown", options=in_config, dynamic=False)(torch.randn(1, 9, 32))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["countdown", "eager"])
+def test_a_stored_w_down_t_follows_w_down(monkeypatch, backend):
+    """Where the kernels read W_down^T, the rewrite stores a row-major copy (CUDA; forced here on CPU). A W_down
+    written in place after compiling (an optimizer step, load_state_dict), or another model's W_down in a graph
+    Dynamo reuses for it, must not leave the copy stale: the output follows the weights the model has now."""
+    from countdown_fx import CountDownConfig, calibrate
+    from countdown_fx.passes import rewrite
+
+    monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
+    torch.manual_seed(0)
+    model, twin = Stack(GptFastFeedForward).eval(), Stack(GptFastFeedForward).eval()
+    cal = calibrate(model, [torch.randn(4, 16, 32)], CountDownConfig(method="m-countdown", sparsity=0.5,
+                                                                     regime="prac"), progress=False)
+    options = {"calibration": cal, "apply_to": "all", "check_weights": False}
+    x = torch.randn(3, 1, 32)
+
+    one_backend = eager_backend(options)  # one object: Dynamo reuses its graphs, as for equal options
+
+    def compiled(m):
+        if backend == "countdown":
+            return torch.compile(m, backend="countdown", options=options)
+        return torch.compile(m, backend=one_backend)
+
+    def expected(m):
+        torch._dynamo.reset()
+        return torch.compile(m, backend=eager_backend({**options}))(x)  # views of W_down, nothing stored
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        rewrite.counters.clear()
+        first = compiled(model)(x)
+        assert rewrite.counters["w_down_t_bytes"] > 0  # stored, so it could go stale
+        for block in model.blocks:
+            block.w2.weight.mul_(-2.0)  # in place, as an optimizer step
+        again = compiled(model)(x)
+        other = compiled(twin)(x)  # the same graph, another model's weights
+        monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda"})
+        torch.testing.assert_close(again, expected(model), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(other, expected(twin), rtol=1e-5, atol=1e-5)
+        assert (again - first).abs().max() > 1e-2
+    torch._dynamo.reset()

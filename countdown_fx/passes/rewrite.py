@@ -342,10 +342,63 @@ def _down_transposed(gm, site: Site, w_down: fx.Node, example_inputs, kernels_re
             copied_per_call.append((site.key, value.numel() * value.element_size() / 1e6))
         else:
             counters["w_down_t_bytes"] += value.numel() * value.element_size()
+            source = _weight_source(gm, site.down_weight) if not site.dtensor_group else None
             # the stored W_down is read no more: drop its get_attr (and, for a shard, the to_local after it)
             erase_unused(gm.graph, w_down, stop=None)
-            return _register_state(gm, state_attr(site.key, "w_down_t"), value.detach().t().contiguous())
+            attr = state_attr(site.key, "w_down_t")
+            node = _register_state(gm, attr, value.detach().t().contiguous())
+            if source is not None:
+                gm.meta.setdefault(DOWN_T_COPIES, []).append(DownTCopy(attr, source, _stamp(value)))
+            return node
     return gm.graph.call_function(aten.t.default, (w_down,))
+
+
+# GraphModule.meta key: the W_down^T copies stored in the graph, with where their W_down comes from.
+DOWN_T_COPIES = "countdown_w_down_t_copies"
+
+
+@dataclasses.dataclass
+class DownTCopy:
+    attr: str  # the buffer holding W_down^T
+    source: tuple  # ("input", placeholder index) or ("attr", parameter name) of W_down
+    stamp: tuple  # (data_ptr, _version) of the W_down it was copied from
+
+
+def _weight_source(gm, ref) -> tuple | None:
+    if isinstance(ref, str):
+        return ("attr", ref)
+    if ref.op == "get_attr":
+        return ("attr", ref.target)
+    if ref.op == "placeholder":
+        return ("input", [n for n in gm.graph.nodes if n.op == "placeholder"].index(ref))
+    return None
+
+
+def _stamp(w: torch.Tensor) -> tuple:
+    return w.data_ptr(), w._version
+
+
+def keep_down_t_fresh(gm: fx.GraphModule, fn):
+    """fn (the compiled graph) behind a check that each stored W_down^T still copies its W_down: a W_down
+    written in place since (an optimizer step, load_state_dict) or another tensor in its place (Dynamo reuses a
+    graph for another instance of the same model) is copied again before the call. Changes made through
+    `.data` bypass the version counter and are not seen. The check costs ~1 µs per site and call."""
+    copies = gm.meta.get(DOWN_T_COPIES)
+    if not copies:
+        return fn
+    buffers = [gm.get_buffer(c.attr) for c in copies]
+
+    def run(*args):
+        for copy, buffer in zip(copies, buffers):
+            kind, where = copy.source
+            w = args[where] if kind == "input" else weight_value(gm, where)
+            if _stamp(w) != copy.stamp:
+                with torch.no_grad():
+                    buffer.copy_(w.t())
+                copy.stamp = _stamp(w)
+        return fn(*args)
+
+    return run
 
 
 def _device(gm, site: Site, example_inputs) -> torch.device:
