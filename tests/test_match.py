@@ -297,3 +297,24 @@ def test_under_cuda_autocast_the_kernels_run_in_bf16():
     want = reference.threshold_ffn(*bf16, None, None, None, "silu", "up", next(iter(cal.state.values()))["threshold"])
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
+
+
+class _DropoutFFN(torch.nn.Module):
+    def __init__(self, dim=16, hidden=48):
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(dim, hidden), torch.nn.Linear(dim, hidden)
+        self.down, self.drop = torch.nn.Linear(hidden, dim), torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.down(self.drop(torch.nn.functional.silu(self.gate(x)) * self.up(x)))
+
+
+def test_a_dropout_in_training_mode_leaves_the_ffn_dense_and_says_so():
+    model = _DropoutFFN()
+    x = torch.randn(2, 3, 16)
+    with pytest.warns(UserWarning, match=r"1 gated FFN\(s\) .* left dense: a dropout in training mode"):
+        assert len(countdown_fx.find_sites(model.train(), x)) == 0
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(countdown_fx.find_sites(model.eval(), x)) == 1

@@ -373,13 +373,34 @@ def routed_experts(gm: fx.GraphModule) -> list[str]:
 def match_sites(gm: fx.GraphModule, example_inputs: Sequence | None = None) -> SiteTable:
     """All gated FFN sites of `gm`, in graph order. Pure: `gm` is not modified."""
     sites = SiteTable()
+    dropout_blocked = []
     for node in gm.graph.nodes:
         site = _match_at(gm, node, example_inputs, index=len(sites))
         if site is not None:
             sites.append(site)
+        elif _blocked_by_dropout(gm, node):
+            dropout_blocked.append(node.name)
+    if dropout_blocked:
+        warnings.warn(
+            f"countdown: {len(dropout_blocked)} gated FFN(s) (first at {dropout_blocked[0]!r}) left dense: a dropout "
+            "in training mode sits between the product and down, which the countdown op would drop. Call "
+            "model.eval() before compiling for inference.", stacklevel=3)
     _dedupe_keys(sites)
     log.info("countdown: %d gated FFN site(s) found in a graph of %d nodes", len(sites), len(gm.graph.nodes))
     return sites
+
+
+def _blocked_by_dropout(gm, down) -> bool:
+    """`down` is a linear whose input is an active dropout of a product with a recognised activation: a gated
+    FFN that training mode keeps from being a site."""
+    lin = _as_linear(gm, down)
+    dropout = _skip_identity(gm, lin[0]) if lin is not None else None
+    if not isinstance(dropout, fx.Node) or not (
+            (dropout.op == "call_function" and dropout.target in _DROPOUT_FNS)
+            or isinstance(_module(gm, dropout), nn.Dropout)):
+        return False
+    product = _local(_skip_identity(gm, _input(dropout)))
+    return _is_mul(product) and any(_as_activation(gm, side) is not None for side in product.args)
 
 
 def _match_at(gm, down, example_inputs, index) -> Site | None:
