@@ -164,6 +164,13 @@ class _InPlaceFFN(torch.nn.Module):
         if self.form == "in-place act on a fused half":  # the other half is the up side: still an FFN
             g, u = self.gate_up(x).chunk(2, dim=-1)
             return self.down(torch.nn.functional.silu(g, inplace=True) * u)
+        if self.form == "base of the input written before down":  # x is a view of h; h changes in between
+            h = x.clone()
+            xv = h.view(-1, h.shape[-1])
+            g, u = self.gate(xv), self.up(xv)
+            mid = torch.nn.functional.silu(g) * u
+            h.mul_(3.0)
+            return self.down(mid)
         if self.form == "input written after down":
             y = self.down(torch.nn.functional.silu(g) * u)
             x.mul_(2.0)
@@ -182,7 +189,7 @@ def _in_place_case(form, options):
 
 
 @pytest.mark.parametrize("form", ["gate clamp_", "product mul_", "up setitem", "input += before down",
-                                  "in-place act, gate read again"])
+                                  "in-place act, gate read again", "base of the input written before down"])
 def test_an_in_place_write_inside_the_ffn_leaves_it_dense_with_a_warning(form):
     """The op computes gate and up again from x where down is: a write between would be lost or read twice, so
     such an FFN is left dense, saying why, and the model computes what it did."""

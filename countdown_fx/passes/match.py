@@ -559,19 +559,19 @@ def _a_step_of_the_chain(write: fx.Node, chain: set) -> bool:
     the FFN reads, nor what that tensor is a view of (a fused gate_up whose other half is the up side)."""
     if write not in chain:
         return False
-    node = write.args[0] if write.args else _input(write)
+    node = _alias_source(write)
     while isinstance(node, fx.Node):
         if any(user not in chain for user in node.users):
             return False
         if not _may_alias(node):
             return True
-        node = node.args[0] if node.args else _input(node)
+        node = _alias_source(node)
     return True
 
 
 def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Node | None:
-    """A node writing the FFN's input x, or anything between the projections and down, in place before down
-    runs; None where there is none. The countdown op replaces the whole chain by one call at down, computed
+    """A node writing the FFN's input x (or the tensor x is a view of), or anything between the projections and
+    down, in place before down runs; None where there is none. The countdown op replaces the whole chain by one call at down, computed
     from x there: a write to an intermediate would be lost, a write to x after the projections would be read.
     An in-place activation on a gate projection nothing else reads is part of the chain, not such a write."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -588,10 +588,17 @@ def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Nod
         for write in _in_place_writes(gm, node):
             if order[write] < end and not _a_step_of_the_chain(write, chain):
                 return write
-    for write in _in_place_writes(gm, x):
+    base = x  # x, or the tensor x is a view of: a write to either changes what the op would read at down
+    while _may_alias(base) and isinstance(_alias_source(base), fx.Node):
+        base = _alias_source(base)
+    for write in _in_place_writes(gm, base):
         if first < order[write] < end:
             return write
     return None
+
+
+def _alias_source(node: fx.Node):
+    return node.args[0] if node.args else _input(node)
 
 
 # --------------------------------------------------------------------------------------------------------
