@@ -101,9 +101,9 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _input(node: fx.Node):
-    """A call's first argument (`self` of a method), passed by position or as `input=`."""
-    return _arg(node, 0, "input")
+def call_input(node: fx.Node):
+    """A call's first argument (`self` of a method), passed by position or as `input=` / `self=`."""
+    return _arg(node, 0, "input", node.kwargs.get("self"))
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -123,7 +123,7 @@ def _as_linear(gm, node):
         return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
     mod = _module(gm, node)
     if isinstance(mod, nn.Linear):
-        return _input(node), f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
+        return call_input(node), f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None)
     return None
 
 
@@ -134,9 +134,9 @@ def _skip_identity(gm, node):
             training = _arg(node, 2, "training", _arg(node, 2, "train", True))
             if training is not False and _arg(node, 1, "p", 0.5) != 0:
                 return node
-            node = _input(node)
+            node = call_input(node)
         elif isinstance(_module(gm, node), (nn.Dropout, nn.Identity)) and not _module(gm, node).training:
-            node = _input(node)
+            node = call_input(node)
         else:
             return node
     return node
@@ -149,7 +149,7 @@ def _is_mul(node) -> bool:
 
 
 def _is_sigmoid_of(node, x) -> bool:
-    if not isinstance(node, fx.Node) or _input(node) is not x:
+    if not isinstance(node, fx.Node) or call_input(node) is not x:
         return False
     return (node.op == "call_function" and node.target in _SIGMOID_FNS) or (
         node.op == "call_method" and node.target == "sigmoid"
@@ -165,7 +165,7 @@ def _as_activation(gm, node):
         return None
     if isinstance(name, tuple):  # x * sigmoid(x)
         return name
-    return (_input(node), name) if isinstance(_input(node), fx.Node) else None
+    return (call_input(node), name) if isinstance(call_input(node), fx.Node) else None
 
 
 def _activation_name(gm, node):
@@ -229,7 +229,7 @@ def _as_half(gm, node):
             lin = _split_source(gm, src)
             return (lin, index) if lin is not None else None
     if node.target in _SLICE_FNS:  # aten.slice.Tensor(gu, dim, start, end)
-        src = _input(node)
+        src = call_input(node)
         if _as_linear(gm, src) and _is_last_dim(_arg(node, 1, "dim", 0), src):
             return _half_from_slice(gm, src, _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
     return None
@@ -260,11 +260,11 @@ def _out_features(gm, node: fx.Node) -> int | None:
 def _split_source(gm, node):
     """The fused linear whose output `node` splits into two equal halves on the last dim, else None."""
     if node.op == "call_function" and node.target in _CHUNK_FNS or node.op == "call_method" and node.target == "chunk":
-        src, chunks, dim = _input(node), _arg(node, 1, "chunks"), _arg(node, 2, "dim", 0)
+        src, chunks, dim = call_input(node), _arg(node, 1, "chunks"), _arg(node, 2, "dim", 0)
         if chunks == 2 and _as_linear(gm, src) and _is_last_dim(dim, src):
             return src
     if node.op == "call_function" and node.target in _SPLIT_FNS or node.op == "call_method" and node.target == "split":
-        src = _arg(node, 0, "tensor", _input(node))
+        src = _arg(node, 0, "tensor", call_input(node))
         size = _arg(node, 1, "split_size_or_sections", _arg(node, 1, "split_size", _arg(node, 1, "split_sizes")))
         dim = _arg(node, 2, "dim", 0)
         width = _out_features(gm, src) if isinstance(src, fx.Node) else None
@@ -399,7 +399,7 @@ def _blocked_by_dropout(gm, down) -> bool:
             (dropout.op == "call_function" and dropout.target in _DROPOUT_FNS)
             or isinstance(_module(gm, dropout), nn.Dropout)):
         return False
-    product = _local(_skip_identity(gm, _input(dropout)))
+    product = _local(_skip_identity(gm, call_input(dropout)))
     return _is_mul(product) and any(_as_activation(gm, side) is not None for side in product.args)
 
 
@@ -545,7 +545,7 @@ def _in_place_writes(gm, node: fx.Node) -> list[fx.Node]:
             continue
         seen.add(current)
         for user in current.users:
-            first = _input(user) if user.op != "call_method" else (user.args[0] if user.args else None)
+            first = call_input(user)
             if user.kwargs.get("out") is current or (first is current and _writes_first_arg(gm, user)):
                 writes.append(user)
                 pending.append(user)  # x.clamp_() returns x itself
@@ -559,20 +559,21 @@ def _a_step_of_the_chain(write: fx.Node, chain: set) -> bool:
     the FFN reads, nor what that tensor is a view of (a fused gate_up whose other half is the up side)."""
     if write not in chain:
         return False
-    node = _alias_source(write)
+    node = call_input(write)
     while isinstance(node, fx.Node):
         if any(user not in chain for user in node.users):
             return False
         if not _may_alias(node):
             return True
-        node = _alias_source(node)
+        node = call_input(node)
     return True
 
 
 def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Node | None:
     """A node writing the FFN's input x (or the tensor x is a view of), or anything between the projections and
-    down, in place before down runs; None where there is none. The countdown op replaces the whole chain by one call at down, computed
-    from x there: a write to an intermediate would be lost, a write to x after the projections would be read.
+    down, in place before down runs; None where there is none. The countdown op replaces the whole chain by one
+    call at down, computed from x there: a write to an intermediate would be lost, a write to x after the
+    projections would be read.
     An in-place activation on a gate projection nothing else reads is part of the chain, not such a write."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first, end = min(order[p] for p in projections), order[down]
@@ -589,16 +590,13 @@ def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Nod
             if order[write] < end and not _a_step_of_the_chain(write, chain):
                 return write
     base = x  # x, or the tensor x is a view of: a write to either changes what the op would read at down
-    while _may_alias(base) and isinstance(_alias_source(base), fx.Node):
-        base = _alias_source(base)
+    while _may_alias(base) and isinstance(call_input(base), fx.Node):
+        base = call_input(base)
     for write in _in_place_writes(gm, base):
         if first < order[write] < end:
             return write
     return None
 
-
-def _alias_source(node: fx.Node):
-    return node.args[0] if node.args else _input(node)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -98,13 +98,14 @@ class ObserveSession:
         The first call of a site also samples its (unsharded) weights (passes.weights), saved with the
         calibration so that deploying it on other weights is refused."""
         self.calls += 1
-        key = info["key"] if weights is None else self._first_key(info["key"], weights)
+        owner = None if weights is None else tuple(w.data_ptr() for w in weights)  # which FFN this is
+        key = info["key"] if owner is None else self._first_key(info["key"], owner)
         info = {**info, "key": key}
         if key not in self.sites:
             found = weights is not None and info.get("shard", "-") == "-"
             self.sites[key] = {**info, "weight_sample": weight_sample(*weights) if found else None}
-        if weights is not None:
-            self._check_one_ffn_per_key(key, weights)
+        if owner is not None:
+            self._check_one_ffn_per_key(key, owner)
         known = self.sites[key]
         if (known["d_model"], known["d_inter"]) != (info["d_model"], info["d_inter"]):
             raise ValueError(f"site {key!r} appears in two graphs with different shapes: {known} vs {info}")
@@ -118,7 +119,7 @@ class ObserveSession:
             self.callback(key, x, act_g, u)
         return None if selected is None else selected.reshape(shape)
 
-    def _first_key(self, key: str, weights: tuple) -> str:
+    def _first_key(self, key: str, owner: tuple) -> str:
         """The key these weights were reported under before, where `key` is that key's path seen from a module
         inside it or around it (the one such key): a batch whose keyword arguments cause a graph break
         (output_hidden_states=True in some transformers versions) has Dynamo compile a submodule as its own frame,
@@ -126,7 +127,7 @@ class ObserveSession:
         with a warning.
         Keys not so related are other sites sharing weights (one FFN called twice, 'mlp' and 'mlp#1') and stay
         apart, as does a key related to two (one FFN shared by two modules: which one is it?)."""
-        known = self.keys_of_owner.setdefault(tuple(w.data_ptr() for w in weights), [])
+        known = self.keys_of_owner.setdefault(owner, [])
         related = [k for k in known if k == key or k.endswith("." + key) or key.endswith("." + k)]
         if key in known or len(related) != 1:  # new, or ambiguous (one FFN shared by two modules): apart
             if key not in known:
@@ -136,19 +137,19 @@ class ObserveSession:
         if not self.renamed:  # once: every site of such a batch is renamed alike
             warnings.warn(
                 f"countdown: calibration saw the FFN of site {first!r} (and likely others) under the key {key!r} in a "
-                "later batch: that batch compiled with a graph break (Dynamo compiled a submodule as its own frame, which names sites "
-                "from there; an extra keyword such as output_hidden_states=True can cause it). Its tokens count "
+                "later batch: that batch compiled with a graph break (Dynamo compiled a submodule as its own frame, "
+                "which names sites from there; an extra keyword such as output_hidden_states=True can cause it). Its "
+                "tokens count "
                 f"toward {first!r}. Calibrate with the keywords you deploy with.", stacklevel=4)
         self.renamed.add((first, key))
         return first
 
-    def _check_one_ffn_per_key(self, key: str, weights: tuple) -> None:
+    def _check_one_ffn_per_key(self, key: str, owner: tuple) -> None:
         """Refuse two FFNs (other weights) reported under one key: one state for both would be fitted on their
         pooled tokens and deployed on each, far from the target sparsity per layer with a plausible mean. It
         happens where Dynamo compiles a module that holds an FFN as its own frame (a graph break inside a
         decoder layer or in the loop over layers): site keys are paths from the compiled frame, so every
         layer's FFN is then "mlp"."""
-        owner = tuple(w.data_ptr() for w in weights)
         first = self.owners.setdefault(key, owner)
         if first != owner:
             raise ValueError(
@@ -184,8 +185,8 @@ def real_token_rows(token_mask, rows: torch.Tensor, positions: torch.Tensor | No
     attention mask: [batch, seq] (1 = real), or the [batch, 1, queries, keys] form transformers hands a model with
     a static cache (bool, or additive: 0 where attended), also inside the dict of such masks some models get.
     From a 4-D mask, a query is real where it attends its own key (at `positions`, the call's cache_position;
-    without it, keys 0..queries-1 when there are as many keys as queries): a padded position's key is masked
-    for every query, itself included, with left and right padding alike. None (all real) without a usable mask,
+    without it, read off the mask: _attends_itself): a padded position's key is masked for every query, itself
+    included, with left and right padding alike. None (all real) without a usable mask,
     or where it does not cover these rows (a decode step's [batch, seq] mask spans the cached tokens too)."""
     if isinstance(token_mask, Mapping):
         token_mask = token_mask.get("full_attention",

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..config import CountDownConfig
 from ..kernels import ops
-from .match import Site, WeightRef, is_dtensor, node_rank, node_value, weight_value
+from .match import Site, WeightRef, call_input, is_dtensor, node_rank, node_value, weight_value
 from .weights import site_sample
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def token_source(x: fx.Node, d_model: int) -> fx.Node | None:
         return None
     node = x
     while _only_reshapes(node):
-        node = _reshaped(node)
+        node = call_input(node)
         value = node_value(node) if isinstance(node, fx.Node) else None
         if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[-1] == d_model:
             return node if value.is_contiguous() and not _reordered(node) else None
@@ -224,11 +224,6 @@ def _only_reshapes(node) -> bool:
     return _calls(node, _RESHAPE_METHODS, _RESHAPE_FUNCTIONS)
 
 
-def _reshaped(node: fx.Node):
-    """The tensor a reshaping call reads."""
-    return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
-
-
 def _reordered(node) -> bool:
     """Whether `node`, or a tensor it was only reshaped or copied from (`.contiguous()` after a transpose), had its
     dims reordered."""
@@ -237,7 +232,7 @@ def _reordered(node) -> bool:
             return True
         if not (_only_reshapes(node) or _calls(node, {"clone"}, set())):
             return False
-        node = _reshaped(node)
+        node = call_input(node)
     return False
 
 
