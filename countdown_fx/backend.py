@@ -10,6 +10,7 @@ importing countdown_fx; `countdown_fx.backend.countdown_backend` is the same fun
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import warnings
@@ -103,7 +104,7 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
             warnings.warn("countdown: this graph already holds countdown ops (it was sparsified before: sparsify, "
                           "a saved exported program, a CountDownTransformation) and no other gated FFN, so it "
                           "runs as it is.", stacklevel=2)
-        else:
+        elif not sites.left_dense:  # those were each warned about, as left dense and why
             warnings.warn(NO_SITE_WARNING, stacklevel=2)
         return gm
     experts = routed_experts(gm)
@@ -142,39 +143,63 @@ def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:
 
 
 # Calibration files the backend has read in this process: real path -> ((mtime_ns, size), Calibration).
-_FILES_READ: dict[str, tuple[tuple[int, int], Any]] = {}
+@dataclasses.dataclass
+class _FileRead:
+    real: str  # the file the path named when it was read (symlinks resolved, against the working directory then)
+    stamp: tuple[int, int] | None  # its (mtime_ns, size) then
+    calibration: Any  # what it held
+
+
+# Calibration paths read by the backend in this process, as written in the options (what torch.compile compares).
+_FILES_READ: dict[str, _FileRead] = {}
+
+
+def _same_contents(a, b) -> bool:
+    """Two Calibrations hold the same state and description (a file saved again with the same contents)."""
+    described = [json.dumps([c.sites, c.stats], sort_keys=True, default=str) for c in (a, b)]  # NaN equals NaN there
+    return (a.config == b.config and described[0] == described[1] and a.state.keys() == b.state.keys()
+            and all(a.state[k].keys() == b.state[k].keys() and all(torch.equal(t, b.state[k][n])
+                                                                    for n, t in a.state[k].items())
+                    for k in a.state))
 
 
 def _calibration_file_read_once(options: Mapping | None) -> Mapping | None:
     """options with a calibration path replaced by the Calibration read from it the first time. torch.compile
     reuses compiled graphs for equal options, and a path is equal to itself whatever the file holds now: every
-    graph compiled for it must then run the same state, so the file is read once, and a file changed since is
-    refused rather than mixed in (new shapes compiling the new contents next to graphs of the old)."""
+    graph compiled for it must then run the same state, so the file is read once, and a path that now names other
+    contents (the file rewritten, a symlink re-pointed, a relative path after a change of directory) is refused
+    rather than mixed in (new shapes compiling the new contents next to graphs of the old)."""
     options = dict(options or {})
     path = options.get("calibration", getattr(options.get("config"), "calibration", None))  # a config's path too
     if not isinstance(path, (str, os.PathLike)):
         return options
     from .calibration import Calibration
 
-    real = os.path.realpath(os.fspath(path))
+    written = os.fspath(path)
+    real = os.path.realpath(written)
     try:
         stat = os.stat(real)
         stamp = (stat.st_mtime_ns, stat.st_size)
     except OSError:
         stamp = None  # gone: the contents read before (if any) are what the compiled graphs run
-    known = _FILES_READ.get(real)
-    if known is not None and stamp in (None, known[0]):
-        return {**options, "calibration": known[1]}
-    if known is not None:
+    known = _FILES_READ.get(written)
+    if known is None:
+        _FILES_READ[written] = _FileRead(real, stamp, Calibration.load(path))
+        return {**options, "calibration": _FILES_READ[written].calibration}
+    same_file = real == known.real or stamp is None
+    if same_file and stamp not in (None, known.stamp):  # touched: saved again, maybe with the same contents
+        same_file = (known.stamp is not None and stamp[1] == known.stamp[1]
+                     and _same_contents(Calibration.load(path), known.calibration))
+        known.stamp = stamp if same_file else known.stamp
+    if not same_file:
+        now = "names another file" if real != known.real else "holds other contents"
         raise ValueError(
-            f"calibration file {os.fspath(path)!r} changed since this process first compiled with it. torch.compile "
-            "reuses the graphs it compiled for equal options, and the same path is equal to itself, so graphs of "
-            "the old contents would run next to graphs of the new. Save the new calibration under a new path, or "
-            "pass options={'calibration': countdown_fx.Calibration.load(path)}: either compiles anew (a path is "
-            "read once per process; torch._dynamo.reset() does not change that).")
-    calibration = Calibration.load(path)
-    _FILES_READ[real] = (stamp, calibration)
-    return {**options, "calibration": calibration}
+            f"calibration path {written!r} {now} than when this process first compiled with it ({known.real!r}). "
+            "torch.compile reuses the graphs it compiled for equal options, and the same path is equal to itself, "
+            "so graphs of the old contents would run next to graphs of the new. Save the new calibration under a "
+            "new path, or pass options={'calibration': countdown_fx.Calibration.load(path)}: either compiles anew "
+            "(a path is read once per process; torch._dynamo.reset() does not change that).")
+    return {**options, "calibration": known.calibration}
 
 
 def countdown_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Mapping | None = None,

@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import CountDownConfig
 from .kernels import ops, reference
-from .passes.observe import ObserveSession, run_pass
+from .passes.observe import DYNAMO_AFTER_A_FAILED_CALL, ObserveSession, run_pass
 from .passes.predictor import PredictorTrainer, default_rank, oracle_mask, predictor_fraction
 from .passes.rewrite import stored_rank
 from .passes.thresholds import MeanKth, SelectionCounts, StreamingQuantile, drop_count
@@ -47,6 +47,20 @@ MIN_CALIBRATION_TOKENS = 64
 # The config fields a calibration depends on (saved with it); the rest are deployment choices.
 SAVED_FIELDS = ("method", "sparsity", "apply_to", "threshold_rule", "predictor_rank", "predictor_steps",
                 "predictor_lr", "predictor_batch_tokens", "tau", "seed")
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a path a calibration cannot be saved to, or would replace a file at without being asked to."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory; give a file name such as "
+                                f"{os.path.join(path, 'cal.safetensors')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {path!r}: the folder {folder!r} does not exist; create it first")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it (`--force` on the command line), "
+                              "or save under another name")
 
 
 class Calibration:
@@ -144,7 +158,7 @@ class Calibration:
             "a layer or an FFN is compiled on its own (which a graph break inside a decoder layer, or in the loop "
             "over layers, makes Dynamo do: TORCH_LOGS=graph_breaks names it), or when the file was made for a part "
             "of this model. Compile the module you calibrated (or one that holds it, or a part of it with its module "
-            "path), without graph breaks inside its layers, with this calibration.")
+            "path), without graph breaks inside its layers, with this calibration. " + DYNAMO_AFTER_A_FAILED_CALL)
 
     def check_sites(self, sites: Sequence, samples: Mapping[str, dict | None] | None = None) -> dict[str, str]:
         """{site key: calibrated key} for the sites of one graph (resolve_keys). Raises ValueError naming the
@@ -186,8 +200,10 @@ class Calibration:
             now = samples[site_key]
             if now is None:
                 unread.append(site_key)
-            elif not weights.fits(stored, now):
-                other.append((site_key, weights.differing(stored, now), len(stored["values"])))
+            else:
+                n_differing = weights.differing(stored, now)
+                if not weights.few_enough(n_differing, stored):
+                    other.append((site_key, n_differing, len(stored["values"])))
         if unread and not other:
             warnings.warn(
                 f"countdown: the weights of {len(unread)} site(s) (first: {unread[0]!r}) are not readable here (fake "
@@ -227,10 +243,12 @@ class Calibration:
         return Calibration(self.config.replace(tau=float(tau)), self.sites, state, stats, self.meta, self.source)
 
     # -- files --------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """One safetensors file: tensors "<site key>::<name>", everything else as JSON metadata."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """One safetensors file: tensors "<site key>::<name>", everything else as JSON metadata. An existing file
+        is replaced only with overwrite=True (it may be another calibration, or no calibration at all)."""
         from safetensors.torch import save_file
 
+        check_writable(path, overwrite)
         tensors = {f"{key}::{name}": t.contiguous() for key, st in self.state.items() for name, t in st.items()}
         header = {**self.meta, "format": FORMAT, "format_version": FORMAT_VERSION, **_versions(),
                   "config": {f: getattr(self.config, f) for f in SAVED_FIELDS},
@@ -408,7 +426,18 @@ def calibrate_sweep(model: nn.Module, batches, configs: Sequence[CountDownConfig
     configs = list(configs)
     if not configs:
         raise ValueError("calibrate_sweep needs at least one config")
+    for config in configs:
+        if not isinstance(config, CountDownConfig):
+            raise TypeError(f"calibration needs a countdown_fx.CountDownConfig, got {type(config).__name__}: "
+                            "CountDownConfig(method='m-countdown', sparsity=0.7, regime='prac')")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibrate takes the nn.Module to calibrate, got {type(model).__name__}")
+    on_meta = next((name for name, t in model.state_dict().items() if t.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(f"the model's weights are on the meta device ({on_meta!r} first): they hold no values to "
+                         "calibrate on; load the real weights (from_pretrained, load_state_dict(..., assign=True))")
     batches = _batch_list(batches, _device_of(model))
+    _check_token_ids(model, batches)
     was_training = model.training
     model.eval()
     try:
@@ -423,6 +452,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _batch_list(batches, device) -> list:
+    if batches is None:
+        raise TypeError("calibration got batches=None: pass input_ids tensors [batch, seq] or dicts of model kwargs")
     if isinstance(batches, (torch.Tensor, Mapping)):
         batches = [batches]
     out = []
@@ -438,6 +469,32 @@ def _batch_list(batches, device) -> list:
         raise ValueError("calibration got no batches: pass at least one batch of input_ids "
                          f"(>= {MIN_CALIBRATION_TOKENS} tokens; thousands are better)")
     return out
+
+
+def _check_token_ids(model: nn.Module, batches: list) -> None:
+    """Batches a model with a token embedding cannot take, refused here rather than deep inside Dynamo: ids that
+    are not an integer [batch, seq] tensor, or that its embedding cannot look up; a dict without input_ids or
+    inputs_embeds (a misspelt key would fail inside the model, and a failed first call can leave Dynamo's cache
+    for the model's code in a state that later calibrations trip over)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, nn.Embedding):
+        return
+    for i, b in enumerate(batches):
+        if isinstance(b, Mapping):
+            if "input_ids" not in b and "inputs_embeds" not in b:
+                raise ValueError(f"calibration batch {i} has no 'input_ids' (nor 'inputs_embeds'); its keys are "
+                                 f"{sorted(b)}")
+            b = b.get("input_ids")
+        if not isinstance(b, torch.Tensor):
+            continue
+        if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool or b.dim() != 2:
+            raise ValueError(f"calibration batch {i}: input_ids must be an integer tensor [batch, seq] (or [seq]), "
+                             f"got {b.dtype} of shape {tuple(b.shape)}")
+        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= embedding.num_embeddings):
+            raise ValueError(f"calibration batch {i}: token ids from {int(b.min())} to {int(b.max())}, but the "
+                             f"model's embedding has {embedding.num_embeddings} rows (ids 0 to "
+                             f"{embedding.num_embeddings - 1}): were they made by this model's tokenizer?")
 
 
 def _token_count(batches) -> int | None:
@@ -662,10 +719,9 @@ class _Sweep:
         batches = self.batches[-_held_out_count(len(self.batches)):]
         self.deployed = [dict() for _ in self.configs]
         for i in which:
-            def select(key, x, act_g, u, i=i):
+            def select(key, x, act_g, u, real, i=i):
                 """The sparse FFN's keep mask for all tokens; counted over the real ones."""
                 kept = self._kept(i, key, x, act_g, u)
-                real = self.session.real_rows(x)
                 counted = kept if real is None else kept[real]
                 n_kept, n_tokens = self.deployed[i].get(key, (0, 0))
                 self.deployed[i][key] = (n_kept + int(counted.sum()), n_tokens + counted.shape[0])

@@ -42,7 +42,9 @@ def find_sites(model_or_graph: Any, *args: Any, **kwargs: Any) -> SiteTable:
         )
     sites = SiteTable()
     for gm, example_inputs in capture_graphs(model_or_graph, *args, **kwargs):
-        sites.extend(match_sites(gm, example_inputs))
+        found = match_sites(gm, example_inputs)
+        sites.extend(found)
+        sites.left_dense.extend(found.left_dense)
     repeated = sorted(key for key, n in collections.Counter(s.key for s in sites).items() if n > 1)
     if repeated:
         warnings.warn(

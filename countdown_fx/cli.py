@@ -74,13 +74,14 @@ def check_model_options(args) -> None:
     check_model_dir(args.model)
 
 
-def check_out_file(out: str) -> None:
+def check_out_file(out: str, force: bool) -> None:
     """Refuse an --out that cannot be written before calibrating, not after."""
-    path = Path(out)
-    if path.is_dir():
-        raise CliError(f"--out {out!r} is a directory; give a file name such as {str(path / 'cal.safetensors')!r}")
-    if not path.parent.is_dir():
-        raise CliError(f"--out {out!r}: the folder {str(path.parent)!r} does not exist; create it first")
+    from .calibration import check_writable
+
+    try:
+        check_writable(out, overwrite=force)
+    except OSError as e:
+        raise CliError(f"--out: {e}") from e
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, data: str) -> None:
@@ -188,10 +189,11 @@ def calibration_config(args) -> CountDownConfig:
 def cmd_calibrate(args) -> int:
     """Every input is checked before the model is calibrated (the slow part), so a bad one fails in seconds."""
     from .calibration import calibrate
+    from .passes.observe import NoSiteReached
 
     config = calibration_config(args)
     check_model_options(args)
-    check_out_file(args.out)
+    check_out_file(args.out, args.force)
     ids = read_token_ids(args.data, args.model, args.data_format)
     model = load_model(args.model, args.dtype, args.device)
     check_token_ids(ids, vocab_size(model), args.data)
@@ -204,8 +206,11 @@ def cmd_calibrate(args) -> int:
         cal = calibrate(model, batches, config, progress=not args.no_progress)
     except ValueError as e:  # calibrate's refusals: of its data (too few tokens) or the model (non-finite activations)
         raise CliError(f"calibrating {args.model!r} on {args.data!r}: {e}") from e
+    except NoSiteReached as e:
+        raise CliError(f"{args.model!r} has no gated FFN that countdown-fx can calibrate (countdown-fx inspect "
+                       f"lists what it finds): {e}") from e
     cal.meta.update(model=str(args.model), data=str(args.data))
-    cal.save(args.out)
+    cal.save(args.out, overwrite=args.force)
     print(cal.report())
     print(f"wrote {args.out}")
     return 0
@@ -302,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--out", required=True, help="output .safetensors file")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_calibrate)
 
     i = sub.add_parser("inspect", help="list the gated FFN sites the backend would rewrite",

@@ -59,7 +59,7 @@ class SparsityMeter(TorchDispatchMode):
         x, w_gate = a["x"], a["w_gate"]
         tokens, d_inter = x.numel() // x.shape[-1], w_gate.shape[0]
         # padding is not text: count the real tokens only, as calibration does
-        real = real_token_rows(self.token_mask, x.reshape(tokens, x.shape[-1]), self.positions)
+        real = real_token_rows(self.token_mask, x, self.positions)
         if real is not None:
             tokens = int(real.sum())
         step = "decode" if ops.is_decode_step(x) else "prefill"
@@ -132,6 +132,9 @@ def metered(model, options: Mapping | None, meter: SparsityMeter):
     `meter` (Inductor-compiled code cannot be metered from Python: use this to measure, the backend to run).
     `model` is a module or a function (e.g. a model's forward); the result is what torch.compile returns,
     refusing to run under an active dispatch mode (see _refuse_active_dispatch_mode)."""
+    if not isinstance(meter, SparsityMeter):
+        raise TypeError(f"metered(model, options, meter) needs a countdown_fx.SparsityMeter to count into, got "
+                        f"{type(meter).__name__}: meter = SparsityMeter(); net = metered(model, options, meter)")
     rewrite = eager_backend(options)
 
     def backend(gm, example_inputs):

@@ -9,6 +9,7 @@ The same match + rewrite as the torch.compile backend; only the way in differs.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import fx
 from torch.export import Dim, ExportedProgram
 
 from .backend import resolve, transform
+from .passes.rewrite import refresh_down_t_on_call
 from .config import CountDownConfig
 from .kernels.ops import COUNTDOWN_OPS
 
@@ -28,6 +30,13 @@ def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
         return resolve(calibration_or_config)
     if isinstance(calibration_or_config, CountDownConfig):
         return resolve({"config": calibration_or_config})
+    from .calibration import Calibration
+
+    if not isinstance(calibration_or_config, (Calibration, str, os.PathLike)):
+        raise TypeError(
+            f"expected a Calibration, a path to a saved one, a CountDownConfig or a dict of the backend's options, "
+            f"got {type(calibration_or_config).__name__}" + (" (was the result of calibrate() assigned?)"
+                                                             if calibration_or_config is None else ""))
     return resolve({"calibration": calibration_or_config})
 
 
@@ -89,7 +98,7 @@ def sparsify(obj: Any, calibration_or_config: Any, *, example_inputs: Sequence |
     if isinstance(obj, ExportedProgram):
         return sparsify_exported(obj, config, calibration)
     if isinstance(obj, fx.GraphModule):
-        return transform(obj, example_inputs, config, calibration)
+        return refresh_down_t_on_call(transform(obj, example_inputs, config, calibration))
     raise TypeError(
         f"sparsify takes an fx.GraphModule or a torch.export.ExportedProgram, got {type(obj).__name__}; "
         "for an nn.Module use torch.compile(model, backend='countdown', options=...) or export it first"

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch import fx
 
 from countdown_fx.backend import eager_backend, inductor_patches
 from countdown_fx.config import CountDownConfig
@@ -396,13 +397,98 @@ def test_a_calibration_path_is_read_once_and_a_rewritten_file_is_refused(tmp_pat
         expected = torch.compile(model, backend=eager_backend({"calibration": first, "apply_to": "all"}))(x5)
         torch.testing.assert_close(out, expected)
         calibrate(model, data, CountDownConfig(method="m-countdown", sparsity=0.9, regime="prac"),
-                  progress=False).save(path)
-        with pytest.raises(Exception, match="changed since this process first compiled with it"):
+                  progress=False).save(path, overwrite=True)
+        with pytest.raises(Exception, match="holds other contents than when this process first compiled"):
             torch.compile(model, backend="countdown", options=options, dynamic=False)(torch.randn(1, 7, 32))
         in_config = {"config": CountDownConfig(regime="prac", calibration=str(path)), "apply_to": "all"}
-        with pytest.raises(Exception, match="changed since this process first compiled with it"):
+        with pytest.raises(Exception, match="holds other contents than when this process first compiled"):
             torch.compile(model, backend="countdown", options=in_config, dynamic=False)(torch.randn(1, 9, 32))
     torch._dynamo.reset()
+
+
+def test_a_calibration_path_naming_another_file_is_refused_and_the_same_contents_saved_again_are_not(
+        tmp_path, monkeypatch):
+    """The path as written is what torch.compile compares: a symlink re-pointed, or a relative path after a change
+    of directory, names other contents under equal options (refused); a file saved again with the same contents
+    (a new modification time) is the same calibration (accepted)."""
+    from countdown_fx import CountDownConfig, calibrate
+
+    torch.manual_seed(0)
+    model = Stack(GptFastFeedForward).eval()
+    data = [torch.randn(4, 16, 32)]
+    cals = {s: calibrate(model, data, CountDownConfig(method="m-countdown", sparsity=s, regime="prac"),
+                         progress=False) for s in (0.5, 0.9)}
+    for s, cal in cals.items():
+        (tmp_path / f"d{s}").mkdir()
+        cal.save(tmp_path / f"d{s}" / "cal.safetensors")
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(tmp_path / "d0.5" / "cal.safetensors")
+    run = lambda options, n: torch.compile(model, backend="countdown", options=options, dynamic=False)(  # noqa: E731
+        torch.randn(1, n, 32))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        run({"calibration": str(link), "apply_to": "all"}, 3)
+        link.unlink()
+        link.symlink_to(tmp_path / "d0.9" / "cal.safetensors")
+        with pytest.raises(Exception, match="names another file than when"):
+            run({"calibration": str(link), "apply_to": "all"}, 5)
+        monkeypatch.chdir(tmp_path / "d0.5")
+        relative = {"calibration": "cal.safetensors", "apply_to": "all"}
+        run(relative, 3)
+        cals[0.5].save(tmp_path / "d0.5" / "cal.safetensors", overwrite=True)  # the same contents, saved again
+        run(relative, 5)
+        monkeypatch.chdir(tmp_path / "d0.9")
+        with pytest.raises(Exception, match="names another file than when"):
+            run(relative, 7)
+    torch._dynamo.reset()
+
+
+def test_weights_made_under_inference_mode_compile_with_a_stored_w_down_t(monkeypatch):
+    """Inference tensors have no version counter: the W_down^T stamp falls back to the data pointer."""
+    from countdown_fx import CountDownConfig, calibrate
+    from countdown_fx.passes import rewrite
+
+    monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = Stack(GptFastFeedForward).eval()
+    cal = calibrate(model, [torch.randn(4, 16, 32)], CountDownConfig(method="m-countdown", sparsity=0.5,
+                                                                     regime="prac"), progress=False)
+    x = torch.randn(3, 1, 32)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        rewrite.counters.clear()
+        out = torch.compile(model, backend="countdown", options={"calibration": cal, "apply_to": "all"})(x)
+        assert rewrite.counters["w_down_t_bytes"] > 0
+        monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda"})
+        torch._dynamo.reset()
+        expected = torch.compile(model, backend=eager_backend({"calibration": cal, "apply_to": "all"}))(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_a_sparsified_graph_module_follows_its_w_down(monkeypatch):
+    """sparsify(GraphModule) returns a module the caller runs: its stored W_down^T is checked at each call too."""
+    from countdown_fx import CountDownConfig, calibrate, sparsify
+    from countdown_fx.passes import rewrite
+
+    monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
+    torch.manual_seed(0)
+    model, other = Stack(GptFastFeedForward).eval(), Stack(GptFastFeedForward).eval()
+    cal = calibrate(model, [torch.randn(4, 16, 32)], CountDownConfig(method="m-countdown", sparsity=0.5,
+                                                                     regime="prac"), progress=False)
+    options = {"calibration": cal, "apply_to": "all", "check_weights": False}
+    x = torch.randn(3, 1, 32)
+    with torch.no_grad():
+        gm = sparsify(fx.symbolic_trace(model), options)
+        assert any(name.endswith("w_down_t") for name, _ in gm.named_buffers())
+        before = gm(x)
+        model.load_state_dict(other.state_dict())  # in place: the GraphModule shares the parameters
+        after = gm(x)
+        monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda"})
+        expected = sparsify(fx.symbolic_trace(model), options)(x)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert (after - before).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", ["countdown", "eager"])

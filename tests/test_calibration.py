@@ -156,6 +156,21 @@ def test_a_sparsity_the_calibration_was_not_made_for_is_refused(llama, batches, 
 
 
 # ------------------------------------------------------------------------------------------------ files
+def test_save_refuses_to_replace_a_file_or_write_where_it_cannot(llama, batches, tmp_path):
+    cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)
+    path = tmp_path / "cal.safetensors"
+    path.write_text("not a calibration")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        cal.save(path)
+    assert path.read_text() == "not a calibration"
+    cal.save(path, overwrite=True)
+    assert Calibration.load(path).sites == cal.sites
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        cal.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        cal.save(tmp_path / "missing" / "cal.safetensors")
+
+
 @pytest.mark.parametrize("method", ["cats", "d-countdown"])
 def test_save_load_round_trip(llama, batches, tmp_path, method):
     cfg = prac(method, 0.7, **({"predictor_steps": 10, "predictor_batch_tokens": 64} if method == "d-countdown" else {}))
@@ -536,3 +551,30 @@ def test_a_batch_compiled_with_a_graph_break_counts_toward_the_same_sites(llama,
     for key in cal.sites:
         assert cal.stats[key]["tokens"] == plain.stats[key]["tokens"] == sum(b.numel() for b in batches)
         assert float(cal.state[key]["threshold"]) == pytest.approx(float(plain.state[key]["threshold"]), rel=1e-6)
+
+
+class _DequantisedFFN(torch.nn.Module):
+    """Weights computed in forward (int8 times a scale): new tensors, at new addresses, at every call."""
+
+    def __init__(self, dim=32, hidden=72):
+        super().__init__()
+        for name, shape in (("q_gate", (hidden, dim)), ("q_up", (hidden, dim)), ("q_down", (dim, hidden))):
+            self.register_buffer(name, torch.randint(-127, 127, shape, dtype=torch.int8))
+
+    def forward(self, x):
+        wg, wu, wd = (q.to(x.dtype) * 0.01 for q in (self.q_gate, self.q_up, self.q_down))
+        F = torch.nn.functional
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+def test_weights_computed_in_forward_are_calibrated_per_site_without_a_graph_break_error():
+    """An FFN is told apart by its weights' addresses only where they are stored; computed weights (dequantised)
+    move at every batch, which is no sign of two FFNs under one key."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_DequantisedFFN(), _DequantisedFFN()).eval()
+    batches = [torch.randn(4, 16, 32) for _ in range(4)]
+    cal = calibrate(model, batches, CountDownConfig(method="m-countdown", sparsity=0.5, regime="prac"),
+                    progress=False)
+    assert sorted(cal.sites) == ["0", "1"]
+    for key in cal.sites:
+        assert abs(cal.stats[key]["realised_sparsity"] - 0.5) < 0.1

@@ -100,6 +100,17 @@ def cli_error(argv: list[str], capsys) -> str:
     return line
 
 
+def test_an_existing_out_file_is_replaced_only_with_force(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "notes.safetensors"
+    out.write_bytes(b"someone else's file")
+    argv = ["calibrate", "--model", str(model_dir), "--data", str(text_file), "--seq-len", "64", "--no-progress",
+            "--out", str(out)]
+    assert "exists" in cli_error(argv, capsys) and "--force" in cli_error(argv, capsys)
+    assert out.read_bytes() == b"someone else's file"  # refused before calibrating: nothing lost
+    assert main([*argv, "--force"]) == 0
+    assert Calibration.load(out).method == "m-countdown"
+
+
 def test_bad_arguments_are_clear(model_dir, tmp_path, capsys):
     assert "does not exist" in cli_error(
         ["calibrate", "--model", str(model_dir), "--data", str(tmp_path / "nope.txt"), "--out", "x"], capsys)

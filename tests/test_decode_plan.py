@@ -165,6 +165,10 @@ def test_export_keeps_the_dense_rule_only_with_a_fixed_batch(d_calibration):
         warnings.simplefilter("error")  # nothing to warn about where no site has a dense rule
         countdown_fx.sparsify(torch.export.export(model, (x,), dynamic_shapes=({0: Dim.DYNAMIC},)),
                               d_calibration[1].with_tau(0.0))
+        # nor where no call is a decode step: a fixed sequence of 3 tokens (prefill only) with a dynamic batch
+        prefill = countdown_fx.sparsify(
+            torch.export.export(model, (torch.randn(4, 3, 32),), dynamic_shapes=({0: Dim.DYNAMIC},)), cal)
+    assert _plans_in(prefill) == {(1, 0)}
 
 
 def test_d_countdown_reports_what_its_predictor_reaches_on_tokens_it_never_saw():

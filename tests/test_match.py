@@ -109,7 +109,9 @@ def test_site_table_is_readable():
 @pytest.mark.parametrize(
     "raw, clean",
     [("L['self'].model.layers[0].mlp", "model.layers.0.mlp"), ("L['self']._modules['blocks']['3']", "blocks.3"),
-     ("model.layers.2.mlp", "model.layers.2.mlp"), ("L['self']", "")],
+     ("model.layers.2.mlp", "model.layers.2.mlp"), ("L['self']", ""),
+     # a forward wrapped as wrapper(*args, **kwargs) (transformers' deprecate_kwarg): the model is args[0]
+     ("L['args'][0].model.layers.0.mlp.gate_proj", "model.layers.0.mlp.gate_proj")],
 )
 def test_module_paths_are_normalised(raw, clean):
     assert normalize_module_path(raw) == clean
@@ -175,6 +177,32 @@ class _InPlaceFFN(torch.nn.Module):
             y = self.down(torch.nn.functional.silu(g) * u)
             x.mul_(2.0)
             return x + y
+        h = None
+        if self.form == "up.mT mul_":  # views no name list needs to hold: found by their storage
+            u.mT.mul_(3.0)
+        elif self.form == "up movedim mul_":
+            u.movedim(-1, 0).mul_(3.0)
+        elif self.form == "tensor_split of up zero_":
+            torch.tensor_split(u, 2, dim=-1)[0].zero_()
+        elif self.form == "_foreach_mul_ of up":
+            torch._foreach_mul_([u], 3.0)
+        elif self.form == "input .data mul_":
+            x.data.mul_(2.0)
+        elif self.form == "input is an in-place result":  # x2 = h.mul_(2) is h, written again before down
+            h = x.clone()
+            x2 = h.mul_(2.0)
+            g, u = self.gate(x2), self.up(x2)
+            mid = torch.nn.functional.silu(g) * u
+            h.add_(1.0)
+            return self.down(mid)
+        elif self.form == "relu_ method on gate":  # an in-place activation, a step of the chain
+            return self.down(g.relu_() * u)
+        elif self.form == "W_down scaled in place before down":  # what down reads, not the chain
+            w = self.down.weight * 1.0
+            h = torch.nn.functional.silu(g) * u
+            w.mul_(0.5)
+            return torch.nn.functional.linear(h, w)
+        return self.down(torch.nn.functional.silu(g) * u)
 
 
 def _in_place_case(form, options):
@@ -188,8 +216,12 @@ def _in_place_case(form, options):
     return (expected, *_rewritten_op_count(model, x.clone(), options=options))
 
 
-@pytest.mark.parametrize("form", ["gate clamp_", "product mul_", "up setitem", "input += before down",
-                                  "in-place act, gate read again", "base of the input written before down"])
+WRITES_INSIDE = ["gate clamp_", "product mul_", "up setitem", "input += before down", "in-place act, gate read again",
+                 "base of the input written before down", "up.mT mul_", "up movedim mul_", "tensor_split of up zero_",
+                 "_foreach_mul_ of up", "input .data mul_", "input is an in-place result"]
+
+
+@pytest.mark.parametrize("form", WRITES_INSIDE)
 def test_an_in_place_write_inside_the_ffn_leaves_it_dense_with_a_warning(form):
     """The op computes gate and up again from x where down is: a write between would be lost or read twice, so
     such an FFN is left dense, saying why, and the model computes what it did."""
@@ -200,13 +232,44 @@ def test_an_in_place_write_inside_the_ffn_leaves_it_dense_with_a_warning(form):
 
 
 @pytest.mark.parametrize("form", ["in-place act, gate read once", "in-place act on a fused half",
-                                  "input written after down"])
+                                  "input written after down", "relu_ method on gate",
+                                  "W_down scaled in place before down"])
 def test_in_place_writes_that_do_not_change_the_ffn_keep_it_sparse(form):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         expected, out, n_ops = _in_place_case(form, IDEAL_DENSE)
     assert n_ops == 1
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("form", ["up.mT mul_", "up movedim mul_", "tensor_split of up zero_", "input .data mul_",
+                                  "input is an in-place result"])
+def test_in_place_writes_are_found_in_graphs_without_traced_values(form):
+    """fx.symbolic_trace records no fake values, so the matcher follows the view calls by name there."""
+    gm = fx.symbolic_trace(_InPlaceFFN(form).eval())
+    with pytest.warns(UserWarning, match="in place before the down projection"):
+        countdown_fx.sparsify(gm, countdown_fx.CountDownConfig(**{**IDEAL_DENSE, "sparsity": 0.5}))
+    assert not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes)
+
+
+def test_ffns_back_to_back_are_both_rewritten():
+    """One FFN's output is the next one's input: the second site reads the op that replaced the first."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(GptFastFeedForward(), GptFastFeedForward()).eval()
+    x = torch.randn(2, 5, 32)
+    out, n_ops = _rewritten_op_count(model, x)
+    assert n_ops == 2
+    torch.testing.assert_close(out, model(x))
+
+
+def test_an_ffn_left_dense_is_not_also_reported_as_missing():
+    """The in-place warning says why; the generic "no gated FFN was found" would contradict it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _in_place_case("gate clamp_", IDEAL_DENSE)
+    messages = [str(w.message) for w in caught]
+    assert any("in place before the down projection" in m for m in messages)
+    assert NO_SITE_WARNING not in messages
 
 
 class _KeywordFFN(torch.nn.Module):
@@ -314,6 +377,35 @@ class _DropoutFFN(torch.nn.Module):
 
     def forward(self, x):
         return self.down(self.drop(torch.nn.functional.silu(self.gate(x)) * self.up(x)))
+
+
+class _DropoutProduct(torch.nn.Module):
+    """down(dropout(silu(a) * b)) where a and b are inputs, not projections: no gated FFN."""
+
+    def __init__(self, dim=16, hidden=48):
+        super().__init__()
+        self.down, self.drop = torch.nn.Linear(hidden, dim), torch.nn.Dropout(0.1)
+
+    def forward(self, a, b):
+        return self.down(self.drop(torch.nn.functional.silu(a) * b))
+
+
+def test_a_dropout_warning_needs_a_gated_ffn_behind_it():
+    a, b = torch.randn(2, 3, 48), torch.randn(2, 3, 48)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        countdown_fx.find_sites(_DropoutProduct().train(), a, b)
+    assert not any("dropout in training mode" in str(w.message) for w in caught)
+
+
+def test_a_dropout_of_probability_zero_is_the_identity_in_training_mode_too():
+    model = _DropoutFFN()
+    model.drop.p = 0.0
+    x = torch.randn(2, 3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(countdown_fx.find_sites(model.train(), x)) == 1
+        assert len(match_sites(fx.symbolic_trace(model.train()))) == 1
 
 
 def test_a_dropout_in_training_mode_leaves_the_ffn_dense_and_says_so():

@@ -149,3 +149,16 @@ def test_a_decode_step_of_a_left_padded_batch_is_real():
     assert real_token_rows(keys[:, None, None, :], rows).tolist() == [True, True]
     bidirectional = torch.ones(1, 1, 3, 3, dtype=torch.bool)
     assert real_token_rows(bidirectional, torch.zeros(3, 8)) is None
+
+
+def test_a_sequence_first_input_lines_its_rows_up_with_the_mask():
+    """[seq, batch, d_model] rows are seq-major, a [batch, seq] mask batch-major: the mask is transposed to the
+    rows' order (counting by element count alone took real rows for padding and padding for text)."""
+    from countdown_fx.passes.observe import real_token_rows
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])  # batch 2, seq 4: the first sequence has one pad
+    rows = real_token_rows(mask, torch.randn(4, 2, 8))  # sequence-first
+    assert rows.tolist() == mask.t().reshape(-1).bool().tolist()
+    assert real_token_rows(mask, torch.randn(2, 4, 8)).tolist() == mask.reshape(-1).bool().tolist()
+    assert real_token_rows(mask, torch.randn(8, 8)).tolist() == mask.reshape(-1).bool().tolist()  # flat: batch-major
+    assert real_token_rows(mask, torch.randn(1, 8, 8)) is None  # another layout: every row counts

@@ -163,3 +163,9 @@ def test_options_dict_states_a_default_valued_field_against_the_calibration():
     torch.testing.assert_close(decode_only, dense, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"option sparsity=0.9 contradicts the calibration"):
         sparsify(fx.symbolic_trace(model), {"calibration": cal, "sparsity": 0.9})
+
+
+def test_none_in_place_of_a_calibration_is_refused_not_run_with_defaults():
+    gm = torch.fx.symbolic_trace(Stack(GptFastFeedForward).eval())
+    with pytest.raises(TypeError, match="was the result of calibrate\\(\\) assigned"):
+        countdown_fx.sparsify(gm, None)

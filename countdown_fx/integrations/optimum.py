@@ -23,7 +23,7 @@ except ImportError as e:  # optimum is optional
         "install torch first)"
     ) from e
 
-from ..passes.rewrite import STATE_PREFIX
+from ..passes.rewrite import DOWN_T_COPIES, STATE_PREFIX, refresh_down_t_on_call
 from ..backend import transform
 from ..sparsify import resolve_target
 
@@ -53,12 +53,17 @@ class CountDownTransformation(ReversibleTransformation):
         self.config, self.calibration = resolve_target(calibration_or_config)
 
     def transform(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        if not isinstance(graph_module, fx.GraphModule):
+            raise TypeError(
+                f"CountDownTransformation rewrites an fx.GraphModule (optimum's symbolic trace, "
+                f"torch.fx.symbolic_trace(model), ExportedProgram.module()), got {type(graph_module).__name__}; for "
+                "an nn.Module use torch.compile(model, backend='countdown', options=...)")
         if ORIGINAL_GRAPH in graph_module.meta:  # a second transform would keep the rewritten graph as "original"
             raise ValueError("this GraphModule is already transformed by CountDownTransformation; reverse it first "
                              "(transformation(gm, reverse=True)) to transform it again, e.g. with another "
                              "calibration")
         original = _copy_graph(graph_module.graph)
-        transform(graph_module, None, self.config, self.calibration)
+        refresh_down_t_on_call(transform(graph_module, None, self.config, self.calibration))
         graph_module.meta[ORIGINAL_GRAPH] = original
         for node in graph_module.graph.nodes:
             if "countdown_site" in node.meta:
@@ -71,6 +76,7 @@ class CountDownTransformation(ReversibleTransformation):
             raise ValueError("this GraphModule was not transformed by CountDownTransformation (or was copied "
                              "without its meta), so there is no original graph to restore")
         graph_module.graph = original
+        graph_module.meta.pop(DOWN_T_COPIES, None)  # the buffers below go, and the pre-hook with nothing to copy
         for name in [n for n, _ in graph_module.named_buffers() if n.startswith(STATE_PREFIX)]:
             delattr(graph_module, name)
         return graph_module

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -30,7 +31,7 @@ _MUL_FNS = {operator.mul, torch.mul, aten.mul.Tensor}
 _SIGMOID_FNS = {torch.sigmoid, F.sigmoid, aten.sigmoid.default}
 _SILU_FNS = {F.silu, aten.silu.default}
 _GELU_FNS = {F.gelu, torch._C._nn.gelu, aten.gelu.default}
-_RELU_FNS = {F.relu, torch.relu, aten.relu.default}
+_RELU_FNS = {F.relu, torch.relu, torch.relu_, aten.relu.default, aten.relu_.default}
 _DROPOUT_FNS = {F.dropout, torch.dropout, aten.dropout.default}
 _CHUNK_FNS = {torch.chunk, aten.chunk.default}
 _SPLIT_FNS = {torch.split, aten.split.Tensor, aten.split_with_sizes.default}
@@ -74,9 +75,16 @@ class Site:
 
 
 class SiteTable(list):
-    """The sites of a model: a list of Site with a readable table as its repr."""
+    """The sites of a model: a list of Site with a readable table as its repr. left_dense: the down nodes of
+    gated FFNs found but left dense (an in-place write, a dropout in training mode), each warned about."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.left_dense: list[str] = []
 
     def __repr__(self) -> str:
+        if not self and self.left_dense:
+            return f"SiteTable(no gated FFN rewritable: {len(self.left_dense)} left dense, see the warnings)"
         if not self:
             return "SiteTable(no gated FFN found)"
         rows = [s.describe() for s in self]
@@ -135,7 +143,8 @@ def _skip_identity(gm, node):
             if training is not False and _arg(node, 1, "p", 0.5) != 0:
                 return node
             node = call_input(node)
-        elif isinstance(_module(gm, node), (nn.Dropout, nn.Identity)) and not _module(gm, node).training:
+        elif isinstance(_module(gm, node), nn.Identity) or (
+                isinstance(_module(gm, node), nn.Dropout) and (not _module(gm, node).training or _module(gm, node).p == 0)):
             node = call_input(node)
         else:
             return node
@@ -177,7 +186,7 @@ def _activation_name(gm, node):
             return "relu"
         if node.target in _GELU_FNS:
             return "gelu_tanh" if _arg(node, 1, "approximate", "none") == "tanh" else "gelu"
-    if node.op == "call_method" and node.target in ("relu",):
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
         return "relu"
     if _is_mul(node) and len(node.args) == 2:  # x * sigmoid(x), either order
         a, b = node.args
@@ -310,11 +319,13 @@ def _get_attr(gm, target: str):
     return obj
 
 
-_DYNAMO_ROOT = re.compile(r"^L\[['\"]\w+['\"]\]\.?")
+# The traced frame's local that holds the model: L['self'] for a module's own forward; L['args'][0] where a
+# decorator wraps forward as wrapper(*args, **kwargs) (transformers >= 5.2x: deprecate_kwarg on every forward).
+_DYNAMO_ROOT = re.compile(r"^L\[['\"](?:args['\"]\]\[0\]|\w+['\"]\])\.?")
 
 
 def normalize_module_path(path: str) -> str:
-    """"L['self'].model.layers[0]._modules['mlp']" -> "model.layers.0.mlp"."""
+    """"L['self'].model.layers[0]._modules['mlp']" (or "L['args'][0].model...") -> "model.layers.0.mlp"."""
     path = _DYNAMO_ROOT.sub("", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     parts = [p for p in path.split(".") if p and p not in ("_modules",)]
@@ -376,10 +387,13 @@ def match_sites(gm: fx.GraphModule, example_inputs: Sequence | None = None) -> S
     dropout_blocked = []
     for node in gm.graph.nodes:
         site = _match_at(gm, node, example_inputs, index=len(sites))
-        if site is not None:
+        if site is _LEFT_DENSE:
+            sites.left_dense.append(node.name)
+        elif site is not None:
             sites.append(site)
         elif _blocked_by_dropout(gm, node):
             dropout_blocked.append(node.name)
+            sites.left_dense.append(node.name)
     if dropout_blocked:
         warnings.warn(
             f"countdown: {len(dropout_blocked)} gated FFN(s) (first at {dropout_blocked[0]!r}) left dense: a dropout "
@@ -400,7 +414,17 @@ def _blocked_by_dropout(gm, down) -> bool:
             or isinstance(_module(gm, dropout), nn.Dropout)):
         return False
     product = _local(_skip_identity(gm, call_input(dropout)))
-    return _is_mul(product) and any(_as_activation(gm, side) is not None for side in product.args)
+    if not _is_mul(product) or len(product.args) != 2:
+        return False
+    for act_side, up_side in (product.args, product.args[::-1]):
+        act = _as_activation(gm, act_side)
+        if act is not None and _projection(gm, act[0]) is not None and _projection(gm, up_side) is not None:
+            return True
+    return False
+
+
+# _build_site's answer for a gated FFN it found and left dense with a warning (SiteTable.left_dense).
+_LEFT_DENSE = object()
 
 
 def _match_at(gm, down, example_inputs, index) -> Site | None:
@@ -418,7 +442,7 @@ def _match_at(gm, down, example_inputs, index) -> Site | None:
         if gate is None or up is None:
             continue
         site = _build_site(gm, down, act[1], gate, up, w_down, b_down, example_inputs, index)
-        if site is not None:
+        if site is not None:  # a Site, or _LEFT_DENSE
             return site
     return None
 
@@ -469,7 +493,7 @@ def _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, in
             "computes gate and up again from the input where down is, so it would miss that write (or see a later "
             "one). Write it out of place (x = x.clamp(...) instead of x.clamp_(...)) to have the FFN sparsified.",
             stacklevel=2)
-        return None
+        return _LEFT_DENSE
     key = _site_key(gm, [gate_lin, up_lin, down]) or f"site{index}"
     if shard:
         key = f"{key}@{shard}"
@@ -490,11 +514,18 @@ def _biases_fit(gm, example_inputs, biases, widths) -> bool:
 
 
 # Calls whose result may share its input's storage: a write into it writes the input.
+# Graphs without traced values (fx.symbolic_trace) are walked by these names; Dynamo's and export's graphs are
+# checked by the storage of each node's fake value (_storage), which no list has to keep complete.
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
                  "transpose", "permute", "t", "expand", "expand_as", "narrow", "chunk", "split", "unbind", "select",
-                 "__getitem__", "contiguous", "detach", "to", "type", "type_as", "float", "half", "bfloat16"}
+                 "__getitem__", "contiguous", "detach", "to", "type", "type_as", "float", "half", "bfloat16",
+                 "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "as_strided", "tensor_split",
+                 "split_with_sizes", "view_as_real", "view_as_complex", "expand_copy"}
 _VIEW_FNS = {operator.getitem, torch.chunk, torch.split, torch.narrow, torch.reshape, torch.flatten, torch.squeeze,
-             torch.unsqueeze, torch.transpose, torch.permute, torch.t, torch.unbind, torch.select, torch.detach}
+             torch.unsqueeze, torch.transpose, torch.permute, torch.t, torch.unbind, torch.select, torch.detach,
+             torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.diagonal, torch.as_strided,
+             torch.tensor_split, torch.split_with_sizes, torch.view_as_real, torch.view_as_complex}
+_VIEW_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}  # getattr(u, "mT") as symbolic_trace records it
 # x[i] = v and augmented assignments (x += y), as Dynamo records them.
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                        operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
@@ -523,7 +554,18 @@ def _writes_first_arg(gm, node: fx.Node) -> bool:
     if getattr(node.target, "__module__", None) in ("_operator", "operator"):  # and_, or_: not in place
         return False
     name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
+    return name.endswith("_") and (not name.startswith("_") or name.startswith("_foreach_"))
+
+
+def _written_args(gm, node: fx.Node) -> list[fx.Node]:
+    """The tensors `node` writes in place: its first argument (each of them for torch._foreach_*_), out=."""
+    written = []
+    if _writes_first_arg(gm, node):
+        first = call_input(node)
+        written.extend(first if isinstance(first, (list, tuple)) else [first])
+    out = node.kwargs.get("out")
+    written.extend(out if isinstance(out, (list, tuple)) else [out])
+    return [w for w in written if isinstance(w, fx.Node)]
 
 
 def _may_alias(node: fx.Node) -> bool:
@@ -533,11 +575,31 @@ def _may_alias(node: fx.Node) -> bool:
         return False
     if isinstance(node.target, torch._ops.OpOverload):
         return any(r.alias_info is not None for r in node.target._schema.returns)
-    return node.target in _VIEW_FNS
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _VIEW_ATTRS
+    return node.target in _VIEW_FNS or getattr(node.target, "__name__", "") == "_get_data_attr"
 
 
-def _in_place_writes(gm, node: fx.Node) -> list[fx.Node]:
-    """The nodes that write `node`'s data in place, directly or through a view of it."""
+def _storage(node) -> StorageWeakRef | None:
+    """The storage of the fake tensor a traced node holds (Dynamo's example_value, export's val): views and
+    in-place results share their base's. None where the graph holds no such value (fx.symbolic_trace)."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node_value(node)
+    if not isinstance(value, torch.Tensor) or is_dtensor(value) or value.layout != torch.strided:
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _in_place_writes(gm, node: fx.Node, candidates: Sequence[fx.Node]) -> list[fx.Node]:
+    """The nodes that write `node`'s data in place, directly or through a view of it: found among `candidates` by
+    storage where the graph holds fake values, else by walking the calls that return views (_VIEW_METHODS, ...)."""
+    storage = _storage(node)
+    if storage is not None:
+        return [n for n in candidates if any(_storage(w) == storage for w in _written_args(gm, n))]
     writes, pending, seen = [], [node], set()
     while pending:
         current = pending.pop()
@@ -545,11 +607,10 @@ def _in_place_writes(gm, node: fx.Node) -> list[fx.Node]:
             continue
         seen.add(current)
         for user in current.users:
-            first = call_input(user)
-            if user.kwargs.get("out") is current or (first is current and _writes_first_arg(gm, user)):
+            if current in _written_args(gm, user):
                 writes.append(user)
                 pending.append(user)  # x.clamp_() returns x itself
-            elif first is current and _may_alias(user):
+            elif call_input(user) is current and _may_alias(user):
                 pending.append(user)
     return writes
 
@@ -575,9 +636,12 @@ def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Nod
     call at down, computed from x there: a write to an intermediate would be lost, a write to x after the
     projections would be read.
     An in-place activation on a gate projection nothing else reads is part of the chain, not such a write."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
     first, end = min(order[p] for p in projections), order[down]
-    chain, pending = set(), list(down.all_input_nodes)
+    between = nodes[first + 1:end]  # where a write that matters can be
+    product = call_input(down)  # down's input side only: a write to W_down (a dequantised weight) is read at down
+    chain, pending = set(), [product] if isinstance(product, fx.Node) else list(down.all_input_nodes)
     while pending:  # the nodes from the projections to down
         node = pending.pop()
         if node in chain or order[node] < first:
@@ -586,13 +650,13 @@ def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Nod
         if node not in projections:
             pending.extend(node.all_input_nodes)
     for node in chain:
-        for write in _in_place_writes(gm, node):
+        for write in _in_place_writes(gm, node, between):
             if order[write] < end and not _a_step_of_the_chain(write, chain):
                 return write
     base = x  # x, or the tensor x is a view of: a write to either changes what the op would read at down
-    while _may_alias(base) and isinstance(call_input(base), fx.Node):
-        base = call_input(base)
-    for write in _in_place_writes(gm, base):
+    while (_may_alias(base) or _writes_first_arg(gm, base)) and isinstance(call_input(base), fx.Node):
+        base = call_input(base)  # through views and in-place results (x = h.mul_(2) is h)
+    for write in _in_place_writes(gm, base, between):
         if first < order[write] < end:
             return write
     return None

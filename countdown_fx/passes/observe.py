@@ -29,16 +29,29 @@ log = logging.getLogger(__name__)
 SiteCallback = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+# What else makes Dynamo compile a model's submodules on their own, with no graph break in its code.
+DYNAMO_AFTER_A_FAILED_CALL = (
+    "If there is no graph break: an earlier call of this model that raised inside torch.compile (a misspelt "
+    "keyword, say) can leave Dynamo compiling its submodules on their own from then on in this process; "
+    "torch._dynamo.reset() clears that.")
+
+
+class NoSiteReached(RuntimeError):
+    """A calibration batch ran without reaching any gated FFN site."""
+
+
 class SiteObserver(nn.Module):
     """Computes one gated FFN densely (as the reference does) and reports its tokens to the active session."""
 
-    def __init__(self, info: dict):
+    def __init__(self, info: dict, weights_stored: bool = True):
         super().__init__()
         self.key, self.activation, self.info = info["key"], info["activation"], info
+        self.weights_stored = weights_stored  # parameters or graph inputs, not computed in forward (dequantised)
 
     def forward(self, x, w_gate, w_up, w_down, b_gate, b_up, b_down):
         act_g, u = reference.gate_up(x, w_gate, w_up, b_gate, b_up, self.activation)
-        keep = _ACTIVE[-1].report(self.info, x, act_g, u, (w_gate, w_up, w_down)) if _ACTIVE else None
+        keep = (_ACTIVE[-1].report(self.info, x, act_g, u, (w_gate, w_up, w_down), identify=self.weights_stored)
+                if _ACTIVE else None)
         h = act_g * u if keep is None else reference.keep_only(act_g * u, keep)
         return F.linear(h, w_down, b_down)
 
@@ -53,7 +66,7 @@ def observer_backend(gm: fx.GraphModule, example_inputs):
     """Dynamo backend: every matched site becomes a SiteObserver; the rest of the graph runs as captured."""
     sites = match_sites(gm, example_inputs)
     for i, site in enumerate(sites):
-        _instrument(gm, site, i)
+        _instrument(gm, site, i, sites)
     if sites:
         gm.graph.lint()
         gm.recompile()
@@ -61,12 +74,14 @@ def observer_backend(gm: fx.GraphModule, example_inputs):
     return gm.forward
 
 
-def _instrument(gm: fx.GraphModule, site: Site, index: int) -> None:
+def _instrument(gm: fx.GraphModule, site: Site, index: int, sites: list[Site]) -> None:
     name = f"countdown_observer_{index}"
-    gm.add_submodule(name, SiteObserver(site.describe()))
+    refs = (site.gate_weight, site.up_weight, site.down_weight)
+    stored = all(isinstance(r, str) or r.op in ("placeholder", "get_attr") for r in refs)
+    gm.add_submodule(name, SiteObserver(site.describe(), weights_stored=stored))
     with gm.graph.inserting_before(site.output):
         new = gm.graph.call_module(name, site_input_nodes(gm, site))
-        replace_site(gm, site, new)
+        replace_site(gm, site, new, sites)
     erase_unused(gm.graph, site.output, stop=site.x)
 
 
@@ -76,8 +91,8 @@ class ObserveSession:
     Set `callback` before each pass over the data; `run(batch)` calls the model on one batch (a tensor
     of input_ids or a dict of keyword arguments) and returns the number of site calls observed, which
     calibrate uses to detect a graph that silently fell back to eager (no observation at all).
-    With a `selector` (key, x, act_g, u -> bool keep mask [N, d_inter] over all N tokens) every site runs
-    sparse instead, as a deployed model does, so later sites see the inputs the earlier sparse ones give.
+    With a `selector` (key, x, act_g, u, real rows or None -> bool keep mask [N, d_inter] over all N tokens) every
+    site runs sparse instead, as a deployed model does, so later sites see the inputs the earlier sparse ones give.
     """
 
     def __init__(self, model: nn.Module):
@@ -87,18 +102,19 @@ class ObserveSession:
         self.keys_of_owner: dict[tuple, list[str]] = {}  # weights' data pointers -> the keys they report under
         self.renamed: set[tuple[str, str]] = set()  # (first key, other key) pairs seen
         self.callback: SiteCallback | None = None
-        self.selector: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.selector: Callable[..., torch.Tensor] | None = None  # (key, x, act_g, u, real rows or None)
         self.token_mask: torch.Tensor | None = None
         self.calls = 0
         self.compiled = torch.compile(model, backend=observer_backend)
 
     def report(self, info: dict, x: torch.Tensor, act_g: torch.Tensor, u: torch.Tensor,
-               weights: tuple | None = None) -> torch.Tensor | None:
+               weights: tuple | None = None, identify: bool = True) -> torch.Tensor | None:
         """Hand the real tokens to the callback; return the selector's keep mask (shaped as act_g), if any.
         The first call of a site also samples its (unsharded) weights (passes.weights), saved with the
-        calibration so that deploying it on other weights is refused."""
+        calibration so that deploying it on other weights is refused. identify: the weights' data pointers say
+        which FFN this is (not so for weights computed in forward, new tensors at every call)."""
         self.calls += 1
-        owner = None if weights is None else tuple(w.data_ptr() for w in weights)  # which FFN this is
+        owner = tuple(w.data_ptr() for w in weights) if weights is not None and identify else None  # which FFN
         key = info["key"] if owner is None else self._first_key(info["key"], owner)
         info = {**info, "key": key}
         if key not in self.sites:
@@ -110,10 +126,10 @@ class ObserveSession:
         if (known["d_model"], known["d_inter"]) != (info["d_model"], info["d_inter"]):
             raise ValueError(f"site {key!r} appears in two graphs with different shapes: {known} vs {info}")
         shape = act_g.shape
+        real = self.real_rows(x)  # from x as the FFN got it: its shape says how its rows line up with the mask
         x, act_g, u = (t.reshape(-1, t.shape[-1]) for t in (x, act_g, u))
-        selected = self.selector(key, x, act_g, u) if self.selector is not None else None
+        selected = self.selector(key, x, act_g, u, real) if self.selector is not None else None
         if self.callback is not None:
-            real = self.real_rows(x)
             if real is not None:
                 x, act_g, u = x[real], act_g[real], u[real]
             self.callback(key, x, act_g, u)
@@ -158,11 +174,11 @@ class ObserveSession:
                 "decoder layer), or in the loop over them, makes Dynamo compile each such module on its own, where "
                 "every layer's FFN has the same path. One calibrated state cannot serve them all. Remove the graph "
                 "break (TORCH_LOGS=graph_breaks names it; torch.compile(..., fullgraph=True) fails at it); "
-                "regime 'ideal' needs no calibration and runs either way.")
+                "regime 'ideal' needs no calibration and runs either way. " + DYNAMO_AFTER_A_FAILED_CALL)
 
     def real_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Which rows of a site's flattened input x are real tokens (the batch's attention mask), or None for
-        all of them."""
+        """Which rows of a site's input x [..., d_model], flattened, are real tokens (the batch's attention mask),
+        or None for all of them."""
         return real_token_rows(self.token_mask, x)
 
     @torch.no_grad()
@@ -180,14 +196,16 @@ class ObserveSession:
         return self.calls
 
 
-def real_token_rows(token_mask, rows: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Which rows of a site's flattened input `rows` ([tokens, d_model]) are real tokens, by the call's
+def real_token_rows(token_mask, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which rows of a site's input x ([..., d_model], flattened to [tokens, d_model]) are real tokens, by the call's
     attention mask: [batch, seq] (1 = real), or the [batch, 1, queries, keys] form transformers hands a model with
     a static cache (bool, or additive: 0 where attended), also inside the dict of such masks some models get.
     From a 4-D mask, a query is real where it attends its own key (at `positions`, the call's cache_position;
     without it, read off the mask: _attends_itself): a padded position's key is masked for every query, itself
     included, with left and right padding alike. None (all real) without a usable mask,
-    or where it does not cover these rows (a decode step's [batch, seq] mask spans the cached tokens too)."""
+    or where it does not cover these rows (a decode step's [batch, seq] mask spans the cached tokens too).
+    x's leading dims must be the mask's [batch, seq] (a flat [tokens, d_model] input is taken batch-major), or
+    [seq, batch] (a sequence-first model: the mask is transposed to its order); other layouts count every row."""
     if isinstance(token_mask, Mapping):
         token_mask = token_mask.get("full_attention",
                                     next((m for m in token_mask.values() if isinstance(m, torch.Tensor)), None))
@@ -197,9 +215,14 @@ def real_token_rows(token_mask, rows: torch.Tensor, positions: torch.Tensor | No
         token_mask = _attends_itself(token_mask, positions)
         if token_mask is None:
             return None
-    if token_mask.numel() != rows.shape[0]:
+    lead = tuple(x.shape[:-1])
+    if token_mask.numel() != x.numel() // max(x.shape[-1], 1):
         return None
-    return token_mask.reshape(-1).to(rows.device).bool()
+    if len(lead) > 1 and lead != tuple(token_mask.shape):
+        if token_mask.dim() != 2 or lead != tuple(token_mask.shape[::-1]):
+            return None
+        token_mask = token_mask.t()  # [seq, batch], as the rows of a sequence-first input
+    return token_mask.reshape(-1).to(x.device).bool()
 
 
 def _attends_itself(mask: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
@@ -247,7 +270,7 @@ def run_pass(session: ObserveSession, batches: Iterable, callback: SiteCallback,
     try:
         for batch in tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch"):
             if session.run(batch) == 0:
-                raise RuntimeError(
+                raise NoSiteReached(
                     "countdown: a calibration batch reached no gated FFN site. Either the model has none "
                     "(countdown_fx.find_sites(model, inputs) lists them) or Dynamo ran it eagerly because its "
                     "recompile limit was hit; call torch._dynamo.reset() or raise "

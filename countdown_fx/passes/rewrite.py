@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import re
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import fx
@@ -117,14 +117,15 @@ def rewrite_sites(
                     # stated; or sparse prefill (apply_to "all") the op would take for a decode step, and run dense
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
                 elif plan.dense_min_tokens and exported and batch_symbolic:
-                    dropped_dense.append((site.key, plan.dense_min_tokens))
+                    if not _prefill_only(tokens if tokens is not None else x):  # else no decode step to lose it
+                        dropped_dense.append((site.key, plan.dense_min_tokens))
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
                 rule = ((state["pred_v"], state["pred_u"], state["tau"]) if config.method == "d-countdown"
                         else (config.score, state["threshold"]))
                 args = (*ffn, *rule, decode_only, plan.gather_max_tokens, plan.dense_min_tokens)
             new = graph.call_function(op, args)
             out = new if tokens is None else graph.call_function(aten.reshape.default, (new, [-1, site.d_model]))
-            replace_site(gm, site, out)
+            replace_site(gm, site, out, sites)
         for node in {new, out}:
             node.meta.update({k: v for k, v in site.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
         new.meta["countdown_site"] = site.key
@@ -189,6 +190,13 @@ def _symbolic_token_dims(node: fx.Node) -> tuple[bool, bool]:
     lead = value.shape[:-1] if value.dim() == 2 else value.shape[:-2]
     batch = any(isinstance(d, torch.SymInt) for d in lead)
     return batch, value.dim() > 2 and isinstance(value.shape[-2], torch.SymInt)
+
+
+def _prefill_only(node: fx.Node) -> bool:
+    """An FFN input [..., seq, d_model] whose sequence dim is fixed above 1: no call of it is a decode step."""
+    value = node_value(node)
+    return (isinstance(value, torch.Tensor) and value.dim() > 2 and not isinstance(value.shape[-2], torch.SymInt)
+            and value.shape[-2] != 1)
 
 
 # Calls that only reshape a tensor (the same elements in the same order).
@@ -269,9 +277,11 @@ def _to_local(gm: fx.GraphModule, node):
     return gm.graph.call_method("to_local", (node,)) if node is not None else None
 
 
-def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
+def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node, sites: list[Site]) -> None:
     """Route the users of the site's output to `new`, which computes the FFN (under DTensor TP, the shard's
-    partial sums, all-reduced here as the row-parallel down projection would have done, plus its bias)."""
+    partial sums, all-reduced here as the row-parallel down projection would have done, plus its bias).
+    A site of `sites` whose input is this site's output (FFNs back to back) is given the new node as its input:
+    the output node goes when the site is erased."""
     result = new
     if site.dtensor_group:
         reduced = gm.graph.call_function(torch.ops._c10d_functional.all_reduce.default, (new, "sum", site.dtensor_group))
@@ -282,6 +292,9 @@ def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
     for node in {new, result}:
         node.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "example_value", "tensor_meta")})
     site.output.replace_all_uses_with(result)
+    for i, other in enumerate(sites):
+        if other.x is site.output:
+            sites[i] = dataclasses.replace(other, x=result)
 
 
 def erase_unused(graph: fx.Graph, root: fx.Node, stop: fx.Node | None) -> None:
@@ -370,7 +383,30 @@ def _weight_source(gm, ref) -> tuple | None:
 
 
 def _stamp(w: torch.Tensor) -> tuple:
-    return w.data_ptr(), w._version
+    """What says a W_down is the one its W_down^T was copied from. An inference tensor (made under
+    torch.inference_mode) has no version counter: its data pointer alone, so an in-place write to it inside
+    inference mode is not seen."""
+    return w.data_ptr(), None if w.is_inference() else w._version
+
+
+def _refresh_down_t(gm: fx.GraphModule, args: Sequence, kwargs: Mapping | None = None) -> None:
+    """Copy each stored W_down^T again whose W_down changed since (see keep_down_t_fresh); `args` / `kwargs`:
+    the graph's call arguments, where weights are placeholders."""
+    placeholders = None
+    for copy in gm.meta.get(DOWN_T_COPIES, ()):
+        kind, where = copy.source
+        if kind == "input":
+            if where < len(args):
+                w = args[where]
+            else:
+                placeholders = placeholders or [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+                w = (kwargs or {})[placeholders[where]]
+        else:
+            w = weight_value(gm, where)
+        if _stamp(w) != copy.stamp:
+            with torch.no_grad():
+                gm.get_buffer(copy.attr).copy_(w.t())
+            copy.stamp = _stamp(w)
 
 
 def keep_down_t_fresh(gm: fx.GraphModule, fn):
@@ -378,22 +414,31 @@ def keep_down_t_fresh(gm: fx.GraphModule, fn):
     written in place since (an optimizer step, load_state_dict) or another tensor in its place (Dynamo reuses a
     graph for another instance of the same model) is copied again before the call. Changes made through
     `.data` bypass the version counter and are not seen. The check costs ~1 µs per site and call."""
-    copies = gm.meta.get(DOWN_T_COPIES)
-    if not copies:
+    if not gm.meta.get(DOWN_T_COPIES):
         return fn
-    buffers = [gm.get_buffer(c.attr) for c in copies]
 
     def run(*args):
-        for copy, buffer in zip(copies, buffers):
-            kind, where = copy.source
-            w = args[where] if kind == "input" else weight_value(gm, where)
-            if _stamp(w) != copy.stamp:
-                with torch.no_grad():
-                    buffer.copy_(w.t())
-                copy.stamp = _stamp(w)
+        _refresh_down_t(gm, args)
         return fn(*args)
 
     return run
+
+
+def refresh_down_t_on_call(gm: fx.GraphModule) -> fx.GraphModule:
+    """The same check as keep_down_t_fresh for a rewritten GraphModule the caller runs itself (sparsify,
+    CountDownTransformation): a forward pre-hook, registered once; it reads gm.meta at each call, so a graph
+    whose copies are gone (reversed) costs nothing. Skipped while Dynamo traces the module."""
+    if gm.meta.get(DOWN_T_COPIES) and not gm.meta.get(_REFRESH_HOOK):
+        def hook(module, args, kwargs):
+            if not torch.compiler.is_compiling():
+                _refresh_down_t(module, args, kwargs)
+
+        gm.register_forward_pre_hook(hook, with_kwargs=True)
+        gm.meta[_REFRESH_HOOK] = True
+    return gm
+
+
+_REFRESH_HOOK = "countdown_down_t_refresh_hook"
 
 
 def _device(gm, site: Site, example_inputs) -> torch.device:

@@ -68,8 +68,13 @@ def differing(stored: dict, now: dict) -> int:
     return int((~same).sum())
 
 
+def few_enough(n_differing: int, stored: dict) -> bool:
+    """Whether n_differing of a stored sample's values is few enough to call the weights the same."""
+    return n_differing <= MAX_DIFFERING * len(stored["values"])
+
+
 def fits(stored: dict, now: dict) -> bool:
-    return differing(stored, now) <= MAX_DIFFERING * len(stored["values"])
+    return few_enough(differing(stored, now), stored)
 
 
 def site_sample(gm: fx.GraphModule, site: Site, example_inputs: Sequence | None) -> dict | None:
