@@ -72,6 +72,9 @@ def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:
             f"{type(calibration).__name__}; make one with countdown_fx.calibrate(model, batches, config)")
     cal_cfg = calibration.config
     stated = {**_stated(base), **{k: v for k, v in given.items() if k != "calibration"}}
+    # each stated value valid on its own first ("M-CountDown", "0.5"), so the contradiction below names a real choice
+    CountDownConfig.from_options({**{k: getattr(cal_cfg, k) for k in CALIBRATED_FIELDS}, **stated, "regime": "prac",
+                                  "calibration": calibration})
     for key in CALIBRATED_FIELDS:
         if key in stated and stated[key] != getattr(cal_cfg, key):
             raise ValueError(

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .capture import refuse_compiled_forward
 from .config import CountDownConfig
 from .kernels import ops, reference
 from .passes.observe import DYNAMO_AFTER_A_FAILED_CALL, ObserveSession, run_pass
@@ -47,6 +48,14 @@ MIN_CALIBRATION_TOKENS = 64
 # The config fields a calibration depends on (saved with it); the rest are deployment choices.
 SAVED_FIELDS = ("method", "sparsity", "apply_to", "threshold_rule", "predictor_rank", "predictor_steps",
                 "predictor_lr", "predictor_batch_tokens", "tau", "seed")
+
+
+def _checked_site(key: str, site: dict) -> dict:
+    """A site's description from a file, its sizes integers (they index every tensor and kernel)."""
+    for name in ("d_model", "d_inter"):
+        if not isinstance(site[name], int) or isinstance(site[name], bool) or site[name] <= 0:
+            raise ValueError(f"site {key!r} has {name}={site[name]!r}, not a positive integer")
+    return site
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> None:
@@ -274,17 +283,29 @@ class Calibration:
         if raw is None:
             raise ValueError(f"{path!r} is a safetensors file but not a countdown-fx calibration (no "
                              f"{METADATA_KEY!r} metadata)")
-        header = json.loads(raw)
-        if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path!r} has format {header.get('format')!r} version {header.get('format_version')!r}; "
-                             f"this countdown-fx reads {FORMAT!r} up to version {FORMAT_VERSION}")
+        try:
+            header = json.loads(raw)
+            version = header.get("format_version", 0) if isinstance(header, dict) else None
+            if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(version, int):
+                raise ValueError(f"format {header.get('format') if isinstance(header, dict) else None!r}")
+        except ValueError as err:
+            raise ValueError(f"{path!r} is a safetensors file but its {METADATA_KEY!r} metadata is not a countdown-fx "
+                             f"calibration's ({err}); save the calibration again") from err
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path!r} has format {FORMAT!r} version {version}; this countdown-fx reads it up to "
+                             f"version {FORMAT_VERSION}: upgrade countdown-fx")
         state: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
             key, _, field = name.rpartition("::")
             state.setdefault(key, {})[field] = t
-        config = CountDownConfig(regime="prac", **header["config"])
-        meta = {k: v for k, v in header.items() if k not in ("config", "sites", "stats")}
-        return cls(config, header["sites"], state, header.get("stats"), meta, source=path)
+        try:
+            config = CountDownConfig(**{**header["config"], "regime": "prac"})
+            sites = {k: _checked_site(k, v) for k, v in header["sites"].items()}
+            meta = {k: v for k, v in header.items() if k not in ("config", "sites", "stats")}
+            return cls(config, sites, state, header.get("stats"), meta, source=path)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"calibration file {path!r} does not hold a consistent calibration ({type(err).__name__}: "
+                             f"{err}); it was edited or written by something else: save the calibration again") from err
 
     # -- reading ------------------------------------------------------------------------------------
     def overall_sparsity(self, stat: str = "realised_sparsity") -> float:
@@ -325,6 +346,12 @@ class Calibration:
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
         lines = head + [fmt(cols), "-" * len(fmt(cols))] + [fmt(r) for r in rows]
+        if d and cfg.tau is not None and not any("realised_sparsity" in st for st in self.stats.values()):
+            lines.append(f"tau set to {cfg.tau:g} after calibration (with_tau, or the tau option): nothing was measured "
+                         f"at it, so the sparsity it reaches is unknown (the target {cfg.sparsity:.1%} was the "
+                         "calibrated tau's); measure it with countdown_fx.meter. Without measured unions, decode steps "
+                         "run the sparse kernels at every batch size (no dense rule for big batches).")
+            return "\n".join(lines)
         held_out = any(st.get("measured_on_held_out") for st in self.stats.values())
         lines.append(f"overall realised sparsity {_pct(self.overall_sparsity())} (target {cfg.sparsity:.1%}); "
                      "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on "
@@ -432,6 +459,7 @@ def calibrate_sweep(model: nn.Module, batches, configs: Sequence[CountDownConfig
                             "CountDownConfig(method='m-countdown', sparsity=0.7, regime='prac')")
     if not isinstance(model, nn.Module):
         raise TypeError(f"calibrate takes the nn.Module to calibrate, got {type(model).__name__}")
+    refuse_compiled_forward(model)
     on_meta = next((name for name, t in model.state_dict().items() if t.is_meta), None)
     if on_meta is not None:
         raise ValueError(f"the model's weights are on the meta device ({on_meta!r} first): they hold no values to "

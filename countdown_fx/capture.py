@@ -12,8 +12,21 @@ from torch import fx, nn
 from .passes.match import SiteTable, match_sites
 
 
+def refuse_compiled_forward(model: nn.Module) -> None:
+    """A module whose forward was replaced by torch.compile(module.forward) (the README's generate recipe) runs its
+    own compiled code, which no other backend sees: finding or calibrating its sites would see none."""
+    for path, module in model.named_modules():
+        if hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable"):
+            where = f"model.{path}.forward" if path else "model.forward"
+            raise ValueError(
+                f"{where} is already compiled (torch.compile({where})), so its sites cannot be found or calibrated "
+                f"through it. Find sites and calibrate before compiling the forward, or on a model whose forward is "
+                f"its own (del {where} restores it).")
+
+
 def capture_graphs(model: nn.Module, *args: Any, **kwargs: Any) -> list[tuple[fx.GraphModule, list]]:
     """Run `model(*args, **kwargs)` once under Dynamo, returning every captured (graph, example_inputs)."""
+    refuse_compiled_forward(model)
     graphs: list[tuple[fx.GraphModule, list]] = []
 
     def record(gm: fx.GraphModule, example_inputs):

@@ -155,6 +155,61 @@ def test_a_sparsity_the_calibration_was_not_made_for_is_refused(llama, batches, 
         eager_backend({"calibration": str(path), "sparsity": 0.5})
 
 
+# ------------------------------------------------------------------------------------------------ inputs
+@pytest.mark.parametrize("make, error, says", [
+    (lambda ids: [ids.float()], ValueError, "integer tensor"),
+    (lambda ids: [ids[None]], ValueError, r"\[batch, seq\]"),
+    (lambda ids: [ids + 1000], ValueError, "embedding has"),
+    (lambda ids: [-ids - 1], ValueError, "embedding has"),
+    (lambda ids: [{"input_id": ids}], ValueError, "has no 'input_ids'"),
+    (lambda ids: None, TypeError, "batches=None"),
+])
+def test_batches_the_model_cannot_take_are_refused_before_it_runs(llama, batches, make, error, says):
+    with pytest.raises(error, match=says):
+        calibrate(llama, make(batches[0]), prac("m-countdown", 0.7), progress=False)
+
+
+def test_a_config_model_or_weights_calibration_cannot_use_are_refused(batches):
+    with pytest.raises(TypeError, match="needs a countdown_fx.CountDownConfig"):
+        calibrate(tiny_llama(), batches, {"method": "m-countdown"}, progress=False)
+    with pytest.raises(TypeError, match="takes the nn.Module"):
+        calibrate(None, batches, prac("m-countdown", 0.7), progress=False)
+    with torch.device("meta"):
+        on_meta = tiny_llama()
+    with pytest.raises(ValueError, match="on the meta device"):
+        calibrate(on_meta, batches, prac("m-countdown", 0.7), progress=False)
+    compiled_forward = tiny_llama()
+    compiled_forward.forward = torch.compile(compiled_forward.forward)
+    with pytest.raises(ValueError, match=r"model.forward is already compiled"):
+        calibrate(compiled_forward, batches, prac("m-countdown", 0.7), progress=False)
+    with pytest.raises(ValueError, match=r"model.forward is already compiled"):
+        capture_graphs(compiled_forward, batches[0])
+
+
+def test_a_calibration_file_with_edited_metadata_is_refused_naming_it(llama, batches, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "cal.safetensors"
+    calibrate(llama, batches, prac("m-countdown", 0.7), progress=False).save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["countdown_fx"])
+    tensors = load_file(str(path))
+    for name, edit in {"no sites": lambda h: h.pop("sites"), "size as text": lambda h: h["sites"][
+            "model.layers.0.mlp"].update(d_model="48"), "unknown field": lambda h: h["config"].update(foo=1),
+                       "not json": None}.items():
+        edited = json.loads(json.dumps(header))
+        if edit is not None:
+            edit(edited)
+        bad = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(bad), metadata={"countdown_fx": json.dumps(edited) if edit else "{not json"})
+        with pytest.raises(ValueError, match=f"{bad.name}.*(consistent calibration|metadata is not)"):
+            Calibration.load(bad)
+
+
 # ------------------------------------------------------------------------------------------------ files
 def test_save_refuses_to_replace_a_file_or_write_where_it_cannot(llama, batches, tmp_path):
     cal = calibrate(llama, batches, prac("m-countdown", 0.7), progress=False)

@@ -162,3 +162,8 @@ def test_a_sequence_first_input_lines_its_rows_up_with_the_mask():
     assert real_token_rows(mask, torch.randn(2, 4, 8)).tolist() == mask.reshape(-1).bool().tolist()
     assert real_token_rows(mask, torch.randn(8, 8)).tolist() == mask.reshape(-1).bool().tolist()  # flat: batch-major
     assert real_token_rows(mask, torch.randn(1, 8, 8)) is None  # another layout: every row counts
+
+
+def test_metering_needs_a_meter():
+    with pytest.raises(TypeError, match="needs a countdown_fx.SparsityMeter"):
+        metered(Stack(GptFastFeedForward).eval(), {"sparsity": 0.5}, None)

@@ -73,3 +73,9 @@ def test_a_second_transform_is_refused_and_reverse_still_restores_the_original()
             transformation(gm)
         gm = transformation(gm, reverse=True)
         torch.testing.assert_close(_first(gm(*inputs)), _first(original), rtol=0, atol=0)
+
+
+def test_a_module_that_is_not_a_graph_module_is_refused_naming_the_way_for_it():
+    transformation = CountDownTransformation(CountDownConfig(sparsity=0.5))
+    with pytest.raises(TypeError, match="rewrites an fx.GraphModule.*backend='countdown'"):
+        transformation(Stack(ReluSplitMLP).eval())

@@ -148,6 +148,9 @@ def test_with_tau_shifts_every_site(model, batches):
     assert shifted.config.tau == 1.5 and all(float(st_["tau"]) == 1.5 for st_ in shifted.state.values())
     assert all(torch.equal(shifted.state[k]["pred_v"], cal.state[k]["pred_v"]) for k in cal.state)
     assert "realised_sparsity" not in next(iter(shifted.stats.values()))  # no stale measurement is reported
+    said = shifted.report()
+    assert "tau set to 1.5 after calibration" in said and "nothing was measured" in said
+    assert "overall realised sparsity" not in said  # no figure for a tau nothing measured
     with pytest.raises(ValueError, match="d-countdown"):
         calibrate(model, batches[:1], CountDownConfig(method="cats", sparsity=0.5, regime="prac"),
                   progress=False).with_tau(0.0)
