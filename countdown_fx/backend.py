@@ -101,20 +101,25 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
     exported, keep_grad: see rewrite_sites."""
     sites = match_sites(gm, example_inputs)
     counters["sites_found"] += len(sites)
+    experts = routed_experts(gm)
     if not sites:
         counters["graphs_without_sites"] += 1
-        if any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
+        if experts:
+            warnings.warn(
+                f"countdown: {len(experts)} mixture-of-experts layer(s) of this graph (first: {experts[0]}) route "
+                "tokens to experts (a grouped or batched matmul over stacked expert weights), which is not rewritten, "
+                "and it has no dense gated FFN: it runs unchanged (dense).", stacklevel=2)
+        elif any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
             warnings.warn("countdown: this graph already holds countdown ops (it was sparsified before: sparsify, "
                           "a saved exported program, a CountDownTransformation) and no other gated FFN, so it "
                           "runs as it is.", stacklevel=2)
         elif not sites.left_dense:  # those were each warned about, as left dense and why
             warnings.warn(NO_SITE_WARNING, stacklevel=2)
         return gm
-    experts = routed_experts(gm)
     if experts:
         warnings.warn(
             f"countdown: {len(experts)} mixture-of-experts layer(s) of this graph (first: {experts[0]}) route tokens "
-            "to experts through a grouped matmul, which is not rewritten: those experts run dense. Only the dense "
+            "to experts through a grouped or batched matmul, which is not rewritten: those experts run dense. Only the dense "
             f"gated FFNs ({len(sites)} here, a MoE's shared expert included) run CountDown, and the sparsity that "
             "calibration and the meter report is theirs alone.", stacklevel=2)
     _warn_at_recompile_limit()

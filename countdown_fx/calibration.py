@@ -349,9 +349,8 @@ class Calibration:
         if d and cfg.tau is not None and not any("realised_sparsity" in st for st in self.stats.values()):
             lines.append(f"tau set to {cfg.tau:g} after calibration (with_tau, or the tau option): nothing was measured "
                          f"at it, so the sparsity it reaches is unknown (the target {cfg.sparsity:.1%} was the "
-                         "calibrated tau's); measure it with countdown_fx.meter. Without measured unions, decode steps "
-                         "run the sparse kernels at every batch size (no dense rule for big batches).")
-            return "\n".join(lines)
+                         "calibrated tau's); measure it with countdown_fx.meter.")
+            return "\n".join([*lines, self._plan_summary()])
         held_out = any(st.get("measured_on_held_out") for st in self.stats.values())
         lines.append(f"overall realised sparsity {_pct(self.overall_sparsity())} (target {cfg.sparsity:.1%}); "
                      "precision / recall: kept neurons vs the per-token top-(1-s) of |act(g)*u|, on "

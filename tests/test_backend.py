@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import fx
 
-from countdown_fx.backend import eager_backend, inductor_patches
+from countdown_fx.backend import NO_SITE_WARNING, eager_backend, inductor_patches
 from countdown_fx.config import CountDownConfig
 from countdown_fx.kernels import reference as R
 from countdown_fx.meter import SparsityMeter, metered
@@ -375,6 +375,35 @@ def test_routed_experts_left_dense_are_named():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe batched_mm", "mixtral"])
+def test_experts_routed_through_a_batched_matmul_or_with_no_shared_expert_are_named(arch):
+    """transformers' "batched_mm" experts (and Llama 4's) are a bmm over stacked expert weights, not a grouped
+    matmul: named too. A MoE with no dense gated FFN (Mixtral) says which layers run dense, not only that no FFN
+    was found."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(num_local_experts=4, **common)
+    else:
+        config = transformers.Qwen2MoeConfig(moe_intermediate_size=16, shared_expert_intermediate_size=72,
+                                             num_experts=4, experts_implementation="batched_mm", **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, backend=eager_backend({"sparsity": 0.5, "apply_to": "all"}))(torch.randint(0, 97, (1, 5)))
+    said = [str(w.message) for w in caught if "mixture-of-experts" in str(w.message)]
+    assert len(said) == 1 and "2 mixture-of-experts layer(s)" in said[0] and "model.layers.0.mlp" in said[0]
+    if arch == "mixtral":
+        assert "no dense gated FFN" in said[0]
+        assert not any(NO_SITE_WARNING == str(w.message) for w in caught)
+    torch._dynamo.reset()
+
+
 def test_a_calibration_path_is_read_once_and_a_rewritten_file_is_refused(tmp_path):
     """torch.compile reuses its graphs for equal options, and a path equals itself whatever the file holds: all
     graphs compiled for one path run what was read first (a file deleted since is not needed again), and a file
@@ -467,9 +496,10 @@ def test_weights_made_under_inference_mode_compile_with_a_stored_w_down_t(monkey
     torch._dynamo.reset()
 
 
-def test_a_sparsified_graph_module_follows_its_w_down(monkeypatch):
-    """sparsify(GraphModule) returns a module the caller runs: its stored W_down^T is checked at each call too."""
-    from countdown_fx import CountDownConfig, calibrate, sparsify
+def _stored_down_t_case(monkeypatch):
+    """(model, another of its kind, options of a calibration of the first that deploy on either, a decode input),
+    with W_down^T stored on CPU as it is on CUDA."""
+    from countdown_fx import CountDownConfig, calibrate
     from countdown_fx.passes import rewrite
 
     monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
@@ -477,8 +507,15 @@ def test_a_sparsified_graph_module_follows_its_w_down(monkeypatch):
     model, other = Stack(GptFastFeedForward).eval(), Stack(GptFastFeedForward).eval()
     cal = calibrate(model, [torch.randn(4, 16, 32)], CountDownConfig(method="m-countdown", sparsity=0.5,
                                                                      regime="prac"), progress=False)
-    options = {"calibration": cal, "apply_to": "all", "check_weights": False}
-    x = torch.randn(3, 1, 32)
+    return model, other, {"calibration": cal, "apply_to": "all", "check_weights": False}, torch.randn(3, 1, 32)
+
+
+def test_a_sparsified_graph_module_follows_its_w_down(monkeypatch):
+    """sparsify(GraphModule) returns a module the caller runs: its stored W_down^T is checked at each call too."""
+    from countdown_fx import sparsify
+    from countdown_fx.passes import rewrite
+
+    model, other, options, x = _stored_down_t_case(monkeypatch)
     with torch.no_grad():
         gm = sparsify(fx.symbolic_trace(model), options)
         assert any(name.endswith("w_down_t") for name, _ in gm.named_buffers())
@@ -496,16 +533,9 @@ def test_a_stored_w_down_t_follows_w_down(monkeypatch, backend):
     """Where the kernels read W_down^T, the rewrite stores a row-major copy (CUDA; forced here on CPU). A W_down
     written in place after compiling (an optimizer step, load_state_dict), or another model's W_down in a graph
     Dynamo reuses for it, must not leave the copy stale: the output follows the weights the model has now."""
-    from countdown_fx import CountDownConfig, calibrate
     from countdown_fx.passes import rewrite
 
-    monkeypatch.setattr(rewrite, "ROW_MAJOR_DEVICE_TYPES", {"cuda", "cpu"})
-    torch.manual_seed(0)
-    model, twin = Stack(GptFastFeedForward).eval(), Stack(GptFastFeedForward).eval()
-    cal = calibrate(model, [torch.randn(4, 16, 32)], CountDownConfig(method="m-countdown", sparsity=0.5,
-                                                                     regime="prac"), progress=False)
-    options = {"calibration": cal, "apply_to": "all", "check_weights": False}
-    x = torch.randn(3, 1, 32)
+    model, twin, options, x = _stored_down_t_case(monkeypatch)
 
     one_backend = eager_backend(options)  # one object: Dynamo reuses its graphs, as for equal options
 

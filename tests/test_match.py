@@ -252,6 +252,30 @@ def test_in_place_writes_are_found_in_graphs_without_traced_values(form):
     assert not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes)
 
 
+class _UnitScaledGate(torch.nn.Module):
+    """Falcon-H1's FFN: silu(gate(x) * gate_multiplier), the multiplier 1.0 by default (a no-op Dynamo keeps)."""
+
+    def __init__(self, dim=16, hidden=48):
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(dim, hidden, bias=False), torch.nn.Linear(dim, hidden, bias=False)
+        self.down, self.gate_multiplier = torch.nn.Linear(hidden, dim, bias=False), 1.0
+
+    def forward(self, x):
+        return self.down(self.up(x) * torch.nn.functional.silu(self.gate(x) * self.gate_multiplier))
+
+
+def test_a_gate_scaled_by_one_is_still_a_gated_ffn():
+    torch.manual_seed(0)
+    model, x = _UnitScaledGate().eval(), torch.randn(2, 5, 16)
+    out, n_ops = _rewritten_op_count(model, x)
+    assert n_ops == 1
+    torch.testing.assert_close(out, model(x))
+    model.gate_multiplier = 0.5  # not the identity: the op could not apply it, so no site
+    torch._dynamo.reset()
+    assert _rewritten_op_count(model, x)[1] == 0
+    torch._dynamo.reset()
+
+
 def test_ffns_back_to_back_are_both_rewritten():
     """One FFN's output is the next one's input: the second site reads the op that replaced the first."""
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ _SIGMOID_FNS = {torch.sigmoid, F.sigmoid, aten.sigmoid.default}
 _SILU_FNS = {F.silu, aten.silu.default}
 _GELU_FNS = {F.gelu, torch._C._nn.gelu, aten.gelu.default}
 _RELU_FNS = {F.relu, torch.relu, torch.relu_, aten.relu.default, aten.relu_.default}
+_BMM_FNS = {torch.bmm, aten.bmm.default}
 _DROPOUT_FNS = {F.dropout, torch.dropout, aten.dropout.default}
 _CHUNK_FNS = {torch.chunk, aten.chunk.default}
 _SPLIT_FNS = {torch.split, aten.split.Tensor, aten.split_with_sizes.default}
@@ -138,6 +139,9 @@ def _as_linear(gm, node):
 def _skip_identity(gm, node):
     """Look through nodes that are the identity at inference (dropout in eval, a no-op clone)."""
     while isinstance(node, fx.Node):
+        if _is_mul(node) and len(node.args) == 2 and any(type(a) in (int, float) and a == 1 for a in node.args):
+            node = next(a for a in node.args if not (type(a) in (int, float) and a == 1))  # x * 1.0 (Falcon-H1's
+            continue  # default gate multiplier)
         if node.op == "call_function" and node.target in _DROPOUT_FNS:
             training = _arg(node, 2, "training", _arg(node, 2, "train", True))
             if training is not False and _arg(node, 1, "p", 0.5) != 0:
@@ -373,11 +377,14 @@ def routed_experts(gm: fx.GraphModule) -> list[str]:
     rewrite those, and a model that also has dense gated FFNs (a shared expert) would otherwise not say so."""
     paths = []
     for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
         name = f"{getattr(node.target, '__name__', '')} {node.target}"
-        if node.op == "call_function" and "grouped_mm" in name:
-            path = ".".join(_module_path(gm, node) or []) or "<root>"
-            if path not in paths:
-                paths.append(path)
+        path = ".".join(_module_path(gm, node) or []) or "<root>"
+        # grouped_mm; or a batched matmul over stacked expert weights (transformers' "batched_mm" experts, Llama 4)
+        batched = node.target in _BMM_FNS and "expert" in path.lower()
+        if ("grouped_mm" in name or batched) and path not in paths:
+            paths.append(path)
     return paths
 
 
