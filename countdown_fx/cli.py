@@ -142,7 +142,15 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
     except UnicodeDecodeError as e:
         raise CliError(f"--data {data!r} is not UTF-8 text; pass text, whitespace-separated token ids or a .pt "
                        "tensor of token ids") from e
+    if re.fullmatch(r"\s*\[[\s\d,-]*\]\s*", text):  # a JSON list of ids (json.dump)
+        text = text.strip()[1:-1]
     integers = re.fullmatch(r"[\s,]*(-?\d+[\s,]+)*(-?\d+)?[\s,]*", text) is not None  # blank text too
+    words = [w for w in re.split(r"[\s,]+", text.strip()) if w]
+    others = [w for w in words if not re.fullmatch(r"-?\d+", w)]
+    if data_format == "auto" and not integers and len(words) >= 20 and len(others) <= len(words) // 20:
+        raise CliError(f"--data {data!r} looks like token ids but holds {len(others)} other word(s) (first: "
+                       f"{others[0][:20]!r}): read as text it would be tokenised character by character. Remove them, "
+                       "or pass --data-format text if it is text")
     is_ids = integers and "-" not in text and text.strip() != ""
     if integers and "-" in text and data_format != "text":  # integers, one of them negative: ids, not prose
         raise CliError(f"--data {data!r} is a file of integers with a negative one; token ids are >= 0 "

@@ -76,6 +76,23 @@ def test_calibrate_from_token_ids(model_dir, tmp_path):
         assert torch.equal(cals[0].state[key]["threshold"], cals[1].state[key]["threshold"])
 
 
+def test_token_ids_as_a_json_list_are_ids_and_ids_with_stray_words_are_refused(tmp_path):
+    """A JSON list is read as ids, not as the characters '[', '4', ','; a file of ids with a stray word is refused
+    rather than tokenised as text character by character."""
+    import json
+
+    from countdown_fx.cli import CliError, read_token_ids
+
+    ids = torch.randint(0, 258, (300,), generator=torch.Generator().manual_seed(0))
+    as_json = tmp_path / "ids.json"
+    as_json.write_text(json.dumps(ids.tolist()))
+    assert torch.equal(read_token_ids(str(as_json), "unused"), ids)
+    stray = tmp_path / "ids.txt"
+    stray.write_text(" ".join(map(str, ids.tolist())) + " x")
+    with pytest.raises(CliError, match="looks like token ids but holds 1 other word"):
+        read_token_ids(str(stray), "unused")
+
+
 def test_calibrate_says_what_it_leaves_out(model_dir, tmp_path, capsys):
     """Windows of --seq-len tokens: a tail shorter than one window is left out, and the command says so."""
     data = tmp_path / "ids.txt"
@@ -317,6 +334,28 @@ def test_evaluate_writes_into_the_current_folder_by_default(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--help"])
     assert exc.value.code == 0 and "./countdown-results" in capsys.readouterr().out
+
+
+def test_evaluate_render_writes_where_asked_and_bad_counts_fail_before_any_work(tmp_path, capsys):
+    """--render re-writes a saved run's .md / .png into --out-dir (not over the committed results beside the JSON);
+    a count of 0 is refused by the argument parser, not after minutes of calibration."""
+    import importlib.util
+
+    from countdown_fx import cli
+
+    checkout = Path(cli.__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("evaluate", checkout / "benchmarks" / "quality" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    saved = checkout / "benchmarks" / "results" / "quality_llama-silu.json"
+    before = (saved.with_suffix(".md").stat().st_mtime_ns, saved.with_suffix(".png").stat().st_mtime_ns)
+    assert evaluate.main(["--render", str(saved), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "quality_llama-silu.md").is_file() and (tmp_path / "quality_llama-silu.png").is_file()
+    assert (saved.with_suffix(".md").stat().st_mtime_ns, saved.with_suffix(".png").stat().st_mtime_ns) == before
+    for flag in ("--decode-steps", "--prefix", "--batch-size"):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", "unused", flag, "0"])
+        assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_inspect_lists_sites(model_dir, capsys):

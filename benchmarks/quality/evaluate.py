@@ -268,12 +268,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def render(json_path: Path) -> int:
-    """Re-write the markdown and plot of a finished run from its JSON (the numbers are not recomputed)."""
+def render(json_path: Path, out_dir: Path | None = None) -> int:
+    """Re-write the markdown and plot of a finished run from its JSON (the numbers are not recomputed), into
+    out_dir (default: beside the JSON)."""
     saved = json.loads(json_path.read_text())
     rows, meta = saved["rows"], saved["meta"]
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
-    stem = json_path.with_suffix("")
+    stem = (out_dir / json_path.name if out_dir is not None else json_path).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     write_markdown(stem.with_suffix(".md"), rows, sparsities, meta, findings(rows, sparsities))
     plot(stem.with_suffix(".png"), rows, sparsities, f"{meta['model_name']}: quality vs FFN sparsity")
     print(f"re-wrote {stem}.md / .png")
@@ -300,13 +302,18 @@ def main(argv=None) -> int:
     p.add_argument("--predictor-lr", type=float, default=CountDownConfig.predictor_lr, help="D-CountDown predictor peak learning rate")
     p.add_argument("--predictor-batch-tokens", type=int, default=CountDownConfig.predictor_batch_tokens, help="tokens per predictor training step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where the .md / .png / .json go")
+    p.add_argument("--out-dir", default=None,
+                   help="where the .md / .png / .json go (default: benchmarks/results; with --render, beside the JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.render:
-        return render(Path(args.render))
+        return render(Path(args.render), Path(args.out_dir) if args.out_dir else None)
     if not args.model:
         p.error("--model is required")
+    for flag in ("num_seqs", "seq_len", "batch_size", "prefix", "decode_steps", "calib_batches", "calib_batch"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    args.out_dir = args.out_dir or str(ROOT / "benchmarks" / "results")
     if args.prefix + args.decode_steps + 1 > args.seq_len:
         p.error("--prefix + --decode-steps must be < --seq-len")
     if args.threads:
