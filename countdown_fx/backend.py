@@ -119,9 +119,9 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
     if experts:
         warnings.warn(
             f"countdown: {len(experts)} mixture-of-experts layer(s) of this graph (first: {experts[0]}) route tokens "
-            "to experts through a grouped or batched matmul, which is not rewritten: those experts run dense. Only the dense "
-            f"gated FFNs ({len(sites)} here, a MoE's shared expert included) run CountDown, and the sparsity that "
-            "calibration and the meter report is theirs alone.", stacklevel=2)
+            "to experts through a grouped or batched matmul, which is not rewritten: those experts run dense. Only "
+            f"the dense gated FFNs ({len(sites)} here, a MoE's shared expert included) run CountDown, and the "
+            "sparsity that calibration and the meter report is theirs alone.", stacklevel=2)
     _warn_at_recompile_limit()
     return rewrite_sites(gm, sites, config, calibration, example_inputs, exported, keep_grad)
 
@@ -150,7 +150,6 @@ def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:
     return patches
 
 
-# Calibration files the backend has read in this process: real path -> ((mtime_ns, size), Calibration).
 @dataclasses.dataclass
 class _FileRead:
     real: str  # the file the path named when it was read (symlinks resolved, against the working directory then)

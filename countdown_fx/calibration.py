@@ -347,9 +347,9 @@ class Calibration:
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
         lines = head + [fmt(cols), "-" * len(fmt(cols))] + [fmt(r) for r in rows]
         if d and cfg.tau is not None and not any("realised_sparsity" in st for st in self.stats.values()):
-            lines.append(f"tau set to {cfg.tau:g} after calibration (with_tau, or the tau option): nothing was measured "
-                         f"at it, so the sparsity it reaches is unknown (the target {cfg.sparsity:.1%} was the "
-                         "calibrated tau's); measure it with countdown_fx.meter.")
+            lines.append(f"tau set to {cfg.tau:g} after calibration (with_tau, or the tau option): nothing was "
+                         f"measured at it, so the sparsity it reaches is unknown (the target {cfg.sparsity:.1%} was "
+                         "the calibrated tau's); measure it with countdown_fx.meter.")
             return "\n".join([*lines, self._plan_summary()])
         held_out = any(st.get("measured_on_held_out") for st in self.stats.values())
         lines.append(f"overall realised sparsity {_pct(self.overall_sparsity())} (target {cfg.sparsity:.1%}); "
@@ -498,14 +498,21 @@ def _batch_list(batches, device) -> list:
     return out
 
 
+def embedding_rows(model: nn.Module) -> int | None:
+    """How many token ids the model's input embedding (Hugging Face get_input_embeddings) can look up, or None
+    where it has no nn.Embedding to ask."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+
+
 def _check_token_ids(model: nn.Module, batches: list) -> None:
     """Batches a model with a token embedding cannot take, refused here rather than deep inside Dynamo: ids that
     are not an integer [batch, seq] tensor, or that its embedding cannot look up; a dict without input_ids or
     inputs_embeds (a misspelt key would fail inside the model, and a failed first call can leave Dynamo's cache
     for the model's code in a state that later calibrations trip over)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    if not isinstance(embedding, nn.Embedding):
+    rows = embedding_rows(model)
+    if rows is None:
         return
     for i, b in enumerate(batches):
         if isinstance(b, Mapping):
@@ -518,10 +525,10 @@ def _check_token_ids(model: nn.Module, batches: list) -> None:
         if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool or b.dim() != 2:
             raise ValueError(f"calibration batch {i}: input_ids must be an integer tensor [batch, seq] (or [seq]), "
                              f"got {b.dtype} of shape {tuple(b.shape)}")
-        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= embedding.num_embeddings):
+        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= rows):
             raise ValueError(f"calibration batch {i}: token ids from {int(b.min())} to {int(b.max())}, but the "
-                             f"model's embedding has {embedding.num_embeddings} rows (ids 0 to "
-                             f"{embedding.num_embeddings - 1}): were they made by this model's tokenizer?")
+                             f"model's embedding has {rows} rows (ids 0 to {rows - 1}): were they made by this "
+                             "model's tokenizer?")
 
 
 def _token_count(batches) -> int | None:

@@ -100,10 +100,10 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, data: str) -> None:
 def vocab_size(model) -> int:
     """How many token ids the model's input embedding can look up: its rows, which config.vocab_size need not
     equal (the config is the fallback when there is no nn.Embedding to ask)."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(embedding, torch.nn.Embedding):
-        return embedding.num_embeddings
-    return model.config.vocab_size
+    from .calibration import embedding_rows
+
+    rows = embedding_rows(model)
+    return rows if rows is not None else model.config.vocab_size
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
@@ -144,9 +144,9 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
                        "tensor of token ids") from e
     if re.fullmatch(r"\s*\[[\s\d,-]*\]\s*", text):  # a JSON list of ids (json.dump)
         text = text.strip()[1:-1]
-    integers = re.fullmatch(r"[\s,]*(-?\d+[\s,]+)*(-?\d+)?[\s,]*", text) is not None  # blank text too
-    words = [w for w in re.split(r"[\s,]+", text.strip()) if w]
+    words = [w for w in re.split(r"[\s,]+", text.strip()) if w]  # whitespace- or comma-separated
     others = [w for w in words if not re.fullmatch(r"-?\d+", w)]
+    integers = not others  # blank text too
     if data_format == "auto" and not integers and len(words) >= 20 and len(others) <= len(words) // 20:
         raise CliError(f"--data {data!r} looks like token ids but holds {len(others)} other word(s) (first: "
                        f"{others[0][:20]!r}): read as text it would be tokenised character by character. Remove them, "
@@ -159,7 +159,7 @@ def read_token_ids(data: str, model_path: str, data_format: str = "auto") -> tor
         raise CliError(f"--data {data!r} is not a file of token ids (whitespace- or comma-separated integers); "
                        "for text use --data-format text or auto")
     if data_format == "ids" or (data_format == "auto" and is_ids):
-        return torch.tensor([int(t) for t in re.split(r"[\s,]+", text.strip()) if t], dtype=torch.long)
+        return torch.tensor([int(t) for t in words], dtype=torch.long)
     from .data import load_tokenizer, token_stream
 
     try:

@@ -136,19 +136,23 @@ def _as_linear(gm, node):
     return None
 
 
+def _is_one(a) -> bool:
+    return type(a) in (int, float) and a == 1  # not True, which equals 1 too
+
+
 def _skip_identity(gm, node):
-    """Look through nodes that are the identity at inference (dropout in eval, a no-op clone)."""
+    """Look through nodes that are the identity at inference (dropout in eval or of p=0, a no-op clone, a
+    multiplication by 1: Falcon-H1's default gate multiplier)."""
     while isinstance(node, fx.Node):
-        if _is_mul(node) and len(node.args) == 2 and any(type(a) in (int, float) and a == 1 for a in node.args):
-            node = next(a for a in node.args if not (type(a) in (int, float) and a == 1))  # x * 1.0 (Falcon-H1's
-            continue  # default gate multiplier)
-        if node.op == "call_function" and node.target in _DROPOUT_FNS:
+        mod = _module(gm, node)
+        if _is_mul(node) and len(node.args) == 2 and any(map(_is_one, node.args)):
+            node = next(a for a in node.args if not _is_one(a))
+        elif node.op == "call_function" and node.target in _DROPOUT_FNS:
             training = _arg(node, 2, "training", _arg(node, 2, "train", True))
             if training is not False and _arg(node, 1, "p", 0.5) != 0:
                 return node
             node = call_input(node)
-        elif isinstance(_module(gm, node), nn.Identity) or (
-                isinstance(_module(gm, node), nn.Dropout) and (not _module(gm, node).training or _module(gm, node).p == 0)):
+        elif isinstance(mod, nn.Identity) or (isinstance(mod, nn.Dropout) and (not mod.training or mod.p == 0)):
             node = call_input(node)
         else:
             return node
@@ -412,22 +416,29 @@ def match_sites(gm: fx.GraphModule, example_inputs: Sequence | None = None) -> S
 
 
 def _blocked_by_dropout(gm, down) -> bool:
-    """`down` is a linear whose input is an active dropout of a product with a recognised activation: a gated
-    FFN that training mode keeps from being a site."""
+    """`down` is a linear whose input is an active dropout of act(gate projection) * up projection: a gated FFN
+    that training mode keeps from being a site."""
     lin = _as_linear(gm, down)
     dropout = _skip_identity(gm, lin[0]) if lin is not None else None
     if not isinstance(dropout, fx.Node) or not (
             (dropout.op == "call_function" and dropout.target in _DROPOUT_FNS)
             or isinstance(_module(gm, dropout), nn.Dropout)):
         return False
-    product = _local(_skip_identity(gm, call_input(dropout)))
+    return next(_gated_products(gm, _local(_skip_identity(gm, call_input(dropout)))), None) is not None
+
+
+def _gated_products(gm, product):
+    """(activation name, gate, up) for each way `product` reads as act(gate projection) * up projection (either
+    order): what makes a gated FFN of a down projection whose input it is."""
     if not _is_mul(product) or len(product.args) != 2:
-        return False
+        return
     for act_side, up_side in (product.args, product.args[::-1]):
         act = _as_activation(gm, act_side)
-        if act is not None and _projection(gm, act[0]) is not None and _projection(gm, up_side) is not None:
-            return True
-    return False
+        if act is None:
+            continue
+        gate, up = _projection(gm, act[0]), _projection(gm, up_side)
+        if gate is not None and up is not None:
+            yield act[1], gate, up
 
 
 # _build_site's answer for a gated FFN it found and left dense with a warning (SiteTable.left_dense).
@@ -439,16 +450,8 @@ def _match_at(gm, down, example_inputs, index) -> Site | None:
     if lin is None:
         return None
     product, w_down, b_down = _local(_skip_identity(gm, lin[0])), lin[1], lin[2]
-    if not _is_mul(product) or len(product.args) != 2:
-        return None
-    for act_side, up_side in (product.args, product.args[::-1]):
-        act = _as_activation(gm, act_side)
-        if act is None:
-            continue
-        gate, up = _projection(gm, act[0]), _projection(gm, up_side)
-        if gate is None or up is None:
-            continue
-        site = _build_site(gm, down, act[1], gate, up, w_down, b_down, example_inputs, index)
+    for act_name, gate, up in _gated_products(gm, product):
+        site = _build_site(gm, down, act_name, gate, up, w_down, b_down, example_inputs, index)
         if site is not None:  # a Site, or _LEFT_DENSE
             return site
     return None
@@ -667,7 +670,6 @@ def _written_in_place(gm, x: fx.Node, projections: set, down: fx.Node) -> fx.Nod
         if first < order[write] < end:
             return write
     return None
-
 
 
 # --------------------------------------------------------------------------------------------------------

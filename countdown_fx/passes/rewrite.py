@@ -94,7 +94,8 @@ def rewrite_sites(
             flat = tokens is None and node_rank(x) == 2  # every call looks like a decode step of single tokens
             if flat:
                 flat_inputs.append(site.key)
-            batch_symbolic, seq_symbolic = _symbolic_token_dims(tokens if tokens is not None else x)
+            shaped = tokens if tokens is not None else x  # what says the call's batch and sequence dims
+            batch_symbolic, seq_symbolic = _symbolic_token_dims(shaped)
             if exported and seq_symbolic and decode_only:
                 symbolic_seq.append(site.key)
             w_down_t = _down_transposed(gm, site, w_down, example_inputs, kernels_read_rows, keep_grad,
@@ -117,7 +118,7 @@ def rewrite_sites(
                     # stated; or sparse prefill (apply_to "all") the op would take for a decode step, and run dense
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
                 elif plan.dense_min_tokens and exported and batch_symbolic:
-                    if not _prefill_only(tokens if tokens is not None else x):  # else no decode step to lose it
+                    if not _prefill_only(shaped):  # else no decode step to lose it
                         dropped_dense.append((site.key, plan.dense_min_tokens))
                     plan = dataclasses.replace(plan, dense_min_tokens=0)
                 rule = ((state["pred_v"], state["pred_u"], state["tau"]) if config.method == "d-countdown"
