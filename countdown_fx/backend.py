@@ -40,14 +40,11 @@ CALIBRATED_FIELDS = ("method", "sparsity", "threshold_rule", "predictor_rank")
 
 
 def _stated(base: CountDownConfig | None) -> dict:
-    """The fields of a config that differ from their defaults: what its author chose. A field left at its
-    default cannot be told from one never set, so it does not count as stated (and cannot contradict a
-    calibration)."""
+    """The fields a config's author passed (CountDownConfig.stated_fields), default-valued ones included; the
+    fields the defaults filled in are not stated, so a calibration supplies them."""
     if base is None:
         return {}
-    default = CountDownConfig()
-    return {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-            if f.name != "calibration" and getattr(base, f.name) != getattr(default, f.name)}
+    return {name: getattr(base, name) for name in base.stated_fields if name != "calibration"}
 
 
 def resolve(options: Mapping[str, Any] | None) -> tuple[CountDownConfig, Any]:

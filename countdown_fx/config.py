@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import warnings
@@ -43,6 +44,23 @@ def _number(key: str, value: Any, allowed: str, positive: bool = False) -> float
     return float(value)
 
 
+def _remembers_stated_fields(cls):
+    """Wrap the dataclass __init__ so that each config knows which fields its author passed. A field passed at
+    its default value (method="m-countdown") is a choice all the same: a calibration made otherwise must refuse
+    it, not overrule it in silence. Kept out of the fields, so equality and hashing are unchanged."""
+    generated = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(generated)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        generated(self, *args, **kwargs)
+        object.__setattr__(self, "_stated_fields", frozenset(names[:len(args)]) | frozenset(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_remembers_stated_fields
 @dataclass(frozen=True)
 class CountDownConfig:
     """What to sparsify and how.
@@ -141,7 +159,7 @@ class CountDownConfig:
         options = dict(options or {})
         if isinstance(options.get("config"), CountDownConfig):
             base = options.pop("config")
-            config = dataclasses.replace(base, **_checked_keys(options)) if options else base
+            config = base.replace(**options) if options else base
         else:
             config = cls(**_checked_keys(options))
         config._warn_ignored_by_ideal()
@@ -161,8 +179,18 @@ class CountDownConfig:
                     "and uses no predictor. To use it, calibrate with regime='prac' and pass the calibration "
                     "(options={'calibration': ...}).", UserWarning, stacklevel=3)
 
+    @property
+    def stated_fields(self) -> frozenset:
+        """The names of the fields passed when this config was made (or changed by replace()), default-valued
+        ones included: what its author chose, as against what the defaults filled in."""
+        return getattr(self, "_stated_fields", frozenset())
+
     def replace(self, **changes: Any) -> "CountDownConfig":
-        return dataclasses.replace(self, **_checked_keys(changes))
+        """A copy with `changes`; the fields stated are this config's and the changed ones (dataclasses.replace
+        would count every field as stated)."""
+        changed = dataclasses.replace(self, **_checked_keys(changes))
+        object.__setattr__(changed, "_stated_fields", self.stated_fields | frozenset(changes))
+        return changed
 
 
 def _checked_keys(options: Mapping[str, Any]) -> dict:

@@ -24,8 +24,9 @@ from .kernels.ops import COUNTDOWN_OPS
 
 def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
     """(config, calibration) from a CountDownConfig, a Calibration, a path to a saved calibration, or a dict
-    of the backend's options. The dict is the way to state a field at its default value next to a calibration
-    ({"calibration": path, "apply_to": "decode"}): a config's default-valued fields count as not stated."""
+    of the backend's options. A config states the fields passed to it (CountDownConfig.stated_fields), a dict
+    its keys: stated values win over the calibration's where they do not contradict it, and are refused where
+    they do."""
     if isinstance(calibration_or_config, Mapping):
         return resolve(calibration_or_config)
     if isinstance(calibration_or_config, CountDownConfig):

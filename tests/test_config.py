@@ -122,3 +122,21 @@ def test_backend_resolve_warns_when_predictor_fields_would_be_ignored(key, value
     with pytest.warns(UserWarning, match=rf"{key}={value!r} is ignored"):
         config, calibration = resolve({"method": "d-countdown", key: value})
     assert config.regime == "ideal" and calibration is None
+
+
+def test_a_config_knows_which_fields_were_passed_to_it():
+    """What a calibration may fill in: the fields its author did not pass (positional, keyword or through
+    replace()), whatever their values; equality and hashing ignore the difference."""
+    import copy
+    import pickle
+
+    passed = CountDownConfig("m-countdown", 0.7, apply_to="decode")
+    assert passed.stated_fields == {"method", "sparsity", "apply_to"}
+    assert CountDownConfig().stated_fields == frozenset()
+    assert passed == CountDownConfig() and hash(passed) == hash(CountDownConfig())
+    changed = passed.replace(tau=None, method="d-countdown")
+    assert changed.stated_fields == {"method", "sparsity", "apply_to", "tau"}
+    assert CountDownConfig.from_options({"config": passed, "seed": 3}).stated_fields == passed.stated_fields | {"seed"}
+    assert CountDownConfig.from_options({"regime": "prac"}).stated_fields == {"regime"}
+    for copied in (pickle.loads(pickle.dumps(changed)), copy.deepcopy(changed), copy.copy(changed)):
+        assert copied.stated_fields == changed.stated_fields

@@ -144,25 +144,36 @@ def test_w_down_t_storage_follows_the_way_in(monkeypatch):
     assert rewrite.counters["w_down_t_bytes"] == N_LAYERS * one_w_down
 
 
-def test_options_dict_states_a_default_valued_field_against_the_calibration():
-    """A calibration made with apply_to='all' brings it along; a CountDownConfig cannot state the default
-    'decode' against it (its default-valued fields count as not stated), an options dict can: prefill then runs
-    dense, while the calibration alone makes it sparse."""
+def test_a_default_valued_field_stated_against_the_calibration_wins_or_is_refused():
+    """A calibration made with apply_to='all' brings it along; stating the default 'decode' against it, in an
+    options dict or as a field passed to a CountDownConfig, makes prefill dense again, while the calibration
+    alone makes it sparse. A default-valued method that contradicts the file is refused, not replaced by the
+    file's in silence."""
     from countdown_fx.calibration import calibrate
 
     torch.manual_seed(0)
     model = Stack(GptFastFeedForward).eval()
     cal = calibrate(model, [torch.randn(4, 8, 32) for _ in range(2)],
-                    CountDownConfig(method="m-countdown", sparsity=0.5, regime="prac", apply_to="all"), progress=False)
+                    CountDownConfig(method="cats", sparsity=0.5, regime="prac", apply_to="all"), progress=False)
     prefill = torch.randn(2, 5, 32)
     with torch.no_grad():
         dense = model(prefill)
         as_calibrated = sparsify(fx.symbolic_trace(model), cal)(prefill)
-        decode_only = sparsify(fx.symbolic_trace(model), {"calibration": cal, "apply_to": "decode"})(prefill)
+        decode_by_options = sparsify(fx.symbolic_trace(model), {"calibration": cal, "apply_to": "decode"})(prefill)
+        decode_by_config = sparsify(fx.symbolic_trace(model),
+                                    CountDownConfig(apply_to="decode", calibration=cal))(prefill)
+        # fields left out come from the file
+        left_out = sparsify(fx.symbolic_trace(model), CountDownConfig(sparsity=0.5, calibration=cal))(prefill)
     assert not torch.allclose(as_calibrated, dense, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(decode_only, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_by_options, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_by_config, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left_out, as_calibrated, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"option sparsity=0.9 contradicts the calibration"):
         sparsify(fx.symbolic_trace(model), {"calibration": cal, "sparsity": 0.9})
+    with pytest.raises(ValueError, match=r"option method='m-countdown' contradicts the calibration.*method='cats'"):
+        sparsify(fx.symbolic_trace(model), CountDownConfig(method="m-countdown", sparsity=0.5, calibration=cal))
+    with pytest.raises(ValueError, match=r"option sparsity=0.7 contradicts the calibration"):
+        sparsify(fx.symbolic_trace(model), CountDownConfig(method="cats", sparsity=0.7).replace(calibration=cal))
 
 
 def test_none_in_place_of_a_calibration_is_refused_not_run_with_defaults():
