@@ -12,14 +12,14 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 def test_decode_e2e_tiny_reports_the_sparsity_decode_reached(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "speed", "decode_e2e.py"), "--tiny", "--variants",
-         "dense,m0.7", "--batches", "1,2", "--prompts", "2", "--out", str(tmp_path)],
+         "dense,m0.7,m0.7+atomic", "--batches", "1,2", "--prompts", "2", "--out", str(tmp_path)],
         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "speed_decode_e2e.md").read_text()
     rows = {(cells[0], int(cells[1])): cells for cells in
             ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
-             if re.match(r"\| (dense|m0\.7) \|", line))}
-    assert set(rows) == {("dense", 1), ("dense", 2), ("m0.7", 1), ("m0.7", 2)}
+             if re.match(r"\| (dense|m0\.7|m0\.7\+atomic) \|", line))}
+    assert set(rows) == {(v, b) for v in ("dense", "m0.7", "m0.7+atomic") for b in (1, 2)}
     for batch in (1, 2):
         sparsity, union = rows[("m0.7", batch)][4], rows[("m0.7", batch)][5]
         mean = float(sparsity.split()[0])
@@ -27,3 +27,5 @@ def test_decode_e2e_tiny_reports_the_sparsity_decode_reached(tmp_path):
         assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", union), union  # mean (range) over 2 prompts
     assert float(rows[("m0.7", 1)][5].split()[0]) <= float(rows[("m0.7", 2)][5].split()[0])  # 2 tokens read more
     assert rows[("dense", 1)][4] == "-"
+    # a kernel preset ("+atomic") runs the plain variant's calibration, so its meter row is the plain one's
+    assert all(rows[("m0.7+atomic", b)][2:6] == rows[("m0.7", b)][2:6] for b in (1, 2))

@@ -43,9 +43,39 @@ def build(shape: dict, layers: int, max_len: int, device, dtype):
     return model
 
 
+# A variant name may end in "+PRESET": the same calibration as the plain name, run with these kernel launch
+# settings merged into triton_ffn.CONFIG (e.g. "d0.9+atomic"), so one run times both against one dense row.
+KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}}
+
+
+def base_variant(name: str) -> str:
+    """'d0.9+atomic' -> 'd0.9' (what is calibrated and metered)."""
+    return name.split("+")[0]
+
+
+@contextlib.contextmanager
+def kernel_preset(name: str):
+    """triton_ffn.CONFIG with the preset a variant names, for its compile and its timed steps. The compile
+    caches are off meanwhile: they key on the graph, which names the countdown ops, not the launches that
+    CONFIG picks inside them, so a cached plain variant would be served for its preset."""
+    from countdown_fx.kernels import triton_ffn
+
+    preset = KERNEL_PRESETS[name.split("+")[1]] if "+" in name else {}
+    saved = dict(triton_ffn.CONFIG)
+    triton_ffn.CONFIG.update(preset)
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=not preset), \
+                torch._functorch.config.patch(enable_autograd_cache=not preset):
+            yield
+    finally:
+        triton_ffn.CONFIG.clear()
+        triton_ffn.CONFIG.update(saved)
+
+
 def variant_config(name: str):
     """'m0.7' -> M-CountDown at s=0.7, 'd0.9' -> D-CountDown at s=0.9, 'cats0.7' -> CATS."""
     methods = {"m": "m-countdown", "d": "d-countdown", "cats": "cats"}
+    name = base_variant(name)
     key = name.rstrip("0123456789.")
     # the predictor must generalise to decode tokens, or it keeps far more neurons than calibration reports
     # (session 4: 50 steps on 1 k tokens); 200 steps is the most a device call affords for 32 layers
@@ -294,7 +324,7 @@ def compile_step(forward, calibration, mode):
 def calibrate_variants(model, variants, device) -> dict:
     """Calibrations of every sparse variant from one sweep (shared passes: device time is scarce), on random
     token ids; Dynamo is reset afterwards so no calibration graph is reused by a decode step."""
-    sparse = [v for v in variants if v != "dense"]
+    sparse = list(dict.fromkeys(base_variant(v) for v in variants if v != "dense"))
     if not sparse:
         return {}
     # 5 batches: D-CountDown trains its predictors on 4 and chooses tau on the held-out last one
@@ -346,18 +376,25 @@ def main():
     for b in batches:  # batch sizes outer: a run cut at its time limit has every variant at the first one
         for variant in variants:
             before = counters["sites_rewritten"]
-            cal = calibrations.get(variant)
-            step = compile_step(plain, cal, mode)
+            cal = calibrations.get(base_variant(variant))
             t0 = time.time()
-            tps, _ = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
-                                         args.profile, args.skip_guard_eval)
+            with kernel_preset(variant):
+                step = compile_step(plain, cal, mode)
+                tps, _ = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
+                                             args.profile, args.skip_guard_eval)
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
             check_sites_rewritten(variant, sites, layers)
             nan = float("nan")
             union = cal.union_by_batch().get(b, nan) if variant != "dense" else nan
-            sparsity, used = (measured_decode_sparsity(model, cal, b, context, args.metered_steps, device,
-                                                       args.prompts, args.greedy) if variant != "dense" else ([], []))
+            metered = [r for r in rows if r["batch"] == b and base_variant(r["variant"]) == base_variant(variant)]
+            if variant == "dense":
+                sparsity, used = [], []
+            elif metered:  # a preset changes launches, not masks: the plain variant's meter holds
+                sparsity, used = metered[0]["sparsity"], metered[0]["used"]
+            else:
+                sparsity, used = measured_decode_sparsity(model, cal, b, context, args.metered_steps, device,
+                                                          args.prompts, args.greedy)
             rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else nan,
                              union=union, plan=plan_at(cal, b) if variant != "dense" else "-",
                              sparsity=sparsity, used=used))

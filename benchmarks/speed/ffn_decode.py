@@ -227,6 +227,11 @@ COMPARE = {
     "gather K1024": {"gather_no_dot": {"BLOCK_K": 1024}},
     "gather K1024 RG4": {"gather_no_dot": {"BLOCK_K": 1024, "BLOCK_RG": 4}},
     "gather K512 1w": {"gather_no_dot": {"BLOCK_K": 512, "num_warps": 1}},
+    # the down launch's shares summed by fp32 atomics, the last share of each column block casting: no reduce
+    # launch; with atomics more shares cost no more partials to sum, so also 8 programs per SM
+    "reduce": {"sum_splits": "reduce"},
+    "atomic": {"sum_splits": "atomic"},
+    "atomic 8/SM": {"sum_splits": "atomic", "down": {"programs_per_sm": 8}},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}

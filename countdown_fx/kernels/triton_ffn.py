@@ -40,6 +40,7 @@ ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 MODE_GATE, MODE_UP, MODE_COEF, MODE_PRED = 0, 1, 2, 3  # which side is dense / what the mask is
 MODE_OF_SCORE = {"gate": MODE_GATE, "up": MODE_UP, "coef": MODE_COEF}
 SIDES = {"masked": 0, "gather": 1}  # where the sparse side of gate/up runs (CONFIG["sparse_side"])
+SUM_SPLITS = ("reduce", "atomic")  # how the down launch's shares are summed (CONFIG["sum_splits"])
 
 
 @triton.jit
@@ -186,7 +187,7 @@ def _rows_gemv(x_ptr, stride_xm, w_ptr, stride_w, offs_b, b_mask, rows, r_mask, 
 
 @triton.jit
 def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr, dv_ptr,
-                 M, D, N, R, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
+                 ws_ptr, M, D, N, R, n_ws, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, NO_DOT: tl.constexpr):
@@ -194,9 +195,13 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
     _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
     union; the gather kernel walks the compacted union rows. NO_DOT (D-CountDown on the gather side, a few
     tokens, BLOCK_B >= M as small as 1): the logits as fp32 FMA sums over the rank instead of tl.dot, which
-    pads the tokens to 16 rows."""
+    pads the tokens to 16 rows. Also zeroes the n_ws floats of ws (the atomic sums and arrival counts of
+    _down_kernel with SUM_SPLITS "atomic"; n_ws is 0 otherwise)."""
     tl.static_assert(SIDE == 1 or not NO_DOT, "NO_DOT token tiles are below tl.dot's 16 rows: gather side only")
     pid = tl.program_id(0)
+    for z in range(pid * BLOCK_N, n_ws, tl.num_programs(0) * BLOCK_N):
+        offs_z = z + tl.arange(0, BLOCK_N)
+        tl.store(ws_ptr + offs_z, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=offs_z < n_ws)
     offs_b = tl.arange(0, BLOCK_B)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     b_mask = offs_b < M
@@ -405,10 +410,11 @@ def _lowrank_no_dot_kernel(x_ptr, vt_ptr, h_ptr, M, D, R, stride_xm, stride_vt, 
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB, n_split, compact_max_rows,
-                 stride_am, stride_w,
+def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, bd_ptr, y_ptr, M, N, D, NB, n_split,
+                 compact_max_rows, stride_am, stride_w, stride_ym,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 NB_P2: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 NB_P2: tl.constexpr, FLAT: tl.constexpr, ATOMIC: tl.constexpr, HAS_BD: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows.
 
     Two walks, chosen on the device from the size of the union (no host sync):
@@ -420,7 +426,10 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB
       work is balanced whatever the sparsity pattern;
     - dense union: a contiguous slice of rows with direct addresses; a row whose coefficients are all
       zero is masked off (no memory traffic). At full density this is a dense GEMV (the dense fallback).
-    No atomics: the result is deterministic.
+    Without ATOMIC, each share stores its partial in part[split] for _reduce_kernel: deterministic. With
+    ATOMIC, part is a zeroed fp32 [M, D] sum plus one arrival count per column block: each share adds its
+    partial with fp32 atomics, and the last share of a column block to arrive adds b_down, casts and stores
+    y (no reduce launch; the order of the additions, so the last bits of y, may vary from call to call).
     """
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -464,8 +473,21 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, M, N, D, NB
             wt = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_d[None, :],
                          mask=active[:, None] & d_mask[None, :], other=0.0)
             acc += _dot(at, wt, PREC, UPCAST)
-    tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc,
-             mask=b_mask[:, None] & d_mask[None, :])
+    mask = b_mask[:, None] & d_mask[None, :]
+    if ATOMIC:
+        sums = part_ptr + offs_b[:, None] * D + offs_d[None, :]
+        tl.atomic_add(sums, acc, mask=mask, sem="relaxed", scope="gpu")
+        # the barrier puts every thread's additions before the count, whose release/acquire orders them
+        # for the share that sees the last count
+        tl.debug_barrier()
+        if tl.atomic_add(part_ptr + M * D + pid_d, 1.0, sem="acq_rel", scope="gpu") == n_split - 1:
+            y_tile = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")  # others' sums: bypass L1
+            if HAS_BD:
+                y_tile += tl.load(bd_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_b[:, None] * stride_ym + offs_d[None, :],
+                     _cast(y_tile, y_ptr.dtype.element_ty, UPCAST), mask=mask)
+    else:
+        tl.store(part_ptr + (pid_s * M + offs_b[:, None]) * D + offs_d[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -550,6 +572,11 @@ CONFIG = {
     # "lowrank FMA": B=1 s=0.9 D 39.6 -> 37.8 us; one column per program over 4096 columns was -0.4 to -0.8 us
     # at 2 tokens, +0.3 to +0.9 at 1; the 2-token setting, one column over 2048, was not timed on its own).
     "lowrank_no_dot": dict(max_tokens=2, BLOCK_RG=2, BLOCK_K=2048, num_warps=2),
+    # How the down launch's shares of rows are summed: "reduce" (each stores its fp32 partial, _reduce_kernel
+    # sums them in a fixed order: deterministic) or "atomic" (fp32 atomic adds, the last share of each column
+    # block casts: one launch fewer, the last bits may vary). torch.use_deterministic_algorithms(True) takes
+    # "reduce" whatever this says.
+    "sum_splits": "reduce",
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
     "reduce": dict(BLOCK_D=64, SPLIT_TILE=64, num_warps=4),
@@ -682,11 +709,17 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     # the union's rows in one list, written by _gather_kernel; without it the down kernel never reads `flat`
     flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
+    if cfg["sum_splits"] not in SUM_SPLITS:
+        raise ValueError(f"sum_splits={cfg['sum_splits']!r}: expected one of {list(SUM_SPLITS)}")
+    atomic = cfg["sum_splits"] == "atomic" and not torch.are_deterministic_algorithms_enabled()
+    # "atomic": the down launch's fp32 sums and one arrival count per column block, zeroed by the coef launch
+    n_ws = M * D + triton.cdiv(D, cfg["down"]["BLOCK_D"]) if atomic else 0
+    ws = torch.empty((max(n_ws, 1),), dtype=torch.float32, device=x2d.device)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv,
-        M, D, N, R, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
+        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv, ws,
+        M, D, N, R, n_ws, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B_FMA if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -713,18 +746,21 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
     want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
     n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
-    part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
-    wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, idx, cnt, flat, part, M, N, D, n_blocks, n_split, int(cfg["compact_max_density"] * N),
-        a.stride(0), w_down_t.stride(0),
-        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
-        NB_P2=nb_p2, FLAT=gather, PREC=prec, UPCAST=upcast,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
-
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)
-    r = cfg["reduce"]
-    wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
-        part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
-        HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast,
-        num_warps=r["num_warps"])
+    if atomic:
+        part = ws
+    else:
+        part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
+    wrap_triton(_down_kernel)[(col_blocks, n_split)](
+        a, w_down_t, idx, cnt, flat, part, b_down if b_down is not None else dummy, y, M, N, D, n_blocks, n_split,
+        int(cfg["compact_max_density"] * N), a.stride(0), w_down_t.stride(0), y.stride(0),
+        BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
+        NB_P2=nb_p2, FLAT=gather, ATOMIC=atomic, HAS_BD=b_down is not None, PREC=prec, UPCAST=upcast,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if not atomic:
+        r = cfg["reduce"]
+        wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
+            part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
+            HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast,
+            num_warps=r["num_warps"])
     return (y, a) if return_coef else y

@@ -91,11 +91,12 @@ def test_sides_agree(mode):
         assert rel_err(y_side, y) <= 4 * ULP[torch.bfloat16], side
 
 
+@pytest.mark.parametrize("sum_splits", ["reduce", "atomic"])
 @pytest.mark.parametrize("side", ["masked", "gather", "gather-no-dot"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
-def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
+def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side, sum_splits):
     """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that
-    reads one before writing it, or an arrival counter left unzeroed, shows."""
+    reads one before writing it, or an atomic sum or arrival count left unzeroed, shows."""
     empty = torch.empty
 
     def poisoned(*args, **kwargs):
@@ -104,9 +105,25 @@ def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side):
 
     c = make_case(3, 53, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.8, seed=9)
     monkeypatch.setattr(torch, "empty", poisoned)
-    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side]})
+    y, a = run_kernel(c, config={**SMALL_BLOCKS, **SIDE_VARIANTS[side], "sum_splits": sum_splits})
     monkeypatch.undo()
     check(c, y, a)
+
+
+@pytest.mark.parametrize("side", ["masked", "gather-no-dot"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("mode", ["up", "gate", "coef", "pred"])
+def test_atomic_sums_agree_with_the_reduce_launch(mode, M, side):
+    """CONFIG sum_splits "atomic": the down launch's shares add into fp32 sums with atomics and the last share
+    of each column block adds b_down and casts (small blocks: 7 column blocks of several shares each). The
+    same coefficients; the output within fp32 summation order of the reduce launch's, rounded to bf16."""
+    c = make_case(M, 107, 131, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.6, seed=31 + M)
+    config = {**SMALL_BLOCKS, **SIDE_VARIANTS[side]}
+    y, a = run_kernel(c, config=config)
+    y_atomic, a_atomic = run_kernel(c, config={**config, "sum_splits": "atomic"})
+    check(c, y_atomic, a_atomic)
+    assert torch.equal(a_atomic, a)
+    assert rel_err(y_atomic, y) <= 4 * ULP[torch.bfloat16]
 
 
 @pytest.mark.parametrize("M", [1, 2, 3])

@@ -36,7 +36,7 @@ class _HopperTarget:
         return 0
 
 
-def _launches(monkeypatch, case, mode, side, no_dot_tokens):
+def _launches(monkeypatch, case, mode, side, no_dot_tokens, sum_splits="reduce"):
     """Run the launcher with wrap_triton replaced by a recorder: (kernel, arguments by name) per launch."""
     launches = []
 
@@ -52,7 +52,8 @@ def _launches(monkeypatch, case, mode, side, no_dot_tokens):
     c = case
     triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
-                          config={"sparse_side": side, "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
+                          config={"sparse_side": side, "sum_splits": sum_splits,
+                                  "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
                                   "gather_no_dot": {"max_tokens": no_dot_tokens},
                                   "coef_no_dot_pred": {"max_tokens": no_dot_tokens},
                                   "lowrank_no_dot": {"max_tokens": no_dot_tokens}})
@@ -68,26 +69,30 @@ def _written(kernel, arguments) -> list[str]:
                                                   tensors, {})
 
 
+@pytest.mark.parametrize("sum_splits", ["reduce", "atomic"])
 @pytest.mark.parametrize("M,no_dot_tokens", [(3, 0), (1, 2), (3, 4)], ids=["dot", "fma-1", "fma-3"])
 @pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens):
+def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens, sum_splits):
     """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred", "lowrank_no_dot"),
-    so the analysis sees both the tl.dot and the FMA launches."""
+    so the analysis sees both the tl.dot and the FMA launches; sum_splits: the down launch's shares summed
+    by a reduce launch or by atomics (no output reduce launch then)."""
     case = make_case(M, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
     inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
     input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
     # set_active / reset_active would leave triton without a driver on a machine with no GPU: patch the
     # slot itself, which monkeypatch puts back
     monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
-    launches = _launches(monkeypatch, case, mode, side, no_dot_tokens)
+    launches = _launches(monkeypatch, case, mode, side, no_dot_tokens, sum_splits)
     names = [k.fn.__name__ for k, _ in launches]
-    assert len(launches) >= 3
+    assert len(launches) >= 2
     # h = x V: one FMA launch over V's columns (V stored transposed, a few tokens), or chunks of d_model
     # summed by a reduce launch of their own
     fma_h = mode == "pred" and M <= no_dot_tokens
     assert names.count("_lowrank_no_dot_kernel") == fma_h
-    assert names.count("_reduce_kernel") == 1 + (mode == "pred" and not fma_h)
+    assert names.count("_reduce_kernel") == (sum_splits == "reduce") + (mode == "pred" and not fma_h)
+    down = dict(launches)[next(k for k, _ in launches if k.fn.__name__ == "_down_kernel")]
+    assert down["ATOMIC"] == (sum_splits == "atomic")
     assert names.count("_gather_kernel") == (side == "gather" and mode != "coef")
     for kernel, arguments in launches:
         written = _written(kernel, arguments)
@@ -97,3 +102,18 @@ def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot
             assert storage not in input_storages, (
                 f"{kernel.fn.__name__} is seen to write its argument {name}, which is the input "
                 f"{input_storages[storage]!r}: an exported program would treat that input as mutated")
+
+
+def test_deterministic_algorithms_take_the_reduce_launch(monkeypatch):
+    """torch.use_deterministic_algorithms(True) is the way to a bitwise-repeatable output: the down launch's
+    shares are then summed by the fixed-order reduce launch whatever CONFIG["sum_splits"] says."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
+    case = make_case(1, 64, 96, torch.bfloat16, "cpu", "up", sparsity=0.7)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        launches = _launches(monkeypatch, case, "up", "gather", 2, sum_splits="atomic")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert [k.fn.__name__ for k, _ in launches].count("_reduce_kernel") == 1
+    assert not dict(launches)[next(k for k, _ in launches if k.fn.__name__ == "_down_kernel")]["ATOMIC"]

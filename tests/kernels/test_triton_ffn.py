@@ -118,6 +118,23 @@ def test_lowrank_layouts_agree_full_shape(M, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("M", [1, 2, 4, 16])
+@pytest.mark.parametrize("mode,side", [("up", "gather"), ("up", "masked"), ("pred", "gather"), ("pred", "masked")])
+def test_atomic_sums_full_shape(mode, side, M, dtype):
+    """CONFIG sum_splits "atomic" on the GPU (fp32 atomics from every share, the last share of a column block
+    casts): against fp64, and against the reduce launch within the rounding of another summation order."""
+    D, N = SHAPES["llama8b"]
+    c = make_case(M, D, N, dtype, "cuda", mode, bias=True, sparsity=0.8, rank=512, seed=40 + M)
+    y, a = run_kernel(c, config={"sparse_side": side, "sum_splits": "reduce"})
+    for _ in range(3):
+        y_atomic, a_atomic = run_kernel(c, config={"sparse_side": side, "sum_splits": "atomic"})
+        check(c, y_atomic, a_atomic)
+        assert torch.equal(a_atomic, a)
+        assert rel_err(y_atomic, y) <= TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_deterministic_gpu():
     c = make_case(8, 4096, 14336, torch.bfloat16, "cuda", "pred", sparsity=0.5, rank=512)
     y1, _ = run_kernel(c)
