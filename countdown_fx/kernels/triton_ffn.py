@@ -1,6 +1,6 @@
 """Triton kernels for CountDown decode (1..16 tokens per step): sparse gated FFN, no host synchronisation.
 
-Three launches per FFN call (one more with the "gather" sparse side, `_gather_kernel`; for D-CountDown's
+Two launches per FFN call (one more with the "gather" sparse side, `_gather_kernel`; for D-CountDown's
 h = x V first either `_lowrank_no_dot_kernel`, for 1-2 tokens with V stored transposed, or `_lowrank_kernel` over
 chunks of d_model and, when d_model spans more than one chunk, `_reduce_kernel` to sum them), all with grids
 known on the host, so a CUDA graph captures them:
@@ -11,13 +11,16 @@ known on the host, so a CUDA graph captures them:
    only the rows in the union (masked loads of inactive rows issue no memory traffic; a block whose union
    is empty runs no sparse loop at all) -> a = act(g) * u * keep, stored per token in the input dtype,
    and the union as a compacted row list per block.
-2. `_down_kernel`: y_partial[split] = a[:, rows] @ W_down^T[rows, :] over one share of the rows and one
-   block of output columns; only rows of the union are read. A sparse union is walked through the
-   compacted row lists (full tiles of active rows, balanced shares); a dense one through direct
-   addresses with inactive rows masked off, which at full density is a dense GEMV (the dense fallback,
-   decided on the device from the union's size).
-3. `_reduce_kernel`: sums the partials in a fixed order, adds b_down, casts. No atomics: the result is
-   bitwise deterministic for the same inputs.
+2. `_down_kernel`: a[:, rows] @ W_down^T[rows, :] over one share of the rows and one block of output
+   columns; only rows of the union are read. A sparse union is walked through the compacted row lists
+   (full tiles of active rows, balanced shares); a dense one through direct addresses with inactive rows
+   masked off, which at full density is a dense GEMV (the dense fallback, decided on the device from the
+   union's size). The shares add their fp32 partials with atomics, and the last share of each column
+   block to arrive adds b_down, casts and stores y: the order of those additions varies, so the last bits
+   of y may vary from call to call (CONFIG["sum_splits"] "atomic", the default).
+3. Deterministic path, taken under torch.use_deterministic_algorithms(True) (or sum_splits "reduce"): each
+   share stores its partial and `_reduce_kernel` sums them in a fixed order, adds b_down and casts: the
+   same bits for the same inputs, for one launch more (~1.5-5 us, NOTES.md "atomic sums").
 
 Each active row is read once for the whole batch while every token keeps its own coefficients, so the
 output equals the per-token reference (`reference.threshold_ffn` / `reference.predictor_ffn`). Rounding
@@ -576,7 +579,9 @@ CONFIG = {
     # sums them in a fixed order: deterministic) or "atomic" (fp32 atomic adds, the last share of each column
     # block casts: one launch fewer, the last bits may vary). torch.use_deterministic_algorithms(True) takes
     # "reduce" whatever this says.
-    "sum_splits": "reduce",
+    # Measured (NOTES.md "atomic sums"): -1.4 to -4.8 us at every batch, sparsity and side (B=1 s=0.9 D
+    # 36.3 -> 34.9, M s=0.7 78.5 -> 76.6; B=16 s=0.9 M 105.0 -> 100.6).
+    "sum_splits": "atomic",
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
     "reduce": dict(BLOCK_D=64, SPLIT_TILE=64, num_warps=4),

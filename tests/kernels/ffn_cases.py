@@ -11,6 +11,8 @@ the test sees the kernel's own keep mask (a != 0). It asserts that
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from countdown_fx.kernels import reference, triton_ffn
@@ -56,6 +58,19 @@ def make_case(M, D, N, dtype, device, mode, act="silu", bias=False, sparsity=0.5
         thr = torch.quantile(s.flatten().float().cpu(), sparsity).item()
     c["thr"] = torch.tensor(thr, dtype=torch.float32, device=device)
     return c
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch.use_deterministic_algorithms(True) meanwhile: the kernels then sum the down launch's shares in a
+    fixed order (CONFIG sum_splits "reduce"), so repeated calls give the same bits. warn_only: the fp64
+    references' cuBLAS calls would otherwise need CUBLAS_WORKSPACE_CONFIG."""
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
 
 
 def _d(t):

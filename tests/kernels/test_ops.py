@@ -9,6 +9,7 @@ import torch
 from countdown_fx.kernels import ops, reference
 
 sys.path.insert(0, os.path.dirname(__file__))
+from ffn_cases import deterministic  # noqa: E402
 
 
 def _ffn(M, D, N, dtype=torch.float32, device="cpu", bias=False, seq=None, seed=0):
@@ -112,10 +113,20 @@ def test_compiled_cudagraphs(op):
     src = "\n".join(code)
     assert "_coef_kernel" in src and "_down_kernel" in src
     assert "countdown.threshold_ffn" not in src and "countdown.predictor_ffn" not in src
-    for seed in range(4):  # replays on fresh inputs
+    if op == "threshold":  # (the predictor's h = x V has a reduce launch of its own at 4 tokens)
+        assert "_reduce_kernel" not in src
+    for seed in range(4):  # replays on fresh inputs; atomic sums (the default): within rounding
         args[0] = torch.randn(4, 1, 512, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
         want = OPS[op](*args)
-        assert torch.equal(cf(*args), want)
+        torch.testing.assert_close(cf(*args), want, rtol=1e-2, atol=1e-2)
+    # deterministic algorithms: a compile of its own (Dynamo guards on the flag) with the reduce launch, the
+    # same bits as eager
+    with deterministic():
+        _, code = run_and_get_code(cf, *args)
+        assert "_reduce_kernel" in "\n".join(code)
+        for seed in range(4):
+            args[0] = torch.randn(4, 1, 512, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+            assert torch.equal(cf(*args), OPS[op](*args))
 
 
 class _FixedCalibration:
