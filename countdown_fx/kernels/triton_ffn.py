@@ -665,6 +665,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     BLOCK_B = 16  # tl.dot launches pad the tokens to 16 rows
     BLOCK_B_FMA = triton.next_power_of_2(M)  # the FMA (no tl.dot) launches' token tile
     dummy = x2d  # stands for absent optional pointers (never read: HAS_* flags are off)
+    bg_arg, bu_arg, bd_arg = (dummy if b is None else b for b in (b_gate, b_up, b_down))
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
     h = dummy
@@ -722,8 +723,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     ws = torch.empty((max(n_ws, 1),), dtype=torch.float32, device=x2d.device)
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
-        b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
-        h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv, ws,
+        bg_arg, bu_arg, h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv, ws,
         M, D, N, R, n_ws, x2d.stride(0), w_gate.stride(0), w_up.stride(0), stride_h, stride_pu,
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
@@ -737,7 +737,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         c = cfg["gather_no_dot"] if no_dot else cfg["gather"]
         grid = max(1, min(triton.cdiv(N, c["BLOCK_RG"]), c["programs_per_sm"] * _sm_count(x2d.device)))
         wrap_triton(_gather_kernel)[(grid,)](
-            x2d, w_gate, w_up, b_gate if b_gate is not None else dummy, b_up if b_up is not None else dummy,
+            x2d, w_gate, w_up, bg_arg, bu_arg,
             dv, thr, a, idx, cnt, flat, M, D, n_blocks, x2d.stride(0), w_gate.stride(0), w_up.stride(0),
             dv.stride(0), a.stride(0), MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None,
             HAS_BU=b_up is not None, BLOCK_B=BLOCK_B_FMA if no_dot else BLOCK_B,
@@ -752,12 +752,9 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     want_splits = max(1, c["programs_per_sm"] * _sm_count(x2d.device) // col_blocks)
     n_split = max(1, min(want_splits, triton.cdiv(N, c["BLOCK_R"])))
     y = torch.empty((M, D), dtype=dtype, device=x2d.device)
-    if atomic:
-        part = ws
-    else:
-        part = torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
+    part = ws if atomic else torch.empty((n_split, M, D), dtype=torch.float32, device=x2d.device)
     wrap_triton(_down_kernel)[(col_blocks, n_split)](
-        a, w_down_t, idx, cnt, flat, part, b_down if b_down is not None else dummy, y, M, N, D, n_blocks, n_split,
+        a, w_down_t, idx, cnt, flat, part, bd_arg, y, M, N, D, n_blocks, n_split,
         int(cfg["compact_max_density"] * N), a.stride(0), w_down_t.stride(0), y.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
         NB_P2=nb_p2, FLAT=gather, ATOMIC=atomic, HAS_BD=b_down is not None, PREC=prec, UPCAST=upcast,
@@ -765,7 +762,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     if not atomic:
         r = cfg["reduce"]
         wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
-            part, b_down if b_down is not None else dummy, y, M, D, n_split, y.stride(0),
+            part, bd_arg, y, M, D, n_split, y.stride(0),
             HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast,
             num_warps=r["num_warps"])
     return (y, a) if return_coef else y

@@ -18,7 +18,7 @@ from torch._higher_order_ops import triton_kernel_wrap  # noqa: E402
 from countdown_fx.kernels import triton_ffn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ffn_cases import make_case  # noqa: E402
+from ffn_cases import deterministic, make_case  # noqa: E402
 
 MODES = {"gate": triton_ffn.MODE_GATE, "up": triton_ffn.MODE_UP, "coef": triton_ffn.MODE_COEF,
          "pred": triton_ffn.MODE_PRED}
@@ -60,6 +60,11 @@ def _launches(monkeypatch, case, mode, side, no_dot_tokens, sum_splits="reduce")
     return launches
 
 
+def _arguments_of(launches, kernel_name: str) -> dict:
+    """The arguments of the (first) launch of the kernel named `kernel_name`."""
+    return next(arguments for kernel, arguments in launches if kernel.fn.__name__ == kernel_name)
+
+
 def _written(kernel, arguments) -> list[str]:
     tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
     constants = {k: v for k, v in arguments.items() if not isinstance(v, torch.Tensor)
@@ -91,8 +96,7 @@ def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot
     fma_h = mode == "pred" and M <= no_dot_tokens
     assert names.count("_lowrank_no_dot_kernel") == fma_h
     assert names.count("_reduce_kernel") == (sum_splits == "reduce") + (mode == "pred" and not fma_h)
-    down = dict(launches)[next(k for k, _ in launches if k.fn.__name__ == "_down_kernel")]
-    assert down["ATOMIC"] == (sum_splits == "atomic")
+    assert _arguments_of(launches, "_down_kernel")["ATOMIC"] == (sum_splits == "atomic")
     assert names.count("_gather_kernel") == (side == "gather" and mode != "coef")
     for kernel, arguments in launches:
         written = _written(kernel, arguments)
@@ -109,11 +113,7 @@ def test_deterministic_algorithms_take_the_reduce_launch(monkeypatch):
     shares are then summed by the fixed-order reduce launch whatever CONFIG["sum_splits"] says."""
     monkeypatch.setattr(triton.runtime.driver, "_active", _HopperTarget())
     case = make_case(1, 64, 96, torch.bfloat16, "cpu", "up", sparsity=0.7)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         launches = _launches(monkeypatch, case, "up", "gather", 2, sum_splits="atomic")
-    finally:
-        torch.use_deterministic_algorithms(was)
     assert [k.fn.__name__ for k, _ in launches].count("_reduce_kernel") == 1
-    assert not dict(launches)[next(k for k, _ in launches if k.fn.__name__ == "_down_kernel")]["ATOMIC"]
+    assert not _arguments_of(launches, "_down_kernel")["ATOMIC"]
