@@ -232,14 +232,6 @@ COMPARE = {
     "reduce": {"sum_splits": "reduce"},
     "atomic": {"sum_splits": "atomic"},
     "atomic 8/SM": {"sum_splits": "atomic", "down": {"programs_per_sm": 8}},
-    # each coef program gathers its own block's union rows after its dense side (no gather launch, no flat
-    # list: the down launch searches the per-block lists, or walks rows directly above compact_max_density);
-    # with longer row groups, with 32-neuron blocks (D: 448 programs instead of 896; M: 448 instead of 224),
-    # and with the down launch's compacted walk at every union size
-    "local": {"sparse_side": "local"},
-    "local RG4 K1024": {"sparse_side": "local", "gather_no_dot": {"BLOCK_RG": 4, "BLOCK_K": 1024}},
-    "local N32": {"sparse_side": "local", "coef": {"BLOCK_N": 32}, "coef_no_dot_pred": {"BLOCK_N": 32, "BLOCK_R": 256}},
-    "local compact": {"sparse_side": "local", "compact_max_density": 1.0},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}

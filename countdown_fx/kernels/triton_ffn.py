@@ -42,7 +42,7 @@ MAX_TOKENS = 16  # tokens per decode step the kernels handle (tl.dot pads the to
 ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 MODE_GATE, MODE_UP, MODE_COEF, MODE_PRED = 0, 1, 2, 3  # which side is dense / what the mask is
 MODE_OF_SCORE = {"gate": MODE_GATE, "up": MODE_UP, "coef": MODE_COEF}
-SIDES = {"masked": 0, "gather": 1, "local": 2}  # where the sparse side of gate/up runs (CONFIG["sparse_side"])
+SIDES = {"masked": 0, "gather": 1}  # where the sparse side of gate/up runs (CONFIG["sparse_side"])
 SUM_SPLITS = ("reduce", "atomic")  # how the down launch's shares are summed (CONFIG["sum_splits"])
 
 
@@ -193,18 +193,14 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                  ws_ptr, M, D, N, R, n_ws, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, NO_DOT: tl.constexpr,
-                 LOCAL_B: tl.constexpr, LOCAL_RG: tl.constexpr, LOCAL_K: tl.constexpr, LOCAL_NO_DOT: tl.constexpr,
-                 LOCAL_FUSED: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, NO_DOT: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
     _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
-    union; the gather kernel walks the compacted union rows. SIDE 2 ("local"): as "gather", then this
-    program gathers its own block's union rows itself (_gather_rows, LOCAL_RG rows at a time, LOCAL_B tokens):
-    no gather launch, and the sparse rows' loads overlap other programs' dense side. NO_DOT (D-CountDown off
-    the masked side, a few tokens, BLOCK_B >= M as small as 1): the logits as fp32 FMA sums over the rank
-    instead of tl.dot, which pads the tokens to 16 rows. Also zeroes the n_ws floats of ws (the atomic sums
-    and arrival counts of _down_kernel with SUM_SPLITS "atomic"; n_ws is 0 otherwise)."""
-    tl.static_assert(SIDE != 0 or not NO_DOT, "NO_DOT token tiles are below tl.dot's 16 rows: not on the masked side")
+    union; the gather kernel walks the compacted union rows. NO_DOT (D-CountDown on the gather side, a few
+    tokens, BLOCK_B >= M as small as 1): the logits as fp32 FMA sums over the rank instead of tl.dot, which
+    pads the tokens to 16 rows. Also zeroes the n_ws floats of ws (the atomic sums and arrival counts of
+    _down_kernel with SUM_SPLITS "atomic"; n_ws is 0 otherwise)."""
+    tl.static_assert(SIDE == 1 or not NO_DOT, "NO_DOT token tiles are below tl.dot's 16 rows: gather side only")
     pid = tl.program_id(0)
     for z in range(pid * BLOCK_N, n_ws, tl.num_programs(0) * BLOCK_N):
         offs_z = z + tl.arange(0, BLOCK_N)
@@ -295,18 +291,6 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
     pos = tl.cumsum(used, axis=0) - 1
     tl.store(idx_ptr + pid * BLOCK_N + pos, offs_n, mask=used > 0)
     tl.store(cnt_ptr + pid, n_used)
-    if SIDE == 2:
-        # this block's union rows from its own list (a load, as above), dv from its own store: the barrier
-        # makes every thread's stores visible to the program's other threads
-        tl.debug_barrier()
-        n_local = tl.sum(used, axis=0)
-        for grp in range(0, n_local, LOCAL_RG):
-            offs_g = grp + tl.arange(0, LOCAL_RG)
-            g_mask = offs_g < n_local
-            rows = tl.load(idx_ptr + pid * BLOCK_N + offs_g, mask=g_mask, other=0)
-            _gather_rows(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr, a_ptr, rows, g_mask, M, D,
-                         stride_xm, stride_wg, stride_wu, stride_dv, stride_am, MODE, ACT, HAS_BG, HAS_BU,
-                         LOCAL_B, LOCAL_RG, LOCAL_K, LOCAL_NO_DOT, LOCAL_FUSED, PREC, UPCAST)
 
 
 @triton.jit
@@ -326,50 +310,6 @@ def _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr, a_ptr, rows, k_mask, M, D,
-                 stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
-                 MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, NO_DOT: tl.constexpr,
-                 FUSED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The sparse side for BLOCK_RG active rows (`rows`, where k_mask) over all of d_model: reads the rows the
-    dense side left to it, forms a = act(g) * u * keep for every token from the dense side's value dv, stores a.
-    FUSED: D-CountDown's FMA path reads gate and up in one loop."""
-    tl.static_assert(not FUSED or (MODE == 3 and NO_DOT), "FUSED is D-CountDown's FMA gather only")
-    offs_b = tl.arange(0, BLOCK_B)
-    b_mask = offs_b < M
-    out_dtype = a_ptr.dtype.element_ty
-    valid = b_mask[:, None] & k_mask[None, :]
-    dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
-    if FUSED:
-        g, u = _gemv_no_dot_pair(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, rows, k_mask, M, D,
-                                 BLOCK_B, BLOCK_RG, BLOCK_K)
-    elif MODE == 3 or MODE == 1:
-        g = _rows_gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, M, D,
-                       BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
-    if MODE == 3 or MODE == 1:
-        if HAS_BG:
-            g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
-    else:
-        ag = dv
-    if MODE == 3 or MODE == 0:
-        if not FUSED:
-            u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, M, D,
-                           BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
-        if HAS_BU:
-            u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        u = _cast(u, out_dtype, UPCAST).to(tl.float32)
-    else:
-        u = dv
-    if MODE == 3:
-        keep = (dv > thr) & valid
-    else:
-        keep = (tl.abs(dv) > thr) & valid
-    a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
-    tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
-
-
-@triton.jit
 def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr, idx_ptr, cnt_ptr,
                    flat_ptr, M, D, NB, stride_xm, stride_wg, stride_wu, stride_dv, stride_am,
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
@@ -377,24 +317,54 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    NB_P2: tl.constexpr, NO_DOT: tl.constexpr, FUSED: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
-    each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model (_gather_rows).
-    It also leaves the union's rows as one flat list (flat_ptr), so _down_kernel need not search the
-    per-block lists."""
+    each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
+    a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
+    _down_kernel need not search the per-block lists. FUSED: D-CountDown's FMA path reads gate and up in one loop."""
+    tl.static_assert(not FUSED or (MODE == 3 and NO_DOT), "FUSED is D-CountDown's FMA gather only")
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < M
     offs_blk = tl.arange(0, NB_P2)
     cnts = tl.load(cnt_ptr + offs_blk, mask=offs_blk < NB, other=0)
     cum = tl.cumsum(cnts, axis=0)
     total = tl.sum(cnts, axis=0)
     thr = tl.load(thr_ptr).to(tl.float32)
+    out_dtype = a_ptr.dtype.element_ty
     n_groups = (total + BLOCK_RG - 1) // BLOCK_RG
     for grp in range(pid, n_groups, n_prog):
         offs_k = grp * BLOCK_RG + tl.arange(0, BLOCK_RG)
         k_mask = offs_k < total
         rows = _union_rows(idx_ptr, cnt_ptr, cum, offs_k, k_mask, BLOCK_N)
-        _gather_rows(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr, a_ptr, rows, k_mask, M, D,
-                     stride_xm, stride_wg, stride_wu, stride_dv, stride_am, MODE, ACT, HAS_BG, HAS_BU,
-                     BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, FUSED, PREC, UPCAST)
+        valid = b_mask[:, None] & k_mask[None, :]
+        dv = tl.load(dv_ptr + offs_b[:, None] * stride_dv + rows[None, :], mask=valid, other=0.0)
+        if FUSED:
+            g, u = _gemv_no_dot_pair(x_ptr, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu, rows, k_mask, M, D,
+                                     BLOCK_B, BLOCK_RG, BLOCK_K)
+        elif MODE == 3 or MODE == 1:
+            g = _rows_gemv(x_ptr, stride_xm, wg_ptr, stride_wg, offs_b, b_mask, rows, k_mask, M, D,
+                           BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
+        if MODE == 3 or MODE == 1:
+            if HAS_BG:
+                g += tl.load(bg_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            ag = _cast(_act(_cast(g, out_dtype, UPCAST).to(tl.float32), ACT), out_dtype, UPCAST).to(tl.float32)
+        else:
+            ag = dv
+        if MODE == 3 or MODE == 0:
+            if not FUSED:
+                u = _rows_gemv(x_ptr, stride_xm, wu_ptr, stride_wu, offs_b, b_mask, rows, k_mask, M, D,
+                               BLOCK_B, BLOCK_RG, BLOCK_K, NO_DOT, PREC, UPCAST)
+            if HAS_BU:
+                u += tl.load(bu_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            u = _cast(u, out_dtype, UPCAST).to(tl.float32)
+        else:
+            u = dv
+        if MODE == 3:
+            keep = (dv > thr) & valid
+        else:
+            keep = (tl.abs(dv) > thr) & valid
+        a = tl.where(keep, _cast(ag * u, out_dtype, UPCAST), 0.0).to(out_dtype)
+        tl.store(a_ptr + offs_b[:, None] * stride_am + rows[None, :], a, mask=valid)
         tl.store(flat_ptr + offs_k, rows, mask=k_mask)
 
 
@@ -734,15 +704,14 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         raise ValueError(f"sparse_side={cfg['sparse_side']!r}: expected one of {sorted(SIDES)}")
     side = SIDES[cfg["sparse_side"]] if mode != MODE_COEF else SIDES["masked"]  # "coef": both sides dense
     gather = side == SIDES["gather"]
-    local = side == SIDES["local"]
-    no_dot_logits = mode == MODE_PRED and side != SIDES["masked"] and _no_dot(cfg["coef_no_dot_pred"], M)
+    no_dot_logits = mode == MODE_PRED and gather and _no_dot(cfg["coef_no_dot_pred"], M)
     c = {**cfg["coef"], **cfg["coef_no_dot_pred"]} if no_dot_logits else cfg["coef"]
     block_k = _block_k(c["BLOCK_K"], dtype)
     block_n = c["BLOCK_N"]
     n_blocks = triton.cdiv(N, block_n)
     idx = torch.empty((n_blocks * block_n,), dtype=torch.int32, device=x2d.device)
     cnt = torch.empty((n_blocks,), dtype=torch.int32, device=x2d.device)
-    dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather or local else a
+    dv = torch.empty((M, N), dtype=torch.float32, device=x2d.device) if gather else a
     # the union's rows in one list, written by _gather_kernel; without it the down kernel never reads `flat`
     flat = torch.empty((N,), dtype=torch.int32, device=x2d.device) if gather else idx
     nb_p2 = triton.next_power_of_2(n_blocks)
@@ -752,15 +721,6 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     # "atomic": the down launch's fp32 sums and one arrival count per column block, zeroed by the coef launch
     n_ws = M * D + triton.cdiv(D, cfg["down"]["BLOCK_D"]) if atomic else 0
     ws = torch.empty((max(n_ws, 1),), dtype=torch.float32, device=x2d.device)
-    # (every argument passed: torch's TTIR write analysis does not fill in a kernel's default values)
-    local_args = dict(LOCAL_B=BLOCK_B, LOCAL_RG=16, LOCAL_K=block_k, LOCAL_NO_DOT=False, LOCAL_FUSED=False)
-    if local:  # the gather launch's tiles (and FMA path), run by each coef program over its own block's union
-        local_no_dot = _no_dot(cfg["gather_no_dot"], M)
-        g = cfg["gather_no_dot"] if local_no_dot else cfg["gather"]
-        local_args = dict(LOCAL_B=BLOCK_B_FMA if local_no_dot else BLOCK_B, LOCAL_RG=g["BLOCK_RG"],
-                          LOCAL_K=g["BLOCK_K"] if local_no_dot else _block_k(g["BLOCK_K"], dtype),
-                          LOCAL_NO_DOT=local_no_dot,
-                          LOCAL_FUSED=mode == MODE_PRED and local_no_dot and M <= g["fused_max_tokens"])
     wrap_triton(_coef_kernel)[(n_blocks,)](
         x2d, w_gate, w_up,
         bg_arg, bu_arg, h, pred_u if pred_u is not None else dummy, thr, a, idx, cnt, dv, ws,
@@ -768,9 +728,9 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         a.stride(0), dv.stride(0),
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B_FMA if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast, SIDE=side, NO_DOT=no_dot_logits, **local_args,
+        BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast, SIDE=side, NO_DOT=no_dot_logits,
         num_warps=c["num_warps"],
-        num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and side == SIDES["masked"] else c["num_stages"])
+        num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 
     if gather:
         no_dot = _no_dot(cfg["gather_no_dot"], M)

@@ -33,15 +33,12 @@ SIDE_VARIANTS = {
                "coef_no_dot_pred": None},
     "gather-no-dot": {"sparse_side": "gather", "gather": SMALL_GATHER, "gather_no_dot": NO_DOT,
                       "coef_no_dot_pred": NO_DOT_LOGITS},
-    # each coef program gathers its own block's union (no gather launch): with tl.dot, and on the FMA paths
-    "local": {"sparse_side": "local", "gather": SMALL_GATHER, "gather_no_dot": None, "coef_no_dot_pred": None},
-    "local-no-dot": {"sparse_side": "local", "gather_no_dot": NO_DOT, "coef_no_dot_pred": NO_DOT_LOGITS},
 }
 
 
 @pytest.mark.parametrize("mode,M,dtype,sparsity,side", list(itertools.product(
     ["up", "gate", "coef", "pred"], [1, 3], [torch.float32, torch.bfloat16], [0.5, 0.0, 1.0],
-    ["masked", "gather", "gather-no-dot", "local", "local-no-dot"])))
+    ["masked", "gather", "gather-no-dot"])))
 def test_modes(mode, M, dtype, sparsity, side):
     """Prime sizes; all neurons active (0.0), none (1.0), a per-token quantile (0.5); biases on odd M;
     every implementation of the sparse side."""
@@ -95,7 +92,7 @@ def test_sides_agree(mode):
 
 
 @pytest.mark.parametrize("sum_splits", ["reduce", "atomic"])
-@pytest.mark.parametrize("side", ["masked", "gather", "gather-no-dot", "local-no-dot"])
+@pytest.mark.parametrize("side", ["masked", "gather", "gather-no-dot"])
 @pytest.mark.parametrize("mode", ["up", "pred"])
 def test_scratch_buffers_start_as_garbage(monkeypatch, mode, side, sum_splits):
     """Every scratch buffer comes from torch.empty: poison them (NaN floats, large ints) so a kernel that

@@ -76,7 +76,7 @@ def _written(kernel, arguments) -> list[str]:
 
 @pytest.mark.parametrize("sum_splits", ["reduce", "atomic"])
 @pytest.mark.parametrize("M,no_dot_tokens", [(3, 0), (1, 2), (3, 4)], ids=["dot", "fma-1", "fma-3"])
-@pytest.mark.parametrize("side", ["masked", "gather", "local"])
+@pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens, sum_splits):
     """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred", "lowrank_no_dot"),
