@@ -29,3 +29,23 @@ def test_decode_e2e_tiny_reports_the_sparsity_decode_reached(tmp_path):
     assert rows[("dense", 1)][4] == "-"
     # a kernel preset ("+atomic") runs the plain variant's calibration, so its meter row is the plain one's
     assert all(rows[("m0.7+atomic", b)][2:6] == rows[("m0.7", b)][2:6] for b in (1, 2))
+
+
+def test_decode_tp_tiny_reports_each_ranks_decode_sparsity(tmp_path):
+    """benchmarks/speed/decode_tp.py --tiny on 2 gloo processes: every sparse row carries the sparsity and union
+    the meter counted on each rank's shards (mean over ranks and prompts, with its range)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         os.path.join(ROOT, "benchmarks", "speed", "decode_tp.py"), "--tiny", "--variants", "dense,m0.7",
+         "--batches", "1", "--prompts", "2", "--out", str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "speed_decode_tp2.md").read_text()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in table.splitlines() if re.match(r"\| (dense|m0\.7) \|", line))}
+    assert set(rows) == {"dense", "m0.7"}
+    assert rows["dense"][2:4] == ["-", "-"]
+    sparsity, union = rows["m0.7"][2], rows["m0.7"][3]
+    assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", sparsity), sparsity  # 2 ranks x 2 prompts
+    assert abs(float(sparsity.split()[0]) - 0.7) < 0.05, sparsity  # each shard's threshold holds its target
+    assert abs(float(union.split()[0]) - 0.3) < 0.05, union  # one token: union = 1 - sparsity

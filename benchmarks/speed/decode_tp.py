@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_e2e import (LLAMA8B, TINY, build, calibrate_variants, check_sites_rewritten,  # noqa: E402
-                        compile_step, decode_arg_parser, decode_tokens_per_s)
+                        compile_step, decode_arg_parser, decode_tokens_per_s, measured_decode_sparsity, spread)
 from ffn_decode import git_commit  # noqa: E402
 
 from countdown_fx.distributed import destroy_process_group  # noqa: E402
@@ -40,6 +40,8 @@ def shard(model, mesh) -> None:
 
 def main() -> None:
     ap = decode_arg_parser(__doc__, 32, "dense,m0.7,d0.9", "CPU smoke test on gloo: tiny model, no CUDA graphs")
+    ap.add_argument("--metered-steps", type=int, default=8,
+                    help="decode steps run eagerly under SparsityMeter for the sparsity and union each rank reaches")
     args = ap.parse_args()
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (device README)
@@ -78,9 +80,17 @@ def main() -> None:
                 dist.all_gather_object(same, [t.cpu() for t in toks])  # every prompt's tokens
                 assert all(len(o) == len(same[0]) and all(torch.equal(x, y) for x, y in zip(o, same[0]))
                            for o in same), "ranks decoded different tokens"
-                rows.append((variant, b, tps))
+                # what each rank's shards really reached (every rank runs the metered steps: collectives)
+                metered = ([], []) if cal is None else measured_decode_sparsity(
+                    model, cal, b, context, min(args.metered_steps, new - 1), device, args.prompts, args.greedy)
+                by_rank = [None] * world
+                dist.all_gather_object(by_rank, metered)
+                sparsity = [v for per_rank, _ in by_rank for v in per_rank]
+                used = [v for _, per_rank in by_rank for v in per_rank]
+                rows.append((variant, b, tps, sparsity, used))
                 if rank == 0:  # the table so far after every row: a run cut off by a time limit keeps its rows
-                    print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s ({time.time() - t0:.0f}s incl. compile)", flush=True)
+                    print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s ({time.time() - t0:.0f}s incl. compile and meter; "
+                          f"decode sparsity {spread(sparsity)}, union {spread(used)})", flush=True)
                     write_table(rows, args, device, dtype, layers, context, new, world)
         if rank == 0:
             print(write_table(rows, args, device, dtype, layers, context, new, world))
@@ -91,7 +101,7 @@ def main() -> None:
 def write_table(rows, args, device, dtype, layers, context, new, world) -> str:
     commit = args.commit or git_commit()
     dev = f"{world} x {torch.cuda.get_device_name()}" if device.type == "cuda" else f"{world} CPU processes (gloo)"
-    dense = {b: tps for v, b, tps in rows if v == "dense"}
+    dense = {b: tps for v, b, tps, _, _ in rows if v == "dense"}
     md = ["# Tensor-parallel decode, static KV cache" + (", CUDA graphs" if device.type == "cuda" else ""), "",
           f"- device: {dev}; torch {torch.__version__}; commit {commit}",
           f"- command: `{' '.join(sys.argv)}`",
@@ -100,9 +110,14 @@ def write_table(rows, args, device, dtype, layers, context, new, world) -> str:
           f"o, down row-parallel); context {context}, {new} new tokens, prefill dense and untimed",
           f"- tokens/s over {args.prompts} prompt(s) of random tokens per row; each step fed "
           + ("the greedy token" if args.greedy else "a random token (decode_e2e.forced_tokens)"),
-          "- countdown: shard-local thresholds (and predictors) calibrated on the sharded model", "",
-          "| variant | batch | tokens/s | speed-up vs dense |", "|---|---|---|---|"]
-    md += [f"| {v} | {b} | {tps:.1f} | {tps / dense.get(b, float('nan')):.2f}x |" for v, b, tps in rows]
+          "- countdown: shard-local thresholds (and predictors) calibrated on the sharded model",
+          f"- sparsity / union (decode): what each rank's shards really reach, counted by `SparsityMeter` over the "
+          f"first {min(args.metered_steps, new - 1)} decode steps of the same prompts, run again eagerly: mean over "
+          "ranks and prompts (range)", "",
+          "| variant | batch | sparsity (decode) | union (decode) | tokens/s | speed-up vs dense |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {v} | {b} | {spread(sparsity)} | {spread(used)} | {tps:.1f} | {tps / dense.get(b, float('nan')):.2f}x |"
+           for v, b, tps, sparsity, used in rows]
     text = "\n".join(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"speed_decode_tp{world}.md"), "w") as f:
