@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from .config import CountDownConfig
+from .kernels import ops
 from .kernels.ops import COUNTDOWN_OPS
 from .passes.match import match_sites, routed_experts
 from .passes.rewrite import counters, keep_down_t_fresh, rewrite_sites
@@ -143,8 +144,16 @@ def _warn_at_recompile_limit() -> None:
 
 def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:
     patches = dict(torch._inductor.list_mode_options(config.mode, dynamic)) if config.mode else {}
+    patches.update(_kernel_compile_patches())
     patches.update(config.inductor_options)
     return patches
+
+
+def _kernel_compile_patches() -> dict:
+    """What the kernels' launch options need from Inductor: with triton_ffn.CONFIG["pdl"], the kernels compiled in
+    this process, where kernels/pdl_launch.py gives them the launch attribute (a compile worker would not)."""
+    triton_ffn = getattr(ops, "triton_ffn", None)
+    return {"compile_threads": 1} if triton_ffn is not None and triton_ffn.CONFIG.get("pdl") else {}
 
 
 @dataclasses.dataclass

@@ -45,7 +45,9 @@ def build(shape: dict, layers: int, max_len: int, device, dtype):
 
 # A variant name may end in "+PRESET": the same calibration as the plain name, run with these kernel launch
 # settings merged into triton_ffn.CONFIG (e.g. "d0.9+atomic"), so one run times both against one dense row.
-KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}}
+# "pdl": programmatic dependent launch of the FFN kernels (triton_ffn.CONFIG["pdl"]; the backend then compiles
+# in-process). Dense Inductor's own kernels take PDL from TORCHINDUCTOR_ENABLE_PDL=1: time that as its own run.
+KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 
 
 def base_variant(name: str) -> str:

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from torch._library.triton import set_wrap_triton_enabled
 from triton.testing import do_bench
 
 from countdown_fx.kernels import ops, triton_ffn
@@ -139,16 +140,20 @@ def run_sparse(L, xs, thr, mode, config=None, v_rows=False):
     def call(i):
         copies = L.pred_copies_rows if v_rows else L.pred_copies
         pv, pu = copies[i] if mode == triton_ffn.MODE_PRED else (None, None)
-        return triton_ffn.sparse_ffn(xs[i], L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr, pv, pu,
-                                     config=config)
+        # launched as an eager call of the op launches them (straight through triton, not the tracing wrapper),
+        # which is also the way CONFIG["pdl"] gets triton's launch attribute here
+        with set_wrap_triton_enabled(False):
+            return triton_ffn.sparse_ffn(xs[i], L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr,
+                                         pv, pu, config=config)
     return call
 
 
 def check_once(L, x, thr, mode, config=None):
     """Correctness at full shape before timing: kernel vs the PyTorch reference in fp32 on the same mask."""
     pv, pu = (L.pred_v, L.pred_u) if mode == triton_ffn.MODE_PRED else (None, None)
-    y, a = triton_ffn.sparse_ffn(x, L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr, pv, pu,
-                                 config=config, return_coef=True)
+    with set_wrap_triton_enabled(False):  # as run_sparse launches them
+        y, a = triton_ffn.sparse_ffn(x, L.w_gate, L.w_up, L.w_down_t, None, None, None, "silu", mode, thr, pv, pu,
+                                     config=config, return_coef=True)
     keep = a != 0
     g, u = F.linear(x.float(), L.w_gate.float()), F.linear(x.float(), L.w_up.float())
     ref = ((F.silu(g) * u) * keep) @ L.w_down_t.float()
@@ -232,6 +237,8 @@ COMPARE = {
     "reduce": {"sum_splits": "reduce"},
     "atomic": {"sum_splits": "atomic"},
     "atomic 8/SM": {"sum_splits": "atomic", "down": {"programs_per_sm": 8}},
+    # programmatic dependent launch: every launch lets the next one start and waits for its predecessor first
+    "pdl": {"pdl": True},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}

@@ -21,6 +21,9 @@ known on the host, so a CUDA graph captures them:
 3. Deterministic path, taken under torch.use_deterministic_algorithms(True) (or sum_splits "reduce"): each
    share stores its partial and `_reduce_kernel` sums them in a fixed order, adds b_down and casts: the
    same bits for the same inputs, for one launch more (~1.5-5 us, NOTES.md "atomic sums").
+4. CONFIG["pdl"] (off by default, not yet timed on the FFN): programmatic dependent launch. Each kernel lets
+   the next launch start at once and waits for its predecessor's writes in its first lines (_pdl_start); the
+   launch attribute comes from triton on eager calls and from pdl_launch.py's hook under Inductor.
 
 Each active row is read once for the whole batch while every token keeps its own coefficients, so the
 output equals the per-token reference (`reference.threshold_ffn` / `reference.predictor_ffn`). Rounding
@@ -37,6 +40,14 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from . import pdl_launch
+
+try:  # whether wrap_triton launches go straight to triton (an eager call of the op) or through tracing
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # a torch without the switch: take every launch as traced (no launch_pdl keyword)
+    def is_wrap_triton_enabled() -> bool:
+        return True
 
 MAX_TOKENS = 16  # tokens per decode step the kernels handle (tl.dot pads the token dim to 16)
 ACT_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
@@ -91,6 +102,17 @@ def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
         return bits.to(tl.float32, bitcast=True).to(dtype)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """First thing in every kernel with PDL (CONFIG["pdl"], programmatic dependent launch): let the next launch
+    start now (its programs wait in their own _pdl_start) and wait until the previous launch has finished and its
+    writes are visible, before this program loads anything a kernel wrote or stores anything. Both are no-ops for
+    a launch without the PDL attribute (pdl.py gives it to these kernels under Inductor)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -193,13 +215,14 @@ def _coef_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, pu_ptr, thr_ptr, 
                  ws_ptr, M, D, N, R, n_ws, stride_xm, stride_wg, stride_wu, stride_h, stride_pu, stride_am, stride_dv,
                  MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, NO_DOT: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, SIDE: tl.constexpr, NO_DOT: tl.constexpr, PDL: tl.constexpr):
     """SIDE 0 ("masked"): the sparse side here, with masked row loads. SIDE 1 ("gather"): leave it to
     _gather_kernel: store the dense-side value (u, act(g) or the logit) in dv and zeros in a outside the
     union; the gather kernel walks the compacted union rows. NO_DOT (D-CountDown on the gather side, a few
     tokens, BLOCK_B >= M as small as 1): the logits as fp32 FMA sums over the rank instead of tl.dot, which
     pads the tokens to 16 rows. Also zeroes the n_ws floats of ws (the atomic sums and arrival counts of
     _down_kernel with SUM_SPLITS "atomic"; n_ws is 0 otherwise)."""
+    _pdl_start(PDL)
     tl.static_assert(SIDE == 1 or not NO_DOT, "NO_DOT token tiles are below tl.dot's 16 rows: gather side only")
     pid = tl.program_id(0)
     for z in range(pid * BLOCK_N, n_ws, tl.num_programs(0) * BLOCK_N):
@@ -315,11 +338,12 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
                    MODE: tl.constexpr, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    NB_P2: tl.constexpr, NO_DOT: tl.constexpr, FUSED: tl.constexpr, PREC: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, PDL: tl.constexpr):
     """The sparse side over the compacted union rows of _coef_kernel (cnt_ptr: its per-block counts):
     each step takes BLOCK_RG active rows (full tiles, no masked-off rows) and all of d_model, then forms
     a = act(g) * u * keep for every token. It also leaves the union's rows as one flat list (flat_ptr), so
     _down_kernel need not search the per-block lists. FUSED: D-CountDown's FMA path reads gate and up in one loop."""
+    _pdl_start(PDL)
     tl.static_assert(not FUSED or (MODE == 3 and NO_DOT), "FUSED is D-CountDown's FMA gather only")
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -371,11 +395,12 @@ def _gather_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, dv_ptr, thr_ptr, a_ptr
 @triton.jit
 def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_vk, stride_vr, stride_split,
                     stride_om, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    NATIVE: tl.constexpr, UPCAST: tl.constexpr):
+                    NATIVE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """out[split] = x[:, chunk] V[chunk, :] in fp32 for one chunk of k_chunk rows of d_model and BLOCK_R
     columns of V (the predictor's first factor, either layout). With one chunk out is h itself; with several,
     _reduce_kernel sums the chunks in a fixed order: V is only r columns wide, so without the split a few
     dozen programs would stream all of it (latency-bound: 16 programs read 4 MB at 0.29 TB/s, NOTES.md)."""
+    _pdl_start(PDL)
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
@@ -401,10 +426,11 @@ def _lowrank_kernel(x_ptr, v_ptr, out_ptr, M, D, R, k_chunk, stride_xm, stride_v
 
 @triton.jit
 def _lowrank_no_dot_kernel(x_ptr, vt_ptr, h_ptr, M, D, R, stride_xm, stride_vt, stride_hm,
-                           BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_B: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """h = x V in fp32 for a step of a few tokens, from V stored transposed (each of its r columns one
     contiguous row of d_model, as the rewrite stores it): BLOCK_RG columns per program over all of d_model with
     FMA sums, so h needs no split over d_model and no reduce launch after it."""
+    _pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_RG + tl.arange(0, BLOCK_RG)
     r_mask = rows < R
     offs_b = tl.arange(0, BLOCK_B)
@@ -417,7 +443,7 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, bd_ptr, y_p
                  compact_max_rows, stride_am, stride_w, stride_ym,
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  NB_P2: tl.constexpr, FLAT: tl.constexpr, ATOMIC: tl.constexpr, HAS_BD: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """part[split, :, cols] = a[:, rows] @ W_down^T[rows, cols] over one share of the rows.
 
     Two walks, chosen on the device from the size of the union (no host sync):
@@ -434,6 +460,7 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, bd_ptr, y_p
     partial with fp32 atomics, and the last share of a column block to arrive adds b_down, casts and stores
     y (no reduce launch; the order of the additions, so the last bits of y, may vary from call to call).
     """
+    _pdl_start(PDL)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
@@ -495,11 +522,12 @@ def _down_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, flat_ptr, part_ptr, bd_ptr, y_p
 
 @triton.jit
 def _reduce_kernel(part_ptr, bd_ptr, y_ptr, M, D, n_split, stride_ym,
-                   HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr):
+                   HAS_BD: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """y[b] = sum over splits + b_down, cast to the output dtype. SPLIT_TILE splits are loaded as one tile and
     summed by tl.sum (a fixed tree; tiles in order): one round trip to L2 for all of a call's ~33 partials
     instead of one per split. The order is fixed by the launch config (n_split, SPLIT_TILE, BLOCK_D, warps):
     deterministic for the same shapes and config. SPLIT_TILE: a power of two (tl.arange)."""
+    _pdl_start(PDL)
     pid_b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -582,6 +610,12 @@ CONFIG = {
     # Measured (NOTES.md "atomic sums"): -1.4 to -4.8 us at every batch, sparsity and side (B=1 s=0.9 D
     # 36.3 -> 34.9, M s=0.7 78.5 -> 76.6; B=16 s=0.9 M 105.0 -> 100.6).
     "sum_splits": "atomic",
+    # Programmatic dependent launch (Hopper and later): every launch lets the next one start while it finishes,
+    # and waits for the previous one's writes first thing (_pdl_start). Under Inductor, pdl.py gives the
+    # kernels the launch attribute, which Inductor does not pass to user kernels itself; eager calls launch
+    # them plainly (the waits are then no-ops). Measured on a chain of small launches (NOTES.md "PDL"):
+    # 1.3-1.4 us less per boundary; on the FFN not measured yet, hence off.
+    "pdl": False,
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
     "reduce": dict(BLOCK_D=64, SPLIT_TILE=64, num_warps=4),
@@ -665,6 +699,12 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     BLOCK_B = 16  # tl.dot launches pad the tokens to 16 rows
     BLOCK_B_FMA = triton.next_power_of_2(M)  # the FMA (no tl.dot) launches' token tile
     dummy = x2d  # stands for absent optional pointers (never read: HAS_* flags are off)
+    # PDL: the kernels' waits (constexpr PDL), and the launch attribute itself: from triton's launcher where the
+    # kernels are launched directly (an eager call of the op), from pdl_launch's hook where Inductor compiles them
+    pdl = bool(cfg["pdl"]) and x2d.is_cuda  # the interpreter runs no PTX
+    launch = {}
+    if pdl and pdl_launch.install() and not is_wrap_triton_enabled():
+        launch = {"launch_pdl": True}
     bg_arg, bu_arg, bd_arg = (dummy if b is None else b for b in (b_gate, b_up, b_down))
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
@@ -681,7 +721,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             wrap_triton(_lowrank_no_dot_kernel)[(triton.cdiv(R, block_rg),)](
                 x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(1), h.stride(0),
                 BLOCK_B=BLOCK_B_FMA, BLOCK_RG=block_rg, BLOCK_K=c["BLOCK_K"],
-                num_warps=c["num_warps"], num_stages=1)
+                PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=1)
         else:
             c = cfg["lowrank"]
             block_kv = _block_k(c["BLOCK_K"], dtype)
@@ -692,12 +732,12 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             wrap_triton(_lowrank_kernel)[(triton.cdiv(R, c["BLOCK_R"]), n_chunks)](
                 x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), pred_v.stride(1), M * R, R,
                 BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
-                num_warps=c["num_warps"], num_stages=c["num_stages"])
+                PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=c["num_stages"])
             if n_chunks > 1:
                 r = cfg["reduce"]
                 wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
                     h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"],
-                    SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast, num_warps=r["num_warps"])
+                    SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast, PDL=pdl, **launch, num_warps=r["num_warps"])
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     if cfg["sparse_side"] not in SIDES:
@@ -729,7 +769,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B_FMA if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast, SIDE=side, NO_DOT=no_dot_logits,
-        num_warps=c["num_warps"],
+        PDL=pdl, **launch, num_warps=c["num_warps"],
         num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 
     if gather:
@@ -745,7 +785,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             BLOCK_N=block_n, NB_P2=nb_p2,
             NO_DOT=no_dot, FUSED=mode == MODE_PRED and no_dot and M <= c["fused_max_tokens"], PREC=prec,
             UPCAST=upcast,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
+            PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
@@ -758,11 +798,11 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         int(cfg["compact_max_density"] * N), a.stride(0), w_down_t.stride(0), y.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
         NB_P2=nb_p2, FLAT=gather, ATOMIC=atomic, HAS_BD=b_down is not None, PREC=prec, UPCAST=upcast,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+        PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if not atomic:
         r = cfg["reduce"]
         wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
             part, bd_arg, y, M, D, n_split, y.stride(0),
             HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast,
-            num_warps=r["num_warps"])
+            PDL=pdl, **launch, num_warps=r["num_warps"])
     return (y, a) if return_coef else y

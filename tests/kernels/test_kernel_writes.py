@@ -36,7 +36,7 @@ class _HopperTarget:
         return 0
 
 
-def _launches(monkeypatch, case, mode, side, no_dot_tokens, sum_splits="reduce"):
+def _launches(monkeypatch, case, mode, side, no_dot_tokens, sum_splits="reduce", pdl=False):
     """Run the launcher with wrap_triton replaced by a recorder: (kernel, arguments by name) per launch."""
     launches = []
 
@@ -52,7 +52,7 @@ def _launches(monkeypatch, case, mode, side, no_dot_tokens, sum_splits="reduce")
     c = case
     triton_ffn.sparse_ffn(c["x"], c["w_gate"], c["w_up"], c["w_down_t"], c["b_gate"], c["b_up"], c["b_down"],
                           "silu", MODES[mode], c["thr"], c.get("pred_v"), c.get("pred_u"),
-                          config={"sparse_side": side, "sum_splits": sum_splits,
+                          config={"sparse_side": side, "sum_splits": sum_splits, "pdl": pdl,
                                   "lowrank": {"K_CHUNK": 32, "BLOCK_K": 32},  # h = x V: 2 chunks
                                   "gather_no_dot": {"max_tokens": no_dot_tokens},
                                   "coef_no_dot_pred": {"max_tokens": no_dot_tokens},
@@ -74,14 +74,17 @@ def _written(kernel, arguments) -> list[str]:
                                                   tensors, {})
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("sum_splits", ["reduce", "atomic"])
 @pytest.mark.parametrize("M,no_dot_tokens", [(3, 0), (1, 2), (3, 4)], ids=["dot", "fma-1", "fma-3"])
 @pytest.mark.parametrize("side", ["masked", "gather"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens, sum_splits):
+def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot_tokens, sum_splits, pdl):
     """no_dot_tokens: the FMA paths' max_tokens (CONFIG "gather_no_dot", "coef_no_dot_pred", "lowrank_no_dot"),
     so the analysis sees both the tl.dot and the FMA launches; sum_splits: the down launch's shares summed
-    by a reduce launch or by atomics (no output reduce launch then)."""
+    by a reduce launch or by atomics (no output reduce launch then); pdl: the kernels as CONFIG["pdl"] builds
+    them on a GPU (their first lines wait for the previous launch), analysed as such (on CPU the launcher
+    turns PDL off: the interpreter runs no PTX)."""
     case = make_case(M, 64, 96, torch.bfloat16, "cpu", mode, bias=True, sparsity=0.7, rank=16)
     inputs = {name: t for name, t in case.items() if isinstance(t, torch.Tensor)}
     input_storages = {t.untyped_storage().data_ptr(): name for name, t in inputs.items()}
@@ -99,6 +102,8 @@ def test_kernels_write_only_their_own_buffers(monkeypatch, mode, side, M, no_dot
     assert _arguments_of(launches, "_down_kernel")["ATOMIC"] == (sum_splits == "atomic")
     assert names.count("_gather_kernel") == (side == "gather" and mode != "coef")
     for kernel, arguments in launches:
+        assert arguments["PDL"] is False and "launch_pdl" not in arguments  # CPU tensors: no PDL
+        arguments = {**arguments, "PDL": pdl}
         written = _written(kernel, arguments)
         assert written, f"{kernel.fn.__name__}: the analysis found no output at all"
         for name in written:

@@ -1,0 +1,62 @@
+"""Programmatic dependent launch for the FFN kernels compiled by Inductor (opt-in: triton_ffn.CONFIG["pdl"]).
+
+With PDL a launch may start while the one before it finishes; each kernel then waits for its predecessor's
+writes in its own first lines (triton_ffn._pdl_start). A chain of small launches in a CUDA graph loses
+1.3-1.4 us less per boundary that way (benchmarks/speed/NOTES.md, "PDL"), and a decode FFN call is 3-5 such
+launches. Inductor passes the launch attribute only to its own kernels (config.triton.enable_pdl): a user
+kernel from `wrap_triton` is compiled without it (torch 2.11-2.13, `define_user_defined_triton_kernel`), and
+`wrap_triton` reads a `launch_pdl=` keyword as a kernel argument. So this module wraps Inductor's
+`CachingAutotuner._create_compile_meta`: a kernel of triton_ffn compiled with the constexpr PDL=True gets
+`launch_pdl=True`; every other kernel is left as it was. Without the attribute the kernels' waits are no-ops, so
+the outputs are right whether or not the wrapper is in place; only the speed differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+# the kernels of triton_ffn that take the PDL constexpr
+KERNELS = frozenset({"_coef_kernel", "_gather_kernel", "_lowrank_kernel", "_lowrank_no_dot_kernel",
+                     "_down_kernel", "_reduce_kernel"})
+
+_installed: bool | None = None  # None: not tried yet; then whether the wrapper is in place
+
+
+def kernel_name(fn) -> str:
+    """The Python name of a triton JITFunction (or of a plain function)."""
+    return getattr(getattr(fn, "fn", fn), "__name__", "")
+
+
+def with_launch_pdl(compile_meta: dict, fn) -> dict:
+    """compile_meta with launch_pdl=True when `fn` is one of our kernels compiled with PDL=True."""
+    if kernel_name(fn) in KERNELS and compile_meta.get("constants", {}).get("PDL") is True:
+        compile_meta["launch_pdl"] = True
+    return compile_meta
+
+
+def install() -> bool:
+    """Wrap Inductor's compile-options hook once per process; False (with one warning) where this torch has no
+    such hook, and the kernels then run without the attribute."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        CachingAutotuner = None
+    original = getattr(CachingAutotuner, "_create_compile_meta", None)
+    if original is None:
+        warnings.warn("countdown: CONFIG['pdl'] asks for programmatic dependent launch, but this torch's Inductor has "
+                      "no CachingAutotuner._create_compile_meta to give the kernels the launch attribute: they run "
+                      "without it (same outputs, no gain).", stacklevel=3)
+        _installed = False  # warn once; the kernels' waits are no-ops without the attribute
+        return False
+
+    @functools.wraps(original)
+    def create_compile_meta(self, cfg):
+        return with_launch_pdl(original(self, cfg), self.fn)
+
+    CachingAutotuner._create_compile_meta = create_compile_meta
+    _installed = True
+    return True
