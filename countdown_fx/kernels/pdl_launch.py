@@ -8,13 +8,19 @@ kernel from `wrap_triton` is compiled without it (torch 2.11-2.13, `define_user_
 `wrap_triton` reads a `launch_pdl=` keyword as a kernel argument. So this module wraps Inductor's
 `CachingAutotuner._create_compile_meta`: a kernel of triton_ffn compiled with the constexpr PDL=True gets
 `launch_pdl=True`; every other kernel is left as it was. Without the attribute the kernels' waits are no-ops, so
-the outputs are right whether or not the wrapper is in place; only the speed differs.
+the outputs are right whether or not the wrapper is in place; only the speed differs. The wrapper runs where
+Inductor compiles: in this process when the countdown backend compiles with CONFIG["pdl"] (it sets
+compile_threads=1 and turns the FX graph cache off, whose entries do not record the setting), not in a compile
+worker, an AOTInductor C++ wrapper or a subprocess compile mode: there the kernels run without the attribute.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
+
+import torch
 
 # the kernels of triton_ffn that take the PDL constexpr
 KERNELS = frozenset({"_coef_kernel", "_gather_kernel", "_lowrank_kernel", "_lowrank_no_dot_kernel",
@@ -23,9 +29,26 @@ KERNELS = frozenset({"_coef_kernel", "_gather_kernel", "_lowrank_kernel", "_lowr
 _installed: bool | None = None  # None: not tried yet; then whether the wrapper is in place
 
 
+_unsupported_warned = False
+
+
+def supported(device: torch.device) -> bool:
+    """PDL needs NVIDIA compute capability 9.0 or later (Hopper); elsewhere CONFIG["pdl"] is off, said once."""
+    global _unsupported_warned
+    ok = torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    if not ok and not _unsupported_warned:
+        _unsupported_warned = True
+        warnings.warn(f"countdown: CONFIG['pdl'] asks for programmatic dependent launch, which needs an NVIDIA GPU of "
+                      f"compute capability 9.0 or later; {torch.cuda.get_device_name(device)} runs without it.",
+                      stacklevel=3)
+    return ok
+
+
 def kernel_name(fn) -> str:
-    """The Python name of a triton JITFunction (or of a plain function)."""
-    return getattr(getattr(fn, "fn", fn), "__name__", "")
+    """The Python name of a triton JITFunction (or of a plain function), without the `_<n>` suffix that
+    Inductor's unique_user_kernel_names adds to a user kernel's copy."""
+    name = getattr(getattr(fn, "fn", fn), "__name__", "")
+    return name if name in KERNELS else re.sub(r"_\d+$", "", name)
 
 
 def with_launch_pdl(compile_meta: dict, fn) -> dict:

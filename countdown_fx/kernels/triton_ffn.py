@@ -106,13 +106,15 @@ def _cast(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
-    """First thing in every kernel with PDL (CONFIG["pdl"], programmatic dependent launch): let the next launch
-    start now (its programs wait in their own _pdl_start) and wait until the previous launch has finished and its
-    writes are visible, before this program loads anything a kernel wrote or stores anything. Both are no-ops for
-    a launch without the PDL attribute (pdl.py gives it to these kernels under Inductor)."""
+    """First thing in every kernel with PDL (CONFIG["pdl"], programmatic dependent launch): wait until the previous
+    launch has finished and its writes are visible, before this program loads or stores anything, then let the
+    next launch start (its programs wait in their own first lines, or, for a kernel launched without PDL, the
+    launch waits for this one to end). Waiting first keeps the stream's order for every kernel after this one,
+    Inductor's own PDL kernels included, which wait only for the accesses they share with their predecessor.
+    Both are no-ops for a launch without the PDL attribute (pdl_launch.py gives it under Inductor)."""
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -610,10 +612,11 @@ CONFIG = {
     # Measured (NOTES.md "atomic sums"): -1.4 to -4.8 us at every batch, sparsity and side (B=1 s=0.9 D
     # 36.3 -> 34.9, M s=0.7 78.5 -> 76.6; B=16 s=0.9 M 105.0 -> 100.6).
     "sum_splits": "atomic",
-    # Programmatic dependent launch (Hopper and later): every launch lets the next one start while it finishes,
-    # and waits for the previous one's writes first thing (_pdl_start). Under Inductor, pdl.py gives the
-    # kernels the launch attribute, which Inductor does not pass to user kernels itself; eager calls launch
-    # them plainly (the waits are then no-ops). Measured on a chain of small launches (NOTES.md "PDL"):
+    # Programmatic dependent launch (NVIDIA compute capability 9.0 and later; elsewhere it stays off, with a
+    # warning): every launch waits for the previous one's writes first thing and then lets the next one start
+    # while it runs (_pdl_start). Eager calls of the ops get the launch attribute from triton; under Inductor,
+    # pdl_launch.py's hook gives it (Inductor does not pass it to user kernels itself) and the backend compiles
+    # in-process, without Inductor's on-disk caches. Measured on a chain of small launches (NOTES.md "PDL"):
     # 1.3-1.4 us less per boundary; on the FFN not measured yet, hence off.
     "pdl": False,
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
@@ -701,10 +704,10 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     dummy = x2d  # stands for absent optional pointers (never read: HAS_* flags are off)
     # PDL: the kernels' waits (constexpr PDL), and the launch attribute itself: from triton's launcher where the
     # kernels are launched directly (an eager call of the op), from pdl_launch's hook where Inductor compiles them
-    pdl = bool(cfg["pdl"]) and x2d.is_cuda  # the interpreter runs no PTX
-    launch = {}
-    if pdl and pdl_launch.install() and not is_wrap_triton_enabled():
-        launch = {"launch_pdl": True}
+    pdl = bool(cfg["pdl"]) and x2d.is_cuda and pdl_launch.supported(x2d.device)  # the interpreter runs no PTX
+    if pdl:
+        pdl_launch.install()
+    launch = {"launch_pdl": True} if pdl and not is_wrap_triton_enabled() else {}
     bg_arg, bu_arg, bd_arg = (dummy if b is None else b for b in (b_gate, b_up, b_down))
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)

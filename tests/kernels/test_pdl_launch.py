@@ -1,13 +1,15 @@
 """CONFIG["pdl"] (programmatic dependent launch): the hook that gives the FFN kernels the launch attribute under
 Inductor, and what the launcher and the backend do with the flag. (The kernels' waits compile into their TTIR:
-test_kernel_writes.py analyses them with PDL on; GPU runs: test_triton_ffn.py, marked gpu.)"""
+test_kernel_writes.py analyses them with PDL on; GPU runs: test_ops.py, marked gpu.)"""
 
 import warnings
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 from torch._inductor.runtime import triton_heuristics  # noqa: E402
+from torch._inductor.runtime.hints import DeviceProperties  # noqa: E402
 
 from countdown_fx import CountDownConfig, backend  # noqa: E402
 from countdown_fx.kernels import pdl_launch, triton_ffn  # noqa: E402
@@ -26,6 +28,53 @@ def test_only_our_kernels_built_with_pdl_get_the_attribute():
         assert "launch_pdl" not in pdl_launch.with_launch_pdl({"constants": {"PDL": False}}, getattr(triton_ffn, name))
     # an Inductor kernel (or anyone else's) with a constant of the same name is left alone
     assert "launch_pdl" not in pdl_launch.with_launch_pdl({"constants": {"PDL": True}}, _Autotuner)
+
+
+def test_inductors_renamed_copies_are_recognised():
+    """torch._inductor.config.triton.unique_user_kernel_names renames a user kernel's copy `_coef_kernel_0`."""
+    def _coef_kernel_3():
+        pass
+
+    def _coef_kernel_extra():
+        pass
+
+    assert pdl_launch.kernel_name(_coef_kernel_3) == "_coef_kernel"
+    assert pdl_launch.kernel_name(triton_ffn._coef_kernel) == "_coef_kernel"
+    assert pdl_launch.kernel_name(_coef_kernel_extra) not in pdl_launch.KERNELS
+
+
+def _compile_options(kernel, pdl: bool) -> dict:
+    """The triton compile options Inductor's CachingAutotuner makes for `kernel` as a user kernel on an H100."""
+    device = DeviceProperties("cuda", 0, 132, 90, 9, 65536, 2048, 1024, 32)
+    meta = {"signature": {n: "*fp32" if n.endswith("_ptr") else "constexpr" if n.isupper() else "i32"
+                          for n in kernel.arg_names},
+            "device": device, "constants": {"HAS_BD": False, "BLOCK_D": 64, "SPLIT_TILE": 4, "UPCAST": False,
+                                            "PDL": pdl}, "configs": []}
+    tuner = triton_heuristics.user_autotune(configs=[], triton_meta=meta, filename=__file__, inductor_meta={},
+                                            custom_kernel=True)(kernel)
+    cfg = tuner.configs[0]
+    return tuner._create_compile_options(cfg, tuner._create_compile_meta(cfg))
+
+
+def test_the_hook_reaches_inductors_compile_options():
+    """Through Inductor's own path for a user kernel: the wrapped compile meta turns into triton's launch_pdl."""
+    assert pdl_launch.install()
+    assert _compile_options(triton_ffn._reduce_kernel, pdl=True)["launch_pdl"] is True
+    assert _compile_options(triton_ffn._reduce_kernel, pdl=False)["launch_pdl"] is False
+
+
+@pytest.mark.parametrize("hip,capability,want", [(None, (9, 0), True), (None, (10, 0), True), (None, (8, 0), False),
+                                                 ("6.2", (9, 4), False)])
+def test_pdl_needs_an_nvidia_gpu_of_compute_capability_9(monkeypatch, hip, capability, want):
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "some GPU")
+    monkeypatch.setattr(pdl_launch, "_unsupported_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pdl_launch.supported(torch.device("cuda", 0)) is want
+        assert pdl_launch.supported(torch.device("cuda", 0)) is want
+    assert len(caught) == (0 if want else 1)  # said once
 
 
 def test_every_kernel_that_takes_pdl_is_listed():
@@ -67,9 +116,11 @@ def test_install_without_the_hook_warns_once_and_declines(monkeypatch):
 
 
 def test_the_backend_compiles_in_process_only_with_pdl(monkeypatch):
-    """Inductor's compile workers would build the kernels without the hook: with CONFIG["pdl"] the backend asks
-    for in-process compiles, and only then."""
+    """Inductor's compile workers would build the kernels without the hook, and a cached graph may have been
+    compiled without PDL: with CONFIG["pdl"] the backend asks for in-process compiles and no FX graph cache
+    (which also bypasses AOTAutograd's), and only then."""
     config = CountDownConfig(sparsity=0.5)
-    assert "compile_threads" not in backend.inductor_patches(config)
+    assert not {"compile_threads", "fx_graph_cache"} & set(backend.inductor_patches(config))
     monkeypatch.setitem(triton_ffn.CONFIG, "pdl", True)
-    assert backend.inductor_patches(config)["compile_threads"] == 1
+    patches = backend.inductor_patches(config)
+    assert patches["compile_threads"] == 1 and patches["fx_graph_cache"] is False
