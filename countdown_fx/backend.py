@@ -153,8 +153,7 @@ def _kernel_compile_patches() -> dict:
     """What the kernels' launch options need from Inductor: with triton_ffn.CONFIG["pdl"], the kernels compiled in
     this process, where kernels/pdl_launch.py gives them the launch attribute (a compile worker would not), and no
     cached graph (its key does not hold the setting, so one compiled without PDL could be served)."""
-    triton_ffn = getattr(ops, "triton_ffn", None)
-    if triton_ffn is None or not triton_ffn.CONFIG.get("pdl"):
+    if ops.triton_ffn is None or not ops.triton_ffn.CONFIG["pdl"]:
         return {}
     return {"compile_threads": 1, "fx_graph_cache": False}
 

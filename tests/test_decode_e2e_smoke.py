@@ -9,6 +9,12 @@ import sys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+def _table_rows(table: str, variants: str) -> list[list[str]]:
+    """The cells of the markdown table's rows whose first cell matches the regex `variants`."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if re.match(rf"\| ({variants}) \|", line)]
+
+
 def test_decode_e2e_tiny_reports_the_sparsity_decode_reached(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "speed", "decode_e2e.py"), "--tiny", "--variants",
@@ -16,9 +22,7 @@ def test_decode_e2e_tiny_reports_the_sparsity_decode_reached(tmp_path):
         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "speed_decode_e2e.md").read_text()
-    rows = {(cells[0], int(cells[1])): cells for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
-             if re.match(r"\| (dense|m0\.7|m0\.7\+atomic) \|", line))}
+    rows = {(cells[0], int(cells[1])): cells for cells in _table_rows(table, r"dense|m0\.7|m0\.7\+atomic")}
     assert set(rows) == {(v, b) for v in ("dense", "m0.7", "m0.7+atomic") for b in (1, 2)}
     for batch in (1, 2):
         sparsity, union = rows[("m0.7", batch)][4], rows[("m0.7", batch)][5]
@@ -41,8 +45,7 @@ def test_decode_tp_tiny_reports_each_ranks_decode_sparsity(tmp_path):
         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "speed_decode_tp2.md").read_text()
-    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
-                                          for line in table.splitlines() if re.match(r"\| (dense|m0\.7) \|", line))}
+    rows = {cells[0]: cells for cells in _table_rows(table, r"dense|m0\.7")}
     assert set(rows) == {"dense", "m0.7"}
     assert rows["dense"][2:4] == ["-", "-"]
     sparsity, union = rows["m0.7"][2], rows["m0.7"][3]

@@ -237,7 +237,7 @@ COMPARE = {
     "reduce": {"sum_splits": "reduce"},
     "atomic": {"sum_splits": "atomic"},
     "atomic 8/SM": {"sum_splits": "atomic", "down": {"programs_per_sm": 8}},
-    # programmatic dependent launch: every launch lets the next one start and waits for its predecessor first
+    # programmatic dependent launch: every launch waits for its predecessor first, then lets the next one start
     "pdl": {"pdl": True},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)

@@ -21,9 +21,9 @@ known on the host, so a CUDA graph captures them:
 3. Deterministic path, taken under torch.use_deterministic_algorithms(True) (or sum_splits "reduce"): each
    share stores its partial and `_reduce_kernel` sums them in a fixed order, adds b_down and casts: the
    same bits for the same inputs, for one launch more (~1.5-5 us, NOTES.md "atomic sums").
-4. CONFIG["pdl"] (off by default, not yet timed on the FFN): programmatic dependent launch. Each kernel lets
-   the next launch start at once and waits for its predecessor's writes in its first lines (_pdl_start); the
-   launch attribute comes from triton on eager calls and from pdl_launch.py's hook under Inductor.
+4. CONFIG["pdl"] (off by default, not yet timed on the FFN): programmatic dependent launch. Each kernel waits
+   for its predecessor's writes in its first lines, then lets the next launch start (_pdl_start); the launch
+   attribute comes from triton on eager calls and from pdl_launch.py's hook under Inductor.
 
 Each active row is read once for the whole batch while every token keeps its own coefficients, so the
 output equals the per-token reference (`reference.threshold_ffn` / `reference.predictor_ffn`). Rounding
@@ -707,7 +707,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     pdl = bool(cfg["pdl"]) and x2d.is_cuda and pdl_launch.supported(x2d.device)  # the interpreter runs no PTX
     if pdl:
         pdl_launch.install()
-    launch = {"launch_pdl": True} if pdl and not is_wrap_triton_enabled() else {}
+    pdl_args = dict(PDL=pdl, **({"launch_pdl": True} if pdl and not is_wrap_triton_enabled() else {}))
     bg_arg, bu_arg, bd_arg = (dummy if b is None else b for b in (b_gate, b_up, b_down))
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)
@@ -724,7 +724,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             wrap_triton(_lowrank_no_dot_kernel)[(triton.cdiv(R, block_rg),)](
                 x2d, pred_v, h, M, D, R, x2d.stride(0), pred_v.stride(1), h.stride(0),
                 BLOCK_B=BLOCK_B_FMA, BLOCK_RG=block_rg, BLOCK_K=c["BLOCK_K"],
-                PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=1)
+                **pdl_args, num_warps=c["num_warps"], num_stages=1)
         else:
             c = cfg["lowrank"]
             block_kv = _block_k(c["BLOCK_K"], dtype)
@@ -735,12 +735,12 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             wrap_triton(_lowrank_kernel)[(triton.cdiv(R, c["BLOCK_R"]), n_chunks)](
                 x2d, pred_v, h_part, M, D, R, k_chunk, x2d.stride(0), pred_v.stride(0), pred_v.stride(1), M * R, R,
                 BLOCK_B=BLOCK_B, BLOCK_K=block_kv, BLOCK_R=c["BLOCK_R"], NATIVE=native, UPCAST=upcast,
-                PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=c["num_stages"])
+                **pdl_args, num_warps=c["num_warps"], num_stages=c["num_stages"])
             if n_chunks > 1:
                 r = cfg["reduce"]
                 wrap_triton(_reduce_kernel)[(M, triton.cdiv(R, r["BLOCK_D"]))](
                     h_part, dummy, h, M, R, n_chunks, h.stride(0), HAS_BD=False, BLOCK_D=r["BLOCK_D"],
-                    SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast, PDL=pdl, **launch, num_warps=r["num_warps"])
+                    SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast, **pdl_args, num_warps=r["num_warps"])
         stride_h, stride_pu = h.stride(0), pred_u.stride(0)
 
     if cfg["sparse_side"] not in SIDES:
@@ -772,7 +772,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         MODE=mode, ACT=ACT_IDS[activation], HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
         BLOCK_B=BLOCK_B_FMA if no_dot_logits else BLOCK_B, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=c["BLOCK_R"], PREC=prec, UPCAST=upcast, SIDE=side, NO_DOT=no_dot_logits,
-        PDL=pdl, **launch, num_warps=c["num_warps"],
+        **pdl_args, num_warps=c["num_warps"],
         num_stages=c["num_stages_pred_masked"] if mode == MODE_PRED and not gather else c["num_stages"])
 
     if gather:
@@ -788,7 +788,7 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
             BLOCK_N=block_n, NB_P2=nb_p2,
             NO_DOT=no_dot, FUSED=mode == MODE_PRED and no_dot and M <= c["fused_max_tokens"], PREC=prec,
             UPCAST=upcast,
-            PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            **pdl_args, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     c = cfg["down"]
     col_blocks = triton.cdiv(D, c["BLOCK_D"])
@@ -801,11 +801,11 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
         int(cfg["compact_max_density"] * N), a.stride(0), w_down_t.stride(0), y.stride(0),
         BLOCK_B=BLOCK_B, BLOCK_R=c["BLOCK_R"], BLOCK_D=c["BLOCK_D"], BLOCK_N=block_n,
         NB_P2=nb_p2, FLAT=gather, ATOMIC=atomic, HAS_BD=b_down is not None, PREC=prec, UPCAST=upcast,
-        PDL=pdl, **launch, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        **pdl_args, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if not atomic:
         r = cfg["reduce"]
         wrap_triton(_reduce_kernel)[(M, triton.cdiv(D, r["BLOCK_D"]))](
             part, bd_arg, y, M, D, n_split, y.stride(0),
             HAS_BD=b_down is not None, BLOCK_D=r["BLOCK_D"], SPLIT_TILE=r["SPLIT_TILE"], UPCAST=upcast,
-            PDL=pdl, **launch, num_warps=r["num_warps"])
+            **pdl_args, num_warps=r["num_warps"])
     return (y, a) if return_coef else y

@@ -129,7 +129,6 @@ def test_compiled_cudagraphs(op):
             assert torch.equal(cf(*args), OPS[op](*args))
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["threshold", "predictor"])
 def test_pdl_launches_match_the_plain_ones(op, monkeypatch):
