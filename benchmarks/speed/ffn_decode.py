@@ -22,6 +22,7 @@ the batch's masks) / measured device-to-device copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ import triton
 from torch._library.triton import set_wrap_triton_enabled
 from triton.testing import do_bench
 
-from countdown_fx.kernels import ops, triton_ffn
+from countdown_fx.kernels import ops, pdl_launch, triton_ffn
 from countdown_fx.passes.predictor import default_rank
 from countdown_fx.passes.rewrite import RANK_ALIGN, stored_rank
 
@@ -213,6 +214,21 @@ def crossover(L, log, batches):
 # Launch-config variants timed against the defaults by --compare (the defaults are the empty override;
 # each variant runs the sparse side the plan picks unless it names one). Add the next kernel step's variant
 # here; the variants of past sessions and their outcomes are in NOTES.md ("Variants").
+LAUNCH_ATTRIBUTE = "launch attribute"  # a COMPARE key of this script's own, not a kernel config
+
+
+@contextlib.contextmanager
+def pdl_waits_only():
+    """The launcher builds the kernels with PDL=True but passes no launch_pdl: it takes the launches as traced
+    ones (whose attribute Inductor's hook would give) and PDL as allowed there."""
+    saved = triton_ffn.is_wrap_triton_enabled, pdl_launch.traceable
+    triton_ffn.is_wrap_triton_enabled, pdl_launch.traceable = (lambda: True), (lambda: True)
+    try:
+        yield
+    finally:
+        triton_ffn.is_wrap_triton_enabled, pdl_launch.traceable = saved
+
+
 COMPARE = {
     "default": {},
     "masked side": {"sparse_side": "masked"},
@@ -239,6 +255,9 @@ COMPARE = {
     "atomic 8/SM": {"sum_splits": "atomic", "down": {"programs_per_sm": 8}},
     # programmatic dependent launch: every launch waits for its predecessor first, then lets the next one start
     "pdl": {"pdl": True},
+    # a diagnostic: the kernels with PDL's waits compiled in, launched without the attribute (what the code
+    # costs apart from what the early launch gains)
+    "pdl waits only": {"pdl": True, LAUNCH_ATTRIBUTE: False},
 }
 # D only: the variants above with V passed row-major instead of transposed (the split's loads of V^T vs V)
 COMPARE_V_ROWS = {"h split, V rows": {"lowrank_no_dot": None}}
@@ -252,8 +271,9 @@ def compare_configs(L, log, batches, sps, labels=None):
         times = {}
         for label, override in variants.items():
             config = {"sparse_side": side, **override}
-            check_once(L, xs[0], thr, mode, config)
-            times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
+            with pdl_waits_only() if config.pop(LAUNCH_ATTRIBUTE, True) is False else contextlib.nullcontext():
+                check_once(L, xs[0], thr, mode, config)
+                times[label] = graph_time_us(run_sparse(L, xs, thr, mode, config))
         v_rows = {k: v for k, v in COMPARE_V_ROWS.items() if labels is None or k in labels}
         for label, override in (v_rows.items() if mode == triton_ffn.MODE_PRED else ()):
             config = {"sparse_side": side, **override}

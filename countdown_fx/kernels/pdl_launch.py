@@ -44,6 +44,42 @@ def supported(device: torch.device) -> bool:
     return ok
 
 
+def traceable() -> bool:
+    """Whether torch's TTIR analysis (which finds what a wrap_triton kernel writes) can read this triton's
+    `gdc_wait`. Triton up to 3.6 writes it as an inline-asm op with side effects, which the analysis cannot
+    read: it then takes every tensor argument as written, the weights included, and Inductor skips CUDA graphs
+    for the whole graph ("mutated inputs"), which costs far more than PDL saves. Later triton has a
+    grid_dependency_wait op of its own, which the analysis passes over."""
+    try:
+        from triton.language.semantic import TritonSemantic
+    except ImportError:
+        return False
+    return hasattr(TritonSemantic, "grid_dependency_wait")
+
+
+_untraceable_warned = False
+
+
+def enabled(requested: bool, device: torch.device, traced: bool) -> bool:
+    """Whether a launch of the FFN kernels on `device` uses PDL: asked for (CONFIG["pdl"]), on an NVIDIA GPU of
+    compute capability 9.0+, and, where the launch goes through wrap_triton (`traced`: under torch.compile or
+    torch.export), with a triton whose wait torch can analyse; otherwise off, each reason said once."""
+    global _untraceable_warned
+    if not requested or device.type != "cuda" or not supported(device):
+        return False
+    if traced and not traceable():
+        if not _untraceable_warned:
+            _untraceable_warned = True
+            import triton
+
+            warnings.warn(f"countdown: CONFIG['pdl'] is off under torch.compile with triton {triton.__version__}: "
+                          "its gdc_wait is an inline-asm op that torch's kernel analysis cannot read, so every "
+                          "kernel argument would count as written and CUDA graphs would be skipped. Eager calls "
+                          "keep PDL; a triton with a grid_dependency_wait op (after 3.6) lifts this.", stacklevel=3)
+        return False
+    return True
+
+
 def kernel_name(fn) -> str:
     """The Python name of a triton JITFunction (or of a plain function), without the `_<n>` suffix that
     Inductor's unique_user_kernel_names adds to a user kernel's copy."""

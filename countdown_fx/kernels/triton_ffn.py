@@ -704,10 +704,11 @@ def sparse_ffn(x2d: torch.Tensor, w_gate, w_up, w_down_t, b_gate, b_up, b_down, 
     dummy = x2d  # stands for absent optional pointers (never read: HAS_* flags are off)
     # PDL: the kernels' waits (constexpr PDL), and the launch attribute itself: from triton's launcher where the
     # kernels are launched directly (an eager call of the op), from pdl_launch's hook where Inductor compiles them
-    pdl = bool(cfg["pdl"]) and x2d.is_cuda and pdl_launch.supported(x2d.device)  # the interpreter runs no PTX
+    traced = is_wrap_triton_enabled()
+    pdl = pdl_launch.enabled(bool(cfg["pdl"]), x2d.device, traced)  # never on CPU: the interpreter runs no PTX
     if pdl:
         pdl_launch.install()
-    pdl_args = dict(PDL=pdl, **({"launch_pdl": True} if pdl and not is_wrap_triton_enabled() else {}))
+    pdl_args = dict(PDL=pdl, **({"launch_pdl": True} if pdl and not traced else {}))
     bg_arg, bu_arg, bd_arg = (dummy if b is None else b for b in (b_gate, b_up, b_down))
 
     a = torch.empty((M, N), dtype=dtype, device=x2d.device)

@@ -124,3 +124,49 @@ def test_the_backend_compiles_in_process_only_with_pdl(monkeypatch):
     monkeypatch.setitem(triton_ffn.CONFIG, "pdl", True)
     patches = backend.inductor_patches(config)
     assert patches["compile_threads"] == 1 and patches["fx_graph_cache"] is False
+
+
+def test_traceable_matches_what_torchs_analysis_reads(monkeypatch):
+    """pdl_launch.traceable() says whether torch's TTIR analysis can read the kernels' PDL wait: where it
+    cannot, the analysis takes every tensor argument as written (triton <= 3.6); where it can, a kernel built
+    with PDL is seen to write only its output, as without PDL."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    class _HopperTarget:
+        def get_current_target(self):
+            from triton.backends.compiler import GPUTarget
+
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+    monkeypatch.setattr(triton_ffn.triton.runtime.driver, "_active", _HopperTarget())
+    part, y = torch.randn(3, 2, 64), torch.empty(2, 64, dtype=torch.bfloat16)
+    tensors = {"part_ptr": part, "bd_ptr": part, "y_ptr": y}
+    table = triton_kernel_wrap.kernel_side_table
+    for pdl in (False, True):
+        constants = {"M": 2, "D": 64, "n_split": 3, "stride_ym": 64, "HAS_BD": False, "BLOCK_D": 64,
+                     "SPLIT_TILE": 4, "UPCAST": False, "PDL": pdl}
+        written = triton_kernel_wrap.get_mutated_tensors(table.add_kernel(triton_ffn._reduce_kernel),
+                                                         table.add_constant_args(constants), tensors, {})
+        read_right = sorted(written) == ["y_ptr"]
+        assert read_right is (not pdl or pdl_launch.traceable()), (pdl, written)
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_pdl_is_off_where_torch_could_not_read_the_kernels(monkeypatch, traceable):
+    """Under tracing with a triton whose wait torch cannot analyse, PDL is off (one warning), since CUDA graphs
+    would be skipped; eager launches keep it; CPU tensors and an unrequested PDL never have it."""
+    monkeypatch.setattr(pdl_launch, "supported", lambda device: True)
+    monkeypatch.setattr(pdl_launch, "traceable", lambda: traceable)
+    monkeypatch.setattr(pdl_launch, "_untraceable_warned", False)
+    cuda = torch.device("cuda", 0)
+    assert pdl_launch.enabled(True, cuda, traced=False)
+    assert not pdl_launch.enabled(False, cuda, traced=True)
+    assert not pdl_launch.enabled(True, torch.device("cpu"), traced=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pdl_launch.enabled(True, cuda, traced=True) is traceable
+        assert pdl_launch.enabled(True, cuda, traced=True) is traceable
+    assert len(caught) == (0 if traceable else 1)  # said once
