@@ -21,9 +21,10 @@ known on the host, so a CUDA graph captures them:
 3. Deterministic path, taken under torch.use_deterministic_algorithms(True) (or sum_splits "reduce"): each
    share stores its partial and `_reduce_kernel` sums them in a fixed order, adds b_down and casts: the
    same bits for the same inputs, for one launch more (~1.5-5 us, NOTES.md "atomic sums").
-4. CONFIG["pdl"] (off by default, not yet timed on the FFN): programmatic dependent launch. Each kernel waits
-   for its predecessor's writes in its first lines, then lets the next launch start (_pdl_start); the launch
-   attribute comes from triton on eager calls and from pdl_launch.py's hook under Inductor.
+4. CONFIG["pdl"] (off by default): programmatic dependent launch. Each kernel waits for its predecessor's
+   writes in its first lines, then lets the next launch start (_pdl_start); the launch attribute comes from
+   triton on eager calls and from pdl_launch.py's hook under Inductor (not with triton <= 3.6, whose wait torch
+   cannot analyse: pdl_launch.enabled). On the H100 it saved D ~2 µs per call and cost M 1-20 µs (NOTES.md, "PDL").
 
 Each active row is read once for the whole batch while every token keeps its own coefficients, so the
 output equals the per-token reference (`reference.threshold_ffn` / `reference.predictor_ffn`). Rounding
