@@ -76,3 +76,35 @@ def test_launch_names_and_the_childs_lines():
                                    "COUNTDOWN_COUNTED _coef_kernel=117440512,_down_kernel=35232154\n")
     assert counted == {"_coef_kernel": 117440512.0, "_down_kernel": 35232154.0}
     assert info == "side=gather union=0.301"
+
+
+def test_main_runs_each_case_under_ncu_and_writes_one_table(tmp_path):
+    """The parent with a stand-in for ncu (which writes a CSV for two kernels and the child's lines): one ncu run
+    per case (dense once per batch), every case's rows in speed_ffn_counters.md and the raw CSVs in one log."""
+    import subprocess
+
+    fake = tmp_path / "ncu"
+    calls = tmp_path / "calls"
+    rng = random.Random(2)
+    csv_text = _ncu_csv(["_coef_kernel", "_down_kernel"], [_values(rng), _values(rng)])
+    fake.write_text(
+        "#!" + sys.executable + "\nimport sys\n"
+        f"open({str(calls)!r}, 'a').write(sys.argv[-1] + '\\n')\n"
+        "log = sys.argv[sys.argv.index('--log-file') + 1]\n"
+        f"open(log, 'w').write({csv_text!r})\n"
+        "print('COUNTDOWN_CASE side=gather union=0.300')\n"
+        "print('COUNTDOWN_COUNTED _coef_kernel=1000000,_down_kernel=2000000')\n")
+    fake.chmod(0o755)
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "speed", "ffn_counters.py")
+    proc = subprocess.run([sys.executable, script, "--ncu", str(fake), "--batches", "1,2", "--sparsities", "0.7,0.9",
+                           "--commit", "abc1234", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert calls.read_text().split() == [f"{m},{b},{s}" for b in (1, 2) for s in (0.7, 0.9)
+                                         for m in ("dense", "m", "d") if m != "dense" or s == 0.7]
+    table = (tmp_path / "out" / "speed_ffn_counters.md").read_text()
+    assert "commit abc1234" in table
+    totals = [line for line in table.splitlines() if "**all launches**" in line]
+    assert len(totals) == 10
+    assert table.count("| M B=2 s=0.9 (side=gather union=0.300) | _down_kernel |") == 1
+    assert (tmp_path / "out" / "ncu_raw.log").read_text().count('"ID"') == 10

@@ -22,6 +22,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 
 METRICS = {  # ncu metric -> column
     "gpu__time_duration.sum": "µs",
@@ -139,7 +140,7 @@ def parse_child(stdout: str) -> tuple[dict, str]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".", help="folder for speed_ffn_counters.md and the ncu logs")
+    ap.add_argument("--out", default=".", help="folder for speed_ffn_counters.md and ncu_raw.log (every case's CSV)")
     ap.add_argument("--batches", default="1,2", help="comma-separated decode batch sizes")
     ap.add_argument("--sparsities", default="0.7,0.9", help="comma-separated target sparsities")
     ap.add_argument("--methods", default="dense,m,d", help="dense, m (M-CountDown), d (D-CountDown)")
@@ -159,10 +160,11 @@ def main():
     from ffn_decode import git_commit
 
     os.makedirs(args.out, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="ffn_counters_")
     commit = args.commit or git_commit()
     cmd = "PYTHONPATH=. python3 " + " ".join(sys.argv)
     lines = ["# Hardware counters of one decode FFN call (Llama-3.1-8B shape, bf16)", "",
-             f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+             f"- device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}; triton {triton.__version__}; "
              f"commit {commit}; command: `{cmd}`",
              f"- `{args.ncu} --clock-control none --profile-from-start off --csv --page raw` over one call after "
              "warm-up, caches flushed before each kernel (ncu's default); µs: ncu's kernel duration (isolated "
@@ -180,7 +182,7 @@ def main():
                 if method == "dense" and s != sparsities[0]:
                     continue  # dense once per batch
                 case = f"{method.upper()} B={B}" + ("" if method == "dense" else f" s={s}")
-                log = os.path.join(args.out, f"ncu_{method}_b{B}_s{s}.csv")
+                log = os.path.join(scratch, f"ncu_{method}_b{B}_s{s}.csv")
                 proc = subprocess.run(
                     [args.ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--page", "raw",
                      "--metrics", ",".join(METRICS), "--log-file", log,
@@ -192,7 +194,10 @@ def main():
                 counted, info = parse_child(proc.stdout)
                 with open(log) as f:  # ncu writes its table to the log file; some versions to stdout
                     text = f.read()
-                rows = parse_ncu_csv(text if '"ID"' in text else proc.stdout)
+                text = text if '"ID"' in text else proc.stdout
+                with open(os.path.join(args.out, "ncu_raw.log"), "a") as f:  # one file: the device returns few
+                    f.write(f"## {case}\n{text}\n")
+                rows = parse_ncu_csv(text)
                 if info:
                     case += f" ({info})"
                 lines += table_rows(case, rows, counted)
