@@ -142,11 +142,37 @@ def _warn_at_recompile_limit() -> None:
         stacklevel=3)
 
 
-def inductor_patches(config: CountDownConfig, dynamic: bool = False) -> dict:
+def inductor_patches(config: CountDownConfig, dynamic: bool = False, rewritten: bool = False) -> dict:
+    """Inductor config patches for a graph: the mode's, the kernels' (_kernel_compile_patches), Inductor's own
+    PDL off where the graph holds countdown ops (_inductor_pdl_patch), then the user's inductor_options, which
+    win."""
     patches = dict(torch._inductor.list_mode_options(config.mode, dynamic)) if config.mode else {}
     patches.update(_kernel_compile_patches())
+    if rewritten:
+        patches.update(_inductor_pdl_patch(config))
     patches.update(config.inductor_options)
     return patches
+
+
+_inductor_pdl_warned = False
+
+
+def _inductor_pdl_patch(config: CountDownConfig) -> dict:
+    """Inductor's programmatic dependent launch for its own kernels (TORCHINDUCTOR_ENABLE_PDL=1) off in graphs
+    with countdown ops: on the H100 it made the countdown decode 6-7% slower (Llama-3.1-8B shapes, batch 1: D @0.9
+    230.2 -> 213.4 tokens/s, M @0.7 171.4 -> 161.5) and dense no faster (132.5 -> 131.6; benchmarks/results/
+    speed_decode_e2e.md, session 19). Said once where the user had turned it on; inductor_options can turn it
+    back on."""
+    global _inductor_pdl_warned
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        return {}
+    if (torch._inductor.config.triton.enable_pdl and "triton.enable_pdl" not in config.inductor_options
+            and not _inductor_pdl_warned):
+        _inductor_pdl_warned = True
+        warnings.warn("countdown: Inductor's programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1) is off in "
+                      "graphs with countdown ops: measured 6-7% slower decode with it there. Pass "
+                      "inductor_options={'triton.enable_pdl': True} to keep it.", stacklevel=3)
+    return {"triton.enable_pdl": False}
 
 
 def _kernel_compile_patches() -> dict:
@@ -227,7 +253,13 @@ def countdown_backend(gm: fx.GraphModule, example_inputs: Sequence, options: Map
     if mode is not None:
         config = config.replace(mode=mode)
     gm = transform(gm, example_inputs, config, calibration)
-    return keep_down_t_fresh(gm, compile_fx(gm, example_inputs, config_patches=inductor_patches(config)))
+    patches = inductor_patches(config, rewritten=has_countdown_ops(gm))
+    return keep_down_t_fresh(gm, compile_fx(gm, example_inputs, config_patches=patches))
+
+
+def has_countdown_ops(gm: fx.GraphModule) -> bool:
+    """Whether the rewrite put a countdown op into the graph."""
+    return any(node.target in COUNTDOWN_OPS for node in gm.graph.nodes)
 
 
 def eager_backend(options: Mapping | None = None):

@@ -193,6 +193,41 @@ def test_mode_maps_to_inductor_patches():
     assert inductor_patches(CountDownConfig()) == {}
 
 
+def test_inductors_own_pdl_is_off_only_in_graphs_with_countdown_ops(monkeypatch):
+    """TORCHINDUCTOR_ENABLE_PDL=1 made the countdown decode 6-7% slower on the H100 (dense no faster): the backend
+    turns it off where it rewrote an FFN (said once if the user had it on), leaves other graphs alone, and
+    inductor_options still win."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from countdown_fx import backend
+
+    patches_seen = []
+
+    def spy(gm, example_inputs, config_patches=None):
+        patches_seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    monkeypatch.setattr(backend, "_inductor_pdl_warned", False)
+
+    class NoFFN(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(x) * 2
+
+    x = torch.randn(2, 5, 32)
+    with torch._inductor.config.patch({"triton.enable_pdl": True}), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model in (Stack(GptFastFeedForward).eval(), Stack(GptFastFeedForward).eval(), NoFFN()):
+            torch._dynamo.reset()
+            torch.compile(model, backend="countdown", options={"sparsity": 0.5})(x)
+        torch._dynamo.reset()
+        kept = {"sparsity": 0.5, "inductor_options": {"triton.enable_pdl": True}}
+        torch.compile(Stack(GptFastFeedForward).eval(), backend="countdown", options=kept)(x)
+    assert [p.get("triton.enable_pdl") for p in patches_seen] == [False, False, None, True]
+    assert len([w for w in caught if "TORCHINDUCTOR_ENABLE_PDL" in str(w.message)]) == 1  # said once
+    torch._dynamo.reset()
+
+
 def test_calibration_options_contradictions_are_refused_and_tau_shifts_the_predictor():
     from countdown_fx.backend import resolve
     from countdown_fx.calibration import calibrate

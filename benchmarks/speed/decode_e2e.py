@@ -46,7 +46,8 @@ def build(shape: dict, layers: int, max_len: int, device, dtype):
 # A variant name may end in "+PRESET": the same calibration as the plain name, run with these kernel launch
 # settings merged into triton_ffn.CONFIG (e.g. "d0.9+atomic"), so one run times both against one dense row.
 # "pdl": programmatic dependent launch of the FFN kernels (triton_ffn.CONFIG["pdl"]; the backend then compiles
-# in-process). Dense Inductor's own kernels take PDL from TORCHINDUCTOR_ENABLE_PDL=1: time that as its own run.
+# in-process). Inductor's own kernels take PDL from TORCHINDUCTOR_ENABLE_PDL=1 (a run of its own; the countdown
+# backend turns it off in the graphs it rewrites: it cost them 6-7% in session 19, and dense gained nothing).
 KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 
 
