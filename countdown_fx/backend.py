@@ -160,9 +160,9 @@ _inductor_pdl_warned = False
 def _inductor_pdl_patch(config: CountDownConfig) -> dict:
     """Inductor's programmatic dependent launch for its own kernels (TORCHINDUCTOR_ENABLE_PDL=1) off in graphs
     with countdown ops: on the H100 it made the countdown decode 6-7% slower (Llama-3.1-8B shapes, batch 1: D @0.9
-    230.2 -> 213.4 tokens/s, M @0.7 171.4 -> 161.5) and dense no faster (132.5 -> 131.6; benchmarks/results/
-    speed_decode_e2e.md, session 19). Said once where the user had turned it on; inductor_options can turn it
-    back on."""
+    230.2 -> 213.4 tokens/s, M @0.7 171.4 -> 161.5; benchmarks/results/speed_decode_e2e.md, session 19). Graphs
+    without countdown ops keep it (dense gained 6% on one machine, nothing on another). Said once where the user
+    had turned it on; inductor_options can turn it back on."""
     global _inductor_pdl_warned
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):
         return {}
