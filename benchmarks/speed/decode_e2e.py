@@ -47,7 +47,7 @@ def build(shape: dict, layers: int, max_len: int, device, dtype):
 # settings merged into triton_ffn.CONFIG (e.g. "d0.9+atomic"), so one run times both against one dense row.
 # "pdl": programmatic dependent launch of the FFN kernels (triton_ffn.CONFIG["pdl"]; the backend then compiles
 # in-process). Inductor's own kernels take PDL from TORCHINDUCTOR_ENABLE_PDL=1 (a run of its own; the countdown
-# backend turns it off in the graphs it rewrites: it cost them 6-7% in session 19, and dense gained nothing).
+# backend turns it off in the graphs it rewrites: it cost them 6-7% in session 19; dense gained 0-6% by machine).
 KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 
 

@@ -112,7 +112,7 @@ def run_case(method: str, B: int, s: float) -> None:
             return dense_c(xs[i], L.w_gate, L.w_up, L.w_down)
         counted = {"all": L.bytes("dense", 1)}
     else:
-        B_, s_, name, mode, xs, thr, _, side = next(c for c in fd.planned_cases(L, [B], [s]) if c[2] == method)
+        _, _, name, mode, xs, thr, _, side = next(c for c in fd.planned_cases(L, [B], [s]) if c[2] == method)
         call = fd.run_sparse(L, xs, thr, mode, {"sparse_side": side})
         union = (L.scores(xs[0], name) > thr).any(0).float().mean().item()  # of the profiled call's tokens
         counted = fd.kernel_bytes(L, name, side, union)
@@ -163,9 +163,10 @@ def main():
     scratch = tempfile.mkdtemp(prefix="ffn_counters_")
     commit = args.commit or git_commit()
     cmd = "PYTHONPATH=. python3 " + " ".join(sys.argv)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     lines = ["# Hardware counters of one decode FFN call (Llama-3.1-8B shape, bf16)", "",
-             f"- device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}; triton {triton.__version__}; "
-             f"commit {commit}; command: `{cmd}`",
+             f"- device: {device}; torch {torch.__version__}; triton {triton.__version__}; commit {commit}; "
+             f"command: `{cmd}`",
              f"- `{args.ncu} --clock-control none --profile-from-start off --csv --page raw` over one call after "
              "warm-up, caches flushed before each kernel (ncu's default); µs: ncu's kernel duration (isolated "
              "launches, no CUDA-graph gaps)",

@@ -617,8 +617,8 @@ CONFIG = {
     # warning): every launch waits for the previous one's writes first thing and then lets the next one start
     # while it runs (_pdl_start). Eager calls of the ops get the launch attribute from triton; under Inductor,
     # pdl_launch.py's hook gives it (Inductor does not pass it to user kernels itself) and the backend compiles
-    # in-process, without Inductor's on-disk caches. Measured on a chain of small launches (NOTES.md "PDL"):
-    # 1.3-1.4 us less per boundary; on the FFN not measured yet, hence off.
+    # in-process, without Inductor's on-disk caches. Measured on the FFN (NOTES.md "PDL in the FFN", launches
+    # straight through triton): D -1.8 to -2.3 us per call on its gather side, M +1 to +22 us, hence off.
     "pdl": False,
     # the fixed-order sums of split partials (the output's, and h's chunks); SPLIT_TILE partials per load
     # (1: one split at a time, as before "reduce tiles" in NOTES.md)
