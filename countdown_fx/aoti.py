@@ -1,4 +1,7 @@
-"""A check to run before AOTInductor packaging: a C++ compiler that links libstdc++ statically into the
+"""AOTInductor packaging of a sparsified program: `compile_and_package` checks the toolchain first, and keeps
+Inductor's own programmatic dependent launch off around the countdown kernels, as the torch.compile backend does.
+
+The toolchain check: a C++ compiler that links libstdc++ statically into the
 package makes the package crash (segfault) when it is loaded, with no message pointing at the cause.
 
 Seen on a GPU image whose `CXX` names a GCC wrapper that cannot find a shared libstdc++: the package's
@@ -11,6 +14,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any
+
+import torch
 
 
 def inductor_cxx() -> str | None:
@@ -50,3 +56,23 @@ def check_toolchain(cxx: str | None = None) -> None:
     problem = toolchain_problem(cxx)
     if problem:
         raise RuntimeError(problem)
+
+
+def compile_and_package(program: torch.export.ExportedProgram, package_path: str | None = None,
+                        inductor_configs: dict[str, Any] | None = None) -> str:
+    """torch._inductor.aoti_compile_and_package for a program from countdown_fx.sparsify; returns the package path.
+
+    Before compiling: check_toolchain() (a clear error instead of a package that segfaults at load). Where the
+    program holds countdown ops, Inductor's own PDL (TORCHINDUCTOR_ENABLE_PDL=1) is off, with the backend's one
+    warning: next to the countdown kernels it cost 6-7% of decode speed (backend.inductor_pdl_patch).
+    `inductor_configs` win, as the backend's inductor_options do: {"triton.enable_pdl": True} keeps it."""
+    from .backend import has_countdown_ops, inductor_pdl_patch
+
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise TypeError(f"compile_and_package takes a torch.export.ExportedProgram (from torch.export.export, then "
+                        f"countdown_fx.sparsify), not {type(program).__name__}")
+    check_toolchain()
+    user = dict(inductor_configs or {})
+    configs = inductor_pdl_patch(user) if has_countdown_ops(program.graph_module) else {}
+    configs.update(user)
+    return torch._inductor.aoti_compile_and_package(program, package_path=package_path, inductor_configs=configs)

@@ -144,12 +144,12 @@ def _warn_at_recompile_limit() -> None:
 
 def inductor_patches(config: CountDownConfig, dynamic: bool = False, rewritten: bool = False) -> dict:
     """Inductor config patches for a graph: the mode's, the kernels' (_kernel_compile_patches), Inductor's own
-    PDL off where the graph holds countdown ops (_inductor_pdl_patch), then the user's inductor_options, which
+    PDL off where the graph holds countdown ops (inductor_pdl_patch), then the user's inductor_options, which
     win."""
     patches = dict(torch._inductor.list_mode_options(config.mode, dynamic)) if config.mode else {}
     patches.update(_kernel_compile_patches())
     if rewritten:
-        patches.update(_inductor_pdl_patch(config))
+        patches.update(inductor_pdl_patch(config.inductor_options))
     patches.update(config.inductor_options)
     return patches
 
@@ -157,21 +157,23 @@ def inductor_patches(config: CountDownConfig, dynamic: bool = False, rewritten: 
 _inductor_pdl_warned = False
 
 
-def _inductor_pdl_patch(config: CountDownConfig) -> dict:
+def inductor_pdl_patch(user_options: Mapping) -> dict:
     """Inductor's programmatic dependent launch for its own kernels (TORCHINDUCTOR_ENABLE_PDL=1) off in graphs
     with countdown ops: on the H100 it made the countdown decode 6-7% slower (Llama-3.1-8B shapes, batch 1: D @0.9
     230.2 -> 213.4 tokens/s, M @0.7 171.4 -> 161.5; benchmarks/results/speed_decode_e2e.md, session 19). Graphs
     without countdown ops keep it (dense gained 6% on one machine, nothing on another). Said once where the user
-    had turned it on; inductor_options can turn it back on."""
+    had turned it on; the user's Inductor options (user_options: inductor_options here, inductor_configs in
+    aoti.compile_and_package) can turn it back on."""
     global _inductor_pdl_warned
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):
         return {}
-    if (torch._inductor.config.triton.enable_pdl and "triton.enable_pdl" not in config.inductor_options
+    if (torch._inductor.config.triton.enable_pdl and "triton.enable_pdl" not in user_options
             and not _inductor_pdl_warned):
         _inductor_pdl_warned = True
         warnings.warn("countdown: Inductor's programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1) is off in "
                       "graphs with countdown ops: measured 6-7% slower decode with it there. Pass "
-                      "inductor_options={'triton.enable_pdl': True} to keep it.", stacklevel=3)
+                      "inductor_options={'triton.enable_pdl': True} (AOTInductor: inductor_configs) to keep it.",
+                      stacklevel=3)
     return {"triton.enable_pdl": False}
 
 

@@ -77,8 +77,8 @@ def main() -> None:
         torch.export.save(ep, Path(tmp) / "model.pt2")
         loaded = torch.export.load(Path(tmp) / "model.pt2")
         # AOTI-compile the program as loaded from disk, as a packaging job in another process would
-        countdown_fx.aoti.check_toolchain()  # a clear error instead of a segfault at package load
-        package = torch._inductor.aoti_compile_and_package(loaded, package_path=str(Path(tmp) / "aoti.pt2"))
+        # checks the C++ compiler first (a clear error instead of a segfault at package load)
+        package = countdown_fx.aoti.compile_and_package(loaded, package_path=str(Path(tmp) / "aoti.pt2"))
         runner = torch._inductor.aoti_load_package(package)
         # another batch size (the batch dim stayed dynamic), contiguous: an AOTI package assumes the strides
         # it was exported with and does not check them (a strided view of a [4, 128] batch reads wrong rows)
