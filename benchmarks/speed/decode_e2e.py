@@ -46,9 +46,18 @@ def build(shape: dict, layers: int, max_len: int, device, dtype):
 # A variant name may end in "+PRESET": the same calibration as the plain name, run with these kernel launch
 # settings merged into triton_ffn.CONFIG (e.g. "d0.9+atomic"), so one run times both against one dense row.
 # "pdl": programmatic dependent launch of the FFN kernels (triton_ffn.CONFIG["pdl"]; the backend then compiles
-# in-process). Inductor's own kernels take PDL from TORCHINDUCTOR_ENABLE_PDL=1 (a run of its own; the countdown
-# backend turns it off in the graphs it rewrites: it cost them 6-7% in session 19; dense gained 0-6% by machine).
+# in-process).
 KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
+# ... or Inductor options for the variant's graphs (dense too: "dense+ipdl"). "ipdl": Inductor's own programmatic
+# dependent launch for its kernels, as TORCHINDUCTOR_ENABLE_PDL=1 gives it; the countdown backend turns it off in
+# the graphs it rewrites unless the options ask for it, as this does (session 19: with it the countdown graphs lost
+# 6-7% on one machine; dense gained 0-6% by machine).
+INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}}
+
+
+def inductor_preset(name: str) -> dict:
+    """'d0.9+ipdl' -> the Inductor options its graphs compile with ({} for none)."""
+    return dict(INDUCTOR_PRESETS.get(name.split("+")[1], {})) if "+" in name else {}
 
 
 def base_variant(name: str) -> str:
@@ -63,7 +72,7 @@ def kernel_preset(name: str):
     CONFIG picks inside them, so a cached plain variant would be served for its preset."""
     from countdown_fx.kernels import triton_ffn
 
-    preset = KERNEL_PRESETS[name.split("+")[1]] if "+" in name else {}
+    preset = KERNEL_PRESETS.get(name.split("+")[1], {}) if "+" in name else {}
     saved = dict(triton_ffn.CONFIG)
     triton_ffn.CONFIG.update(preset)
     try:
@@ -223,7 +232,7 @@ def step_bytes(model, batch: int, context: int, variant: str) -> float:
     total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     size = next(model.parameters()).element_size()
     ffn = 3 * cfg.hidden_size * cfg.intermediate_size * size * cfg.num_hidden_layers
-    if variant != "dense":
+    if base_variant(variant) != "dense":
         c = variant_config(variant)
         u = 1 - c.sparsity
         if c.method == "d-countdown":
@@ -251,7 +260,10 @@ def spread(values: list[float]) -> str:
 
 def write_table(rows, args, device, dtype, layers, context, new) -> str:
     """The markdown table of the rows so far (written after every row: a timed-out run keeps its rows)."""
-    dense = {r["batch"]: r["tps"] for r in rows if r["variant"] == "dense"}
+    dense = {}  # the fastest dense row of each batch ("dense" or a preset of it): the baseline to beat
+    for r in rows:
+        if base_variant(r["variant"]) == "dense":
+            dense[r["batch"]] = max(dense.get(r["batch"], 0.0), r["tps"])
     commit = args.commit or git_commit()
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     md = ["# End-to-end decode, static KV cache" + ("" if args.tiny else ", CUDA graphs"), "",
@@ -272,7 +284,9 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           f"{min(args.metered_steps, new - 1)} of the {new - 1} timed steps of the same prompts, run again eagerly: mean over "
           "prompts (range)",
           "- sites run: how many FFN sites run the masked or gather sparse side, or the dense FFN, at this batch "
-          "(`Calibration.decode_plan`, from that union)", "",
+          "(`Calibration.decode_plan`, from that union)",
+          "- speed-up: against the fastest dense row of the batch (`dense`, or a preset of it such as `dense+ipdl`)",
+          "",
           "| variant | batch | union (calibrated) | sites run | sparsity (decode) | union (decode) | tokens/s | "
           "speed-up vs dense | ceiling tokens/s | fraction of ceiling |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -312,22 +326,27 @@ def decode_arg_parser(description: str, layers: int, variants: str, tiny_help: s
     return ap
 
 
-def compile_step(forward, calibration, mode):
+def compile_step(forward, calibration, mode, inductor_options: dict | None = None):
     """A fresh static-shape compile of `forward`: dense Inductor (calibration None) or the countdown backend
-    with `calibration`, sparse in decode steps only. Call it once per batch size, as servers capture one CUDA
-    graph per batch size: a second batch size in the same compiled function would make Dynamo mark the batch
-    dim dynamic."""
+    with `calibration`, sparse in decode steps only; `inductor_options` for either (inductor_preset). Call it once
+    per batch size, as servers capture one CUDA graph per batch size: a second batch size in the same compiled
+    function would make Dynamo mark the batch dim dynamic."""
     torch._dynamo.reset()
     if calibration is None:
-        return torch.compile(forward, mode=mode, dynamic=False)
+        if not inductor_options:
+            return torch.compile(forward, mode=mode, dynamic=False)
+        # torch.compile takes a mode or options, not both: the mode's options first
+        options = {**(torch._inductor.list_mode_options(mode) if mode else {}), **inductor_options}
+        return torch.compile(forward, dynamic=False, options=options)
     return torch.compile(forward, backend="countdown", dynamic=False,
-                         options={"calibration": calibration, "apply_to": "decode", "mode": mode})
+                         options={"calibration": calibration, "apply_to": "decode", "mode": mode,
+                                  "inductor_options": dict(inductor_options or {})})
 
 
 def calibrate_variants(model, variants, device) -> dict:
     """Calibrations of every sparse variant from one sweep (shared passes: device time is scarce), on random
     token ids; Dynamo is reset afterwards so no calibration graph is reused by a decode step."""
-    sparse = list(dict.fromkeys(base_variant(v) for v in variants if v != "dense"))
+    sparse = list(dict.fromkeys(base_variant(v) for v in variants if base_variant(v) != "dense"))
     if not sparse:
         return {}
     # 5 batches: D-CountDown trains its predictors on 4 and chooses tau on the held-out last one
@@ -346,7 +365,7 @@ def plan_at(cal, batch: int) -> str:
 
 
 def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
-    if variant != "dense" and rewritten < layers:
+    if base_variant(variant) != "dense" and rewritten < layers:
         raise RuntimeError(f"{variant}: only {rewritten} FFN sites rewritten for {layers} layers")
 
 
@@ -355,6 +374,11 @@ def main():
     ap.add_argument("--metered-steps", type=int, default=8,
                     help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted({v.split("+")[1] for v in variants if "+" in v} - set(KERNEL_PRESETS) - set(INDUCTOR_PRESETS))
+    if unknown:
+        ap.error(f"unknown variant preset(s) {unknown}: expected one of "
+                 f"{sorted(KERNEL_PRESETS) + sorted(INDUCTOR_PRESETS)}")
     os.makedirs(args.out, exist_ok=True)
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -365,7 +389,6 @@ def main():
     model = build(shape, 2 if args.tiny else args.layers, context + new + 8, device, dtype)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
-    variants = args.variants.split(",")
     bw = copy_bandwidth() if device.type == "cuda" else None
 
     from countdown_fx.passes.rewrite import counters
@@ -382,16 +405,17 @@ def main():
             cal = calibrations.get(base_variant(variant))
             t0 = time.time()
             with kernel_preset(variant):
-                step = compile_step(plain, cal, mode)
+                step = compile_step(plain, cal, mode, inductor_preset(variant))
                 tps, _ = decode_tokens_per_s(model, step, b, context, new, device, args.prompts, args.greedy,
                                              args.profile, args.skip_guard_eval)
             ceil = bw / step_bytes(model, b, context, variant) if bw else float("nan")
             sites = counters["sites_rewritten"] - before
             check_sites_rewritten(variant, sites, layers)
             nan = float("nan")
-            union = cal.union_by_batch().get(b, nan) if variant != "dense" else nan
+            dense = base_variant(variant) == "dense"
+            union = cal.union_by_batch().get(b, nan) if not dense else nan
             metered = [r for r in rows if r["batch"] == b and base_variant(r["variant"]) == base_variant(variant)]
-            if variant == "dense":
+            if dense:
                 sparsity, used = [], []
             elif metered:  # a preset changes launches, not masks: the plain variant's meter holds
                 sparsity, used = metered[0]["sparsity"], metered[0]["used"]
@@ -399,7 +423,7 @@ def main():
                 sparsity, used = measured_decode_sparsity(model, cal, b, context, args.metered_steps, device,
                                                           args.prompts, args.greedy)
             rows.append(dict(variant=variant, batch=b, tps=tps, ceil_tps=ceil * b if b == 1 else nan,
-                             union=union, plan=plan_at(cal, b) if variant != "dense" else "-",
+                             union=union, plan=plan_at(cal, b) if not dense else "-",
                              sparsity=sparsity, used=used))
             print(f"{variant:6s} B={b}: {tps:9.1f} tokens/s  ({time.time() - t0:.0f}s incl. compile and meter; "
                   f"{time.time() - t_start:.0f}s since start; "
