@@ -64,7 +64,8 @@ def compile_and_package(program: torch.export.ExportedProgram, package_path: str
 
     Before compiling: check_toolchain() (a clear error instead of a package that segfaults at load). Where the
     program holds countdown ops, Inductor's own PDL (TORCHINDUCTOR_ENABLE_PDL=1) is off, with the backend's one
-    warning: next to the countdown kernels it cost 6-7% of decode speed (backend.inductor_pdl_patch).
+    warning: next to the countdown kernels it cost up to 7.5% of decode speed on some machines and gained up to 3%
+    on others (backend.inductor_pdl_patch).
     `inductor_configs` win, as the backend's inductor_options do: {"triton.enable_pdl": True} keeps it."""
     from .backend import has_countdown_ops, inductor_pdl_patch
 

@@ -159,11 +159,11 @@ _inductor_pdl_warned = False
 
 def inductor_pdl_patch(user_options: Mapping) -> dict:
     """Inductor's programmatic dependent launch for its own kernels (TORCHINDUCTOR_ENABLE_PDL=1) off in graphs
-    with countdown ops: on the H100 it made the countdown decode 6-7% slower (Llama-3.1-8B shapes, batch 1: D @0.9
-    230.2 -> 213.4 tokens/s, M @0.7 171.4 -> 161.5; benchmarks/results/speed_decode_e2e.md, session 19). Graphs
-    without countdown ops keep it (dense gained 6% on one machine, nothing on another). Said once where the user
-    had turned it on; the user's Inductor options (user_options: inductor_options here, inductor_configs in
-    aoti.compile_and_package) can turn it back on."""
+    with countdown ops. Its effect on them depends on the machine (Llama-3.1-8B shapes, batch 1, four H100s;
+    benchmarks/results/speed_decode_e2e.md, sessions 19-20): -6% to -7.5% on two (D @0.9 230.9 -> 213.5 tokens/s,
+    M @0.7 171.7 -> 161.9), +2% to +3% on the two where it also sped dense up by 2-6%. Off guards against the larger
+    loss. Graphs without countdown ops keep it. Said once where the user had turned it on; the user's Inductor
+    options (user_options: inductor_options here, inductor_configs in aoti.compile_and_package) keep it."""
     global _inductor_pdl_warned
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):
         return {}
@@ -171,9 +171,9 @@ def inductor_pdl_patch(user_options: Mapping) -> dict:
             and not _inductor_pdl_warned):
         _inductor_pdl_warned = True
         warnings.warn("countdown: Inductor's programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1) is off in "
-                      "graphs with countdown ops: measured 6-7% slower decode with it there. Pass "
-                      "inductor_options={'triton.enable_pdl': True} (AOTInductor: inductor_configs) to keep it.",
-                      stacklevel=3)
+                      "graphs with countdown ops: on H100s it changed their decode speed by -7.5% to +3% by machine "
+                      "(gains only where dense gained too). To keep it, pass inductor_options={'triton.enable_pdl': "
+                      "True} (AOTInductor: inductor_configs), and time both on your machine.", stacklevel=3)
     return {"triton.enable_pdl": False}
 
 
