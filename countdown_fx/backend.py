@@ -159,10 +159,10 @@ _inductor_pdl_warned = False
 
 def inductor_pdl_patch(user_options: Mapping) -> dict:
     """Inductor's programmatic dependent launch for its own kernels (TORCHINDUCTOR_ENABLE_PDL=1) off in graphs
-    with countdown ops. Its effect on them depends on the machine (Llama-3.1-8B shapes, batch 1, four H100s;
-    benchmarks/results/speed_decode_e2e.md, sessions 19-20): -6% to -7.5% on two (D @0.9 230.9 -> 213.5 tokens/s,
-    M @0.7 171.7 -> 161.9), +2% to +3% on the two where it also sped dense up by 2-6%. Off guards against the larger
-    loss. Graphs without countdown ops keep it. Said once where the user had turned it on; the user's Inductor
+    with countdown ops. Its effect on them depends on the machine (Llama-3.1-8B shapes, batch 1, five H100s;
+    benchmarks/results/speed_decode_e2e.md, sessions 19-20): -4.9% to -7.5% on three (D @0.9 230.9 -> 213.5 tokens/s,
+    M @0.7 171.7 -> 161.9), +2% to +3% on the two where it also sped dense up by 2-6%; the loss sits in one of
+    Inductor's own kernels, which it slows in dense graphs too. Off guards against the larger loss. Graphs without countdown ops keep it. Said once where the user had turned it on; the user's Inductor
     options (user_options: inductor_options here, inductor_configs in aoti.compile_and_package) keep it."""
     global _inductor_pdl_warned
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):

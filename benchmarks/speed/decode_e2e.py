@@ -50,8 +50,8 @@ def build(shape: dict, layers: int, max_len: int, device, dtype):
 KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 # ... or Inductor options for the variant's graphs (dense too: "dense+ipdl"). "ipdl": Inductor's own programmatic
 # dependent launch for its kernels, as TORCHINDUCTOR_ENABLE_PDL=1 gives it; the countdown backend turns it off in
-# the graphs it rewrites unless the options ask for it, as this does (sessions 19-20, four H100s: the countdown
-# graphs -6% to -7.5% on two, +2% to +3% on the two where dense gained 2-6%).
+# the graphs it rewrites unless the options ask for it, as this does (sessions 19-20, five H100s: the countdown
+# graphs -4.9% to -7.5% on three, +2% to +3% on the two where dense gained 2-6%).
 INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}}
 
 
