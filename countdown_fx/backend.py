@@ -107,7 +107,7 @@ def transform(gm: fx.GraphModule, example_inputs: Sequence | None, config: Count
                 f"countdown: {len(experts)} mixture-of-experts layer(s) of this graph (first: {experts[0]}) route "
                 "tokens to experts (a grouped or batched matmul over stacked expert weights), which is not rewritten, "
                 "and it has no dense gated FFN: it runs unchanged (dense).", stacklevel=2)
-        elif any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
+        elif has_countdown_ops(gm):
             warnings.warn("countdown: this graph already holds countdown ops (it was sparsified before: sparsify, "
                           "a saved exported program, a CountDownTransformation) and no other gated FFN, so it "
                           "runs as it is.", stacklevel=2)
@@ -162,8 +162,9 @@ def inductor_pdl_patch(user_options: Mapping) -> dict:
     with countdown ops. Its effect on them depends on the machine (Llama-3.1-8B shapes, batch 1, five H100s;
     benchmarks/results/speed_decode_e2e.md, sessions 19-20): -4.9% to -7.5% on three (D @0.9 230.9 -> 213.5 tokens/s,
     M @0.7 171.7 -> 161.9), +2% to +3% on the two where it also sped dense up by 2-6%; the loss sits in one of
-    Inductor's own kernels, which it slows in dense graphs too. Off guards against the larger loss. Graphs without countdown ops keep it. Said once where the user had turned it on; the user's Inductor
-    options (user_options: inductor_options here, inductor_configs in aoti.compile_and_package) keep it."""
+    Inductor's own kernels, which it slows in dense graphs too. Off guards against the larger loss. Graphs without
+    countdown ops keep it. Said once where the user had turned it on; the user's Inductor options (user_options:
+    inductor_options here, inductor_configs in aoti.compile_and_package) keep it."""
     global _inductor_pdl_warned
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):
         return {}

@@ -16,10 +16,9 @@ import torch
 from torch import fx
 from torch.export import Dim, ExportedProgram
 
-from .backend import resolve, transform
+from .backend import has_countdown_ops, resolve, transform
 from .passes.rewrite import refresh_down_t_on_call
 from .config import CountDownConfig
-from .kernels.ops import COUNTDOWN_OPS
 
 
 def resolve_target(calibration_or_config: Any) -> tuple[CountDownConfig, Any]:
@@ -70,7 +69,7 @@ def sparsify_exported(ep: ExportedProgram, config: CountDownConfig, calibration=
                                                                         is_leaf=lambda x: x is None))
     # warns when there is nothing to rewrite, and where a dynamic dim changes what a compiled package can decide
     gm = transform(ep.module(), None, config, calibration, exported=True, keep_grad=False)
-    if not any(n.target in COUNTDOWN_OPS for n in gm.graph.nodes):
+    if not has_countdown_ops(gm):
         return ep
     dynamic = None
     if is_dynamic:

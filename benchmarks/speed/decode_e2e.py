@@ -55,9 +55,14 @@ KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}}
 
 
+def preset_of(name: str) -> str | None:
+    """'d0.9+ipdl' -> 'ipdl'; None for a plain variant."""
+    return name.split("+")[1] if "+" in name else None
+
+
 def inductor_preset(name: str) -> dict:
     """'d0.9+ipdl' -> the Inductor options its graphs compile with ({} for none)."""
-    return dict(INDUCTOR_PRESETS.get(name.split("+")[1], {})) if "+" in name else {}
+    return dict(INDUCTOR_PRESETS.get(preset_of(name), {}))
 
 
 def base_variant(name: str) -> str:
@@ -72,7 +77,7 @@ def kernel_preset(name: str):
     CONFIG picks inside them, so a cached plain variant would be served for its preset."""
     from countdown_fx.kernels import triton_ffn
 
-    preset = KERNEL_PRESETS.get(name.split("+")[1], {}) if "+" in name else {}
+    preset = KERNEL_PRESETS.get(preset_of(name), {})
     saved = dict(triton_ffn.CONFIG)
     triton_ffn.CONFIG.update(preset)
     try:
@@ -375,7 +380,7 @@ def main():
                     help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    unknown = sorted({v.split("+")[1] for v in variants if "+" in v} - set(KERNEL_PRESETS) - set(INDUCTOR_PRESETS))
+    unknown = sorted({preset_of(v) for v in variants} - {None} - set(KERNEL_PRESETS) - set(INDUCTOR_PRESETS))
     if unknown:
         ap.error(f"unknown variant preset(s) {unknown}: expected one of "
                  f"{sorted(KERNEL_PRESETS) + sorted(INDUCTOR_PRESETS)}")
