@@ -25,6 +25,7 @@ import countdown_fx
 from countdown_fx.calibration import calibrate_sweep
 
 sys.path.insert(0, os.path.dirname(__file__))
+import decode_attention  # noqa: E402
 from ffn_decode import copy_bandwidth, git_commit  # noqa: E402
 
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -275,7 +276,7 @@ def write_table(rows, args, device, dtype, layers, context, new) -> str:
           f"- device: {dev}; commit {commit}; command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
           f"- model: {'tiny Llama (smoke test)' if args.tiny else 'Llama-3.1-8B shapes'} with {layers} layers "
           f"(random weights, {dtype}), context {context}, "
-          f"{new} new tokens, prefill dense and untimed",
+          f"{new} new tokens, prefill dense and untimed; attention `{args.attention}` (`decode_attention.py`)",
           "- ceiling (batch 1): copy bandwidth / bytes a step must read (weights, FFNs at the variant's bytes "
           "fraction with union = 1 - s, KV cache)",
           "- union (calibrated): fraction of FFN neurons a step of this batch reads (union of its tokens' masks) "
@@ -376,6 +377,9 @@ def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
 
 def main():
     ap = decode_arg_parser(__doc__, 8, "dense,m0.7,m0.9,d0.7,d0.9", "CPU smoke test: tiny model, no CUDA graphs")
+    ap.add_argument("--attention", choices=decode_attention.CHOICES, default="sdpa",
+                    help="the model's attention (decode_attention.py): Hugging Face's sdpa, or sdpa on the KV heads "
+                         "without repeat_kv's copies")
     ap.add_argument("--metered-steps", type=int, default=8,
                     help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()
@@ -392,6 +396,7 @@ def main():
     context, new = (32, 8) if args.tiny else (args.context, args.new)
     mode = None if args.tiny else "reduce-overhead"
     model = build(shape, 2 if args.tiny else args.layers, context + new + 8, device, dtype)
+    decode_attention.use_attention(model, args.attention)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth() if device.type == "cuda" else None
