@@ -53,7 +53,9 @@ KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 # dependent launch for its kernels, as TORCHINDUCTOR_ENABLE_PDL=1 gives it; the countdown backend turns it off in
 # the graphs it rewrites unless the options ask for it, as this does (sessions 19-20, five H100s: the countdown
 # graphs -4.9% to -7.5% on three, +2% to +3% on the two where dense gained 2-6%).
-INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}}
+# "freeze": Inductor's freezing (weights become constants of the graph), whose patterns on CUDA also concatenate the
+# matmuls that share an input (q, k and v; dense gate and up) into one GEMV each, as servers do by hand.
+INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}, "freeze": {"freezing": True}}
 
 
 def preset_of(name: str) -> str | None:
@@ -377,9 +379,9 @@ def check_sites_rewritten(variant: str, rewritten: int, layers: int) -> None:
 
 def main():
     ap = decode_arg_parser(__doc__, 8, "dense,m0.7,m0.9,d0.7,d0.9", "CPU smoke test: tiny model, no CUDA graphs")
-    ap.add_argument("--attention", choices=decode_attention.CHOICES, default="sdpa",
-                    help="the model's attention (decode_attention.py): Hugging Face's sdpa, or sdpa on the KV heads "
-                         "without repeat_kv's copies")
+    ap.add_argument("--attention", choices=decode_attention.CHOICES, default="gqa-sdpa",
+                    help="the model's attention (decode_attention.py); the default, SDPA on the KV heads, is the "
+                         "fastest measured (session 21): Hugging Face's sdpa copies K and V per query head")
     ap.add_argument("--metered-steps", type=int, default=8,
                     help="decode steps run eagerly under SparsityMeter for the measured sparsity and union")
     args = ap.parse_args()
