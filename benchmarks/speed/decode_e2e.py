@@ -53,9 +53,9 @@ KERNEL_PRESETS = {"atomic": {"sum_splits": "atomic"}, "pdl": {"pdl": True}}
 # dependent launch for its kernels, as TORCHINDUCTOR_ENABLE_PDL=1 gives it; the countdown backend turns it off in
 # the graphs it rewrites unless the options ask for it, as this does (sessions 19-20, five H100s: the countdown
 # graphs -4.9% to -7.5% on three, +2% to +3% on the two where dense gained 2-6%).
-# "freeze": Inductor's freezing (weights become constants of the graph), whose patterns on CUDA also concatenate the
-# matmuls that share an input (q, k and v; dense gate and up) into one GEMV each, as servers do by hand.
-INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}, "freeze": {"freezing": True}}
+# (Inductor's freezing, which would concatenate q/k/v into one GEMV, is not offered: with the static cache it
+# skips CUDA graphs, "mutated inputs", and ran at half speed, dense and sparse alike; session 21.)
+INDUCTOR_PRESETS = {"ipdl": {"triton.enable_pdl": True}}
 
 
 def preset_of(name: str) -> str | None:
